@@ -1,0 +1,7 @@
+"""``python -m gradlens`` (also what ``torchrun -m gradlens`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,377 @@
+"""Per-layer rules: one pure function per layer type, plus an exact generic fallback.
+
+A rule turns one *use* of a module (its inputs, as seen by a forward hook, and
+the gradient of its output, as seen in backward) into the gradient that a
+subset of rows contributes to each of the module's own parameters:
+
+    contribution(use, rows) -> {param_name: tensor shaped like the parameter}
+
+``rows`` selects rows along dim 0 (``rows(x)`` returns ``x`` restricted to the
+group). A rule may also give ``probe(use, vectors)``: the scalar ⟨v zᵀ, ∂L/∂W⟩
+of the contribution of *all* rows against a fixed rank-1 probe, computed
+without forming the matrix. The recorder compares the probes of every use of a
+parameter against the same probe of the parameter's real gradient; a mismatch
+means some of the gradient arrived through a path no hook saw (a fused kernel
+reading ``module.weight`` directly) and the parameter is reported unattributed.
+
+Rules see tensors already cast to the accumulation dtype (float32, or float64
+for float64 parameters), so bf16/fp16 activations are accumulated in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+RowSelector = Callable[[torch.Tensor], torch.Tensor]
+Probes = dict[str, tuple[torch.Tensor, ...]]  # param name -> (v,) for 1-D, (v, z) for 2-D
+# A probe result: (value, scale); scale bounds the magnitudes summed, for a rounding tolerance.
+ProbeResult = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Use:
+    """One forward call of a module, completed by its output gradients in backward."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    grad_outputs: tuple  # one entry per tensor output (None where it got no gradient)
+    wanted: tuple[str, ...]  # names of the module's own parameters that need gradients
+    dtype: torch.dtype  # accumulation dtype
+    rng_state: Optional[tuple] = None  # (cpu_state, (cuda_device, cuda_state) | None) before forward
+    recompute: Optional[Callable] = None  # set by the recorder: runs fn with its own hooks paused
+    cache: Optional[dict] = None  # recompute rules keep their re-run forward here
+
+    def input(self, i: int = 0) -> torch.Tensor:
+        return self.args[i]
+
+    def grad(self) -> torch.Tensor:
+        return self.grad_outputs[0]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    contribution: Callable[[Use, RowSelector], dict[str, torch.Tensor]]
+    probe: Optional[Callable[[Use, Probes], ProbeResult]] = None
+    # Per-row squared norms for every row, for a module used once: {param: (N,)}.
+    per_row_sq: Optional[Callable[[Use], dict[str, torch.Tensor]]] = None
+
+
+_BY_TYPE: dict[type, Rule] = {}
+_BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register_rule(*module_types: type, predicate: Callable[[nn.Module], bool] | None = None):
+    """Decorator: ``@register_rule(nn.Linear)`` on a function returning a ``Rule``'s parts."""
+
+    def decorate(build: Callable[[], Rule]) -> Rule:
+        rule = build()
+        for t in module_types:
+            _BY_TYPE[t] = rule
+        if predicate is not None:
+            _BY_PREDICATE.append((predicate, rule))
+        return rule
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The registered rule for ``module``'s type (walking its MRO), else the fallback."""
+    for cls in type(module).__mro__:
+        if cls in _BY_TYPE:
+            return _BY_TYPE[cls]
+    for predicate, rule in _BY_PREDICATE:
+        if predicate(module):
+            return rule
+    return FALLBACK
+
+
+def _flat(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, ..., width) -> (N * ..., width) in the accumulation dtype."""
+    return x.reshape(-1, width).to(dtype)
+
+
+def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-row ‖Σ_t g_t a_tᵀ‖² for a: (N, T, i), g: (N, T, o), choosing the cheaper route.
+
+    Ghost norm (Goodfellow 2015; Li et al. 2022): Σ_{t,s} (a_t·a_s)(g_t·g_s),
+    costing T²(i+o) per row; materialising costs T·i·o.
+    """
+    n, t = a.shape[0], a.shape[1]
+    if t * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]:
+        return ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+    return torch.einsum("nto,nti->noi", g, a).pow(2).sum((1, 2))
+
+
+def _as_3d(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1, width).to(dtype)
+
+
+def _dot_with_scale(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x @ y, x.abs() @ y.abs()
+
+
+def _sum_with_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.sum(), x.abs().sum()
+
+
+# ---- nn.Linear: y = x Wᵀ + b ---------------------------------------------------------------
+
+
+@register_rule(nn.Linear)
+def _linear() -> Rule:
+    def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
+        m = use.module
+        g = _flat(rows(use.grad()), m.out_features, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = g.T @ _flat(rows(use.input()), m.in_features, use.dtype)
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(0)
+        return out
+
+    def probe(use: Use, probes: Probes) -> ProbeResult:
+        m = use.module
+        g = _flat(use.grad(), m.out_features, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            v, z = probes["weight"]
+            out["weight"] = _dot_with_scale(g @ v, _flat(use.input(), m.in_features, use.dtype) @ z)
+        if "bias" in use.wanted:
+            out["bias"] = _sum_with_scale(g @ probes["bias"][0])
+        return out
+
+    def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
+        m = use.module
+        g = _as_3d(use.grad(), m.out_features, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = _ghost_sq(_as_3d(use.input(), m.in_features, use.dtype), g)
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(1).pow(2).sum(1)
+        return out
+
+    return Rule("linear", contribution, probe, per_row_sq)
+
+
+# ---- transformers Conv1D (GPT-2): y = x W + b, W is (in, out) -------------------------------
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+@register_rule(predicate=_is_hf_conv1d)
+def _conv1d() -> Rule:
+    def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
+        w = use.module.weight
+        g = _flat(rows(use.grad()), w.shape[1], use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = _flat(rows(use.input()), w.shape[0], use.dtype).T @ g
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(0)
+        return out
+
+    def probe(use: Use, probes: Probes) -> ProbeResult:
+        w = use.module.weight
+        g = _flat(use.grad(), w.shape[1], use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            v, z = probes["weight"]
+            out["weight"] = _dot_with_scale(_flat(use.input(), w.shape[0], use.dtype) @ v, g @ z)
+        if "bias" in use.wanted:
+            out["bias"] = _sum_with_scale(g @ probes["bias"][0])
+        return out
+
+    def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
+        w = use.module.weight
+        g = _as_3d(use.grad(), w.shape[1], use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = _ghost_sq(_as_3d(use.input(), w.shape[0], use.dtype), g)
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(1).pow(2).sum(1)
+        return out
+
+    return Rule("conv1d", contribution, probe, per_row_sq)
+
+
+# ---- nn.Embedding: rows of W indexed by token ids --------------------------------------------
+
+
+def _embedding_grads(use: Use, ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened ids and output grads, with padding rows zeroed and frequency scaling applied."""
+    m = use.module
+    ids = ids.reshape(-1)
+    g = _flat(g, m.embedding_dim, use.dtype)
+    if m.scale_grad_by_freq:
+        # PyTorch scales by the token's frequency in the *whole* input, not in the group.
+        counts = torch.bincount(use.input().reshape(-1), minlength=m.num_embeddings)
+        g = g / counts[ids].unsqueeze(1).to(g.dtype)
+    if m.padding_idx is not None:
+        g = g * (ids != m.padding_idx).unsqueeze(1).to(g.dtype)
+    return ids, g
+
+
+@register_rule(nn.Embedding)
+def _embedding() -> Rule:
+    def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
+        m = use.module
+        ids, g = _embedding_grads(use, rows(use.input()), rows(use.grad()))
+        out = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=use.dtype, device=g.device)
+        return {"weight": out.index_add_(0, ids, g)}
+
+    def probe(use: Use, probes: Probes) -> ProbeResult:
+        v, z = probes["weight"]
+        ids, g = _embedding_grads(use, use.input(), use.grad())
+        return {"weight": _dot_with_scale(v[ids], g @ z)}
+
+    def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
+        # Ghost norm for lookups: Σ_{t,s} [id_t = id_s] (g_t·g_s).
+        n = use.input().shape[0]
+        ids, g = _embedding_grads(use, use.input(), use.grad())
+        ids, g = ids.reshape(n, -1), g.reshape(n, ids.numel() // n, -1)
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+        return {"weight": (same * (g @ g.transpose(1, 2))).sum((1, 2))}
+
+    return Rule("embedding", contribution, probe, per_row_sq)
+
+
+# ---- nn.LayerNorm: y = x̂ ⊙ w + b -------------------------------------------------------------
+
+
+def _layer_norm_xhat(use: Use, x: torch.Tensor) -> torch.Tensor:
+    m = use.module
+    width = int(torch.Size(m.normalized_shape).numel())
+    x = x.to(use.dtype)
+    return F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(-1, width)
+
+
+@register_rule(nn.LayerNorm)
+def _layer_norm() -> Rule:
+    def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
+        m = use.module
+        width = int(torch.Size(m.normalized_shape).numel())
+        g = _flat(rows(use.grad()), width, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = (g * _layer_norm_xhat(use, rows(use.input()))).sum(0).reshape(m.normalized_shape)
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(0).reshape(m.normalized_shape)
+        return out
+
+    def probe(use: Use, probes: Probes) -> ProbeResult:
+        parts = contribution(use, lambda x: x)
+        return {name: probe_dense(t, probes[name]) for name, t in parts.items()}
+
+    def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
+        m = use.module
+        n = use.input().shape[0]
+        width = int(torch.Size(m.normalized_shape).numel())
+        g = use.grad().to(use.dtype).reshape(n, -1, width)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = (g * _layer_norm_xhat(use, use.input()).reshape(n, -1, width)).sum(1).pow(2).sum(1)
+        if "bias" in use.wanted:
+            out["bias"] = g.sum(1).pow(2).sum(1)
+        return out
+
+    return Rule("layernorm", contribution, probe, per_row_sq)
+
+
+# ---- Recompute rules: elementwise norms (RMSNorm and friends) and the generic fallback ------
+
+
+def _recomputed(use: Use):
+    """Re-run the module's own forward on the *whole* batch, once per use (cached).
+
+    Called functionally with detached copies of the module's own parameters, and
+    with the CPU/CUDA RNG replayed, so dropout draws the very same masks: rows must
+    not be sliced before the forward, or the masks would differ.
+    """
+    if use.cache is None:
+        use.cache = {}
+    if "outputs" not in use.cache:
+        m = use.module
+        params = {name: p.detach().requires_grad_(True) for name, p in m.named_parameters(recurse=False) if name in use.wanted}
+
+        def run():
+            cuda = use.rng_state[1] if use.rng_state is not None else None
+            with torch.enable_grad(), torch.random.fork_rng(devices=[cuda[0]] if cuda else []):
+                if use.rng_state is not None:
+                    torch.random.set_rng_state(use.rng_state[0])
+                    if cuda:
+                        torch.cuda.set_rng_state(cuda[1], cuda[0])
+                return functional_call(m, params, use.args, use.kwargs, strict=False)
+
+        outputs = use.recompute(run) if use.recompute is not None else run()
+        use.cache["outputs"], use.cache["params"] = _tensor_leaves(outputs), params
+    return use.cache["outputs"], use.cache["params"]
+
+
+def _keep_rows(g: torch.Tensor, rows: RowSelector) -> torch.Tensor:
+    """``g`` with every row outside ``rows`` zeroed."""
+    index = rows(torch.arange(g.shape[0], device=g.device))
+    return torch.zeros_like(g).index_copy_(0, index, g.index_select(0, index))
+
+
+def _vjp_of_rows(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
+    """Exact contribution of the selected rows: their output gradients pulled back
+    through the module's own forward (recomputed once per use)."""
+    outputs, params = _recomputed(use)
+    pairs = [(o, _keep_rows(g, rows)) for o, g in zip(outputs, use.grad_outputs) if g is not None and o.requires_grad]
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], list(params.values()), [g for _, g in pairs], retain_graph=True, allow_unused=True
+    )
+    return {name: (torch.zeros_like(p) if gr is None else gr).to(use.dtype) for (name, p), gr in zip(params.items(), grads)}
+
+
+def _tensor_leaves(outputs, floating: bool = True) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [o for o in tree_leaves(outputs) if isinstance(o, torch.Tensor) and (o.is_floating_point() or not floating)]
+
+
+def _recompute_probe(use: Use, probes: Probes) -> ProbeResult:
+    parts = _vjp_of_rows(use, lambda x: x)
+    return {name: probe_dense(t, probes[name]) for name, t in parts.items()}
+
+
+def probe_dense(t: torch.Tensor, vectors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """⟨v zᵀ, t⟩ (or ⟨v, t⟩ for 1-D probes) of an explicit tensor, with its magnitude scale."""
+    if len(vectors) == 2:
+        v, z = vectors
+        t2 = t.reshape(t.shape[0], -1)
+        return v @ t2 @ z, v.abs() @ t2.abs() @ z.abs()
+    return _dot_with_scale(t.reshape(-1), vectors[0])
+
+
+def _recompute_per_row_sq(use: Use) -> dict[str, torch.Tensor]:
+    n = use.grad_outputs[0].shape[0]
+    per_row = [_vjp_of_rows(use, lambda x, i=i: x[i : i + 1]) for i in range(n)]
+    return {name: torch.stack([r[name].pow(2).sum() for r in per_row]) for name in use.wanted}
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    own = [n for n, _ in module.named_parameters(recurse=False)]
+    return ("RMSNorm" in name or name == "T5LayerNorm") and own == ["weight"]
+
+
+@register_rule(predicate=_is_rms_norm)
+def _rms_norm() -> Rule:
+    # Elementwise weights whose formula varies by model (float32 upcast, 1 + w, ...):
+    # re-running the module's own forward is exact for all of them and cheap.
+    return Rule("rmsnorm", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq)
+
+
+FALLBACK = Rule("fallback", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq)
+RECOMPUTE_RULES = ("rmsnorm", "fallback")

@@ -1,0 +1,65 @@
+"""TensorBoard output: scalars under the run-log names, ratio histograms, and a
+custom_scalars layout that puts chosen and rejected on one chart."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import format as F
+
+# (category, [(chart title, [tag regexes])]) -- the dashboard a user sees first.
+PREFERENCE_LAYOUT: list[tuple[str, list[tuple[str, list[str]]]]] = [
+    (
+        "gradlens: chosen vs rejected",
+        [
+            ("gradient norms: chosen vs rejected", [F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, "^grad_norm$"]),
+            ("ratio rho = |g_rejected| / |g_chosen|", [F.GRAD_RATIO]),
+            ("cosine(g_chosen, g_rejected)", [F.GRAD_COSINE]),
+            ("rewards: chosen, rejected, margins", [F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS]),
+            ("log-probs: chosen vs rejected", [F.LOGPS_CHOSEN, F.LOGPS_REJECTED]),
+            ("loss and accuracy", ["^loss$", F.REWARDS_ACCURACIES]),
+        ],
+    )
+]
+
+
+class TensorBoardLogger:
+    """Thin wrapper over ``torch.utils.tensorboard.SummaryWriter``."""
+
+    def __init__(self, logdir: str | os.PathLike, layout: Sequence = PREFERENCE_LAYOUT, *, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step makes TensorBoard hide events a resumed run logs again.
+        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
+        if layout and purge_step is None:
+            self.writer.add_custom_scalars(
+                {category: {title: ["Multiline", tags] for title, tags in charts} for category, charts in layout}
+            )
+
+    def scalars(self, step: int, values: Mapping[str, object]) -> None:
+        for tag, value in values.items():
+            if tag == F.STEP or value is None or isinstance(value, str):
+                continue
+            self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def ratio_histograms(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
+        """Per-layer histograms of log10 rho (one histogram per layer, over time)."""
+        logs = []
+        for name, v in layers.items():
+            chosen, rejected = v[F.CHOSEN_SQ], v[F.REJECTED_SQ]
+            if chosen > 0 and rejected > 0 and math.isfinite(chosen) and math.isfinite(rejected):
+                value = 0.5 * math.log10(rejected / chosen)
+                logs.append(value)
+                self.writer.add_histogram(f"layer_log10_ratio/{name}", np.array([value]), global_step=step)
+        if logs:
+            self.writer.add_histogram("layer_log10_ratio/all_layers", np.asarray(logs), global_step=step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
