@@ -63,7 +63,7 @@ def custom_lm(dtype=torch.float32, seed: int = 0) -> nn.Module:
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids) if not isinstance(model, CustomLM) else model(ids)
+    out = model(input_ids=ids) if hasattr(model, "config") else model(ids)
     return out.logits if hasattr(out, "logits") else out
 
 

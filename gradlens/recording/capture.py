@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .groups import GroupSpec, RowGroups, make_groups
-from .rules import RECOMPUTE_RULES, Rule, Use, probe_dense
+from .rules import RECOMPUTE_RULES, IndexedRows, Rule, Use, probe_dense
 
 if TYPE_CHECKING:
     from .recorder import GradientRecorder
@@ -38,8 +38,11 @@ class UnattributedGradientWarning(UserWarning):
     """Some parameter gradient arrived through a path no hook saw; it is left out of the split."""
 
 
-# Rounding tolerance of the probe check, relative to the magnitudes summed.
+# Rounding tolerance of the probe check, relative to the magnitudes summed. When the
+# model itself computed in bf16/fp16 (autocast), its gradient carries that rounding.
 PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+LOW_PRECISION_RTOL = 3e-2
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -48,12 +51,13 @@ class ParamState:
     name: str
     modules: list[str]
     dtype: torch.dtype
-    total: Optional[torch.Tensor] = None
+    total_is_grad: bool = False  # p.grad was None when the capture began: at the end it *is* the total
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     probe_hooks: float = 0.0
     probe_scale: float = 0.0
     rules: set[str] = field(default_factory=set)
     uses: int = 0
+    low_precision: bool = False  # some use ran in bf16/fp16
     row_uses: int = 0  # uses in the current per-row segment
     row_sq: Optional[torch.Tensor] = None  # ghost per-row squared norms (single use)
     row_parts: Optional[torch.Tensor] = None  # materialised per-row gradients (tied / reused)
@@ -63,7 +67,12 @@ class ParamState:
     total_sq: float = 0.0
     unattributed: bool = False
 
-    def add(self, bucket: str, t: torch.Tensor) -> None:
+    def add(self, bucket: str, t) -> None:
+        if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
+            if bucket not in self.groups:
+                self.groups[bucket] = torch.zeros(self.param.shape, dtype=self.dtype, device=t.values.device)
+            self.groups[bucket].index_add_(0, t.index, t.values)
+            return
         t = t.detach()
         if bucket in self.groups:
             self.groups[bucket] += t
@@ -81,6 +90,7 @@ class Capture:
         self.verify = verify
         self.complement = groups.partition and not verify
         self._params: dict[int, ParamState] = {}
+        self._grad_was_none = recorder._params_without_grad()
         self._row_norms_sq: list[torch.Tensor] = []
         self._finished = False
 
@@ -108,7 +118,11 @@ class Capture:
         return st
 
     def add_total(self, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        self._state(p).add("__total__", grad)
+        st = self._state(p)
+        if id(p) in self._grad_was_none:
+            st.total_is_grad = True  # read p.grad once at the end instead of copying every piece
+        else:
+            st.add("__total__", grad)
 
     def add_use(self, use: Use, rule: Rule, path: str) -> None:
         rows = use.grad_outputs[0].shape[0] if use.grad_outputs[0] is not None else None
@@ -118,6 +132,7 @@ class Capture:
                 "gradlens splits gradients along dim 0 (pass num_rows= if some rows belong to no group)"
             )
         params = dict(use.module.named_parameters(recurse=False))
+        low = any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None))
         names = self.groups.names
         explicit = names[:-1] if self.complement and rule.name not in RECOMPUTE_RULES else names
         parts = {g: rule.contribution(use, lambda x, g=g: self.groups.select(g, x)) for g in explicit}
@@ -129,6 +144,7 @@ class Capture:
             st = self._state(params[local])
             st.rules.add(rule.name)
             st.uses += 1
+            st.low_precision |= low
             for g in explicit:
                 if not (self.complement and g == names[-1]):
                     st.add(g, parts[g][local])
@@ -156,7 +172,7 @@ class Capture:
             st = self._state(p)
             st.row_uses += 1
             if self._recorder._is_shared(p):
-                rows = [rule.contribution(use, lambda x, i=i: x[i : i + 1])[local] for i in range(n)]
+                rows = [_dense(rule.contribution(use, lambda x, i=i: x[i : i + 1])[local]) for i in range(n)]
                 stacked = torch.stack(rows).to(st.dtype)
                 st.row_parts = stacked if st.row_parts is None else st.row_parts + stacked
                 continue
@@ -205,6 +221,8 @@ class Capture:
 
     def _finish_param(self, st: ParamState) -> None:
         total = st.groups.pop("__total__", None)
+        if st.total_is_grad and st.param.grad is not None:
+            total = st.param.grad.detach() if st.param.grad.dtype == st.dtype else st.param.grad.detach().to(st.dtype)
         if total is None:
             st.groups.clear()
             return
@@ -221,7 +239,7 @@ class Capture:
         st.sq = {g: (_sq(v) if v is not None else 0.0) for g, v in vectors.items()}
         for a, b in itertools.combinations(names, 2):
             va, vb = vectors[a], vectors[b]
-            st.dots[(a, b)] = float((va * vb).sum()) if va is not None and vb is not None else 0.0
+            st.dots[(a, b)] = _dot(va, vb) if va is not None and vb is not None else 0.0
         st.groups.clear()
 
     def _probe_agrees(self, st: ParamState, total: torch.Tensor) -> bool:
@@ -231,7 +249,8 @@ class Capture:
         value, scale = float(value), float(scale)
         if not (math.isfinite(value) and math.isfinite(st.probe_hooks)):
             return True  # non-finite gradients are reported as such, not as unattributed
-        tol = PROBE_RTOL[st.dtype] * (scale + st.probe_scale) + 1e-30
+        rtol = LOW_PRECISION_RTOL if st.low_precision else PROBE_RTOL[st.dtype]
+        tol = rtol * (scale + st.probe_scale) + 1e-30
         return abs(value - st.probe_hooks) <= tol
 
     # ---- queries -----------------------------------------------------------------------------
@@ -319,5 +338,14 @@ class Capture:
         return torch.cat(self._row_norms_sq).sqrt()
 
 
+def _dense(t) -> torch.Tensor:
+    return t.dense() if isinstance(t, IndexedRows) else t
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """⟨a, b⟩ without temporaries (BLAS dot, accumulating in the buffers' dtype)."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
 def _sq(t: torch.Tensor) -> float:
-    return float(t.pow(2).sum()) if t.dtype == torch.float64 else float(t.float().pow(2).sum())
+    return _dot(t, t)

@@ -171,6 +171,13 @@ class GradientRecorder:
         modules = [o.rsplit(".", 1)[0] if "." in o else "" for o in owners]
         return self._names.get(id(p), owners[0] if owners else "?"), modules
 
+    def _params_without_grad(self) -> set[int]:
+        """Parameters whose ``.grad`` is None now; their final ``.grad`` will be exactly the
+        captured total. Not under multi-process DDP, where ``.grad`` becomes the all-reduced mean."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            return set()
+        return {id(p) for p in self.model.parameters() if p.requires_grad and p.grad is None}
+
     def _is_shared(self, p: torch.nn.Parameter) -> bool:
         return len(self._owners.get(id(p), ())) > 1
 

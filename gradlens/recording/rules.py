@@ -56,6 +56,18 @@ class Use:
 
 
 @dataclass(frozen=True)
+class IndexedRows:
+    """A sparse contribution: ``values[k]`` adds to row ``index[k]`` of the parameter."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    shape: torch.Size
+
+    def dense(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).index_add_(0, self.index, self.values)
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     contribution: Callable[[Use, RowSelector], dict[str, torch.Tensor]]
@@ -223,11 +235,9 @@ def _embedding_grads(use: Use, ids: torch.Tensor, g: torch.Tensor) -> tuple[torc
 
 @register_rule(nn.Embedding)
 def _embedding() -> Rule:
-    def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
-        m = use.module
+    def contribution(use: Use, rows: RowSelector) -> dict[str, IndexedRows]:
         ids, g = _embedding_grads(use, rows(use.input()), rows(use.grad()))
-        out = torch.zeros(m.num_embeddings, m.embedding_dim, dtype=use.dtype, device=g.device)
-        return {"weight": out.index_add_(0, ids, g)}
+        return {"weight": IndexedRows(ids, g, use.module.weight.shape)}
 
     def probe(use: Use, probes: Probes) -> ProbeResult:
         v, z = probes["weight"]

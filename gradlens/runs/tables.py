@@ -32,7 +32,8 @@ def _format_value(value) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        # float(): numpy >= 2 reprs np.float64 (a float subclass) as "np.float64(...)".
+        return repr(float(value)) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
     if isinstance(value, int):
         return str(value)
     if hasattr(value, "item"):  # numpy / torch scalars

@@ -1,0 +1,114 @@
+"""The DPO-family losses against the closed forms of DESIGN.md §2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradlens
+from gradlens.losses import REWEIGHTINGS, register_reweighting
+
+B, BETA = 5, 0.3
+
+
+def logps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lw, ll = (-torch.rand(B, generator=g, dtype=torch.float64) * 20 for _ in range(2))
+    rw, rl = (-torch.rand(B, generator=g, dtype=torch.float64) * 20 for _ in range(2))
+    return lw.requires_grad_(), ll.requires_grad_(), rw, rl
+
+
+def grads(method, **kw):
+    lw, ll, rw, rl = logps()
+    out = gradlens.preference_loss(lw, ll, rw, rl, beta=BETA, method=method, **kw)
+    gw, gl = torch.autograd.grad(out.loss, (lw, ll))
+    u = BETA * ((lw - rw) - (ll - rl)).detach()
+    return out, gw, gl, u, lw.detach(), ll.detach()
+
+
+@pytest.mark.parametrize("method", ["dpo", "balanced", "adadpo"])
+def test_dpo_loss_value_is_mean_neg_log_sigmoid(method):
+    out, _, _, u, _, _ = grads(method)
+    torch.testing.assert_close(out.dpo_loss, (-torch.log(torch.sigmoid(u))).mean(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(out.u, u)
+    torch.testing.assert_close(out.margins, out.chosen_rewards - out.rejected_rewards)
+
+
+def test_dpo_gradient_closed_form():
+    out, gw, gl, u, _, _ = grads("dpo")
+    s = torch.sigmoid(-u)
+    torch.testing.assert_close(gw, -BETA * s / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gl, BETA * s / B, rtol=1e-13, atol=0)
+    assert out.loss is not None and torch.equal(out.loss.detach(), out.dpo_loss)
+
+
+def test_balanced_gradient_closed_form_and_weight_identities():
+    out, gw, gl, u, lw, ll = grads("balanced")
+    s = torch.sigmoid(-u)
+    a_w, a_l = 2 * torch.sigmoid(lw - ll), 2 * torch.sigmoid(ll - lw)
+    torch.testing.assert_close(gw, -BETA * s * a_w / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gl, BETA * s * a_l / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(out.weight_chosen + out.weight_rejected, torch.full((B,), 2.0, dtype=torch.float64))
+    # a_w / p_w = a_l / p_l: equal probability-space sensitivities (in log space)
+    torch.testing.assert_close(torch.log(out.weight_chosen) - lw, torch.log(out.weight_rejected) - ll, rtol=1e-12, atol=1e-12)
+
+
+def test_balanced_token_mean_space():
+    nw, nl = torch.arange(1, B + 1, dtype=torch.float64), torch.arange(B + 1, 1, -1, dtype=torch.float64)
+    out, gw, gl, u, lw, ll = grads("balanced", balance_space="token_mean", chosen_lengths=nw, rejected_lengths=nl)
+    a_w = 2 * torch.sigmoid(lw / nw - ll / nl)
+    torch.testing.assert_close(gw, -BETA * torch.sigmoid(-u) * a_w / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gl, BETA * torch.sigmoid(-u) * (2 - a_w) / B, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        grads("balanced", balance_space="token_mean")
+    with pytest.raises(ValueError, match="balance_space"):
+        grads("balanced", balance_space="nope")
+
+
+def test_adadpo_gradient_closed_form():
+    out, gw, gl, u, lw, ll = grads("adadpo")
+    s = torch.sigmoid(-u)
+    beta_w = BETA * torch.clamp(torch.exp(lw - ll), max=2.0)
+    torch.testing.assert_close(gw, -beta_w * s / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gl, BETA * s / B, rtol=1e-13, atol=0)
+
+
+def test_metrics_use_trl_names():
+    out, *_ = grads("balanced")
+    m = out.metrics()
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "log_pw_over_pl", "sigmoid_neg_u", "weights/chosen", "weights/rejected"]:
+        assert key in m
+
+
+def test_nan_logps_propagate_and_are_flagged():
+    lw, ll, rw, rl = logps()
+    out = gradlens.preference_loss(lw, ll.detach() * float("nan"), rw, rl, method="balanced")
+    assert out.nonfinite and torch.isnan(out.loss) and torch.isnan(out.dpo_loss)
+    assert torch.isnan(out.u).all()
+
+
+def test_bad_input():
+    lw, ll, rw, rl = logps()
+    with pytest.raises(ValueError, match="same length"):
+        gradlens.preference_loss(lw, ll[:-1], rw, rl)
+    with pytest.raises(ValueError, match="1-D"):
+        gradlens.preference_loss(lw[None], ll[None], rw[None], rl[None])
+    with pytest.raises(ValueError, match="unknown method"):
+        gradlens.preference_loss(lw, ll, rw, rl, method="ipo")
+    with pytest.raises(ValueError, match="beta"):
+        gradlens.preference_loss(lw, ll, rw, rl, beta=0)
+
+
+def test_registering_a_method_is_one_function():
+    @register_reweighting("half_rejected")
+    def half(ctx):
+        ones = torch.ones_like(ctx.u)
+        return ctx.beta * ones, ctx.beta * ones, ones, 0.5 * ones
+
+    try:
+        out, gw, gl, u, _, _ = grads("half_rejected")
+        torch.testing.assert_close(gl, 0.5 * BETA * torch.sigmoid(-u) / B)
+        with pytest.raises(ValueError, match="already registered"):
+            register_reweighting("half_rejected")(half)
+    finally:
+        REWEIGHTINGS.pop("half_rejected")
