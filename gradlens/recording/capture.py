@@ -83,7 +83,12 @@ class ParamState:
 class Capture:
     """Collects one step's per-group gradients; query it after the ``with`` block."""
 
-    def __init__(self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False):
+    def __init__(
+        self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False, distributed: str = "local"
+    ):
+        if distributed not in ("local", "global"):
+            raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
+        self.distributed = distributed
         self._recorder = recorder
         self.groups = groups
         self.per_row = per_row
@@ -205,11 +210,16 @@ class Capture:
             return
         self._finished = True
         self._close_row_segment()
-        unattributed = []
-        for st in self._params.values():
-            self._finish_param(st)
-            if st.unattributed:
-                unattributed.append(st.name)
+        states = list(self._params.values())
+        for st in states:
+            self._resolve_total(st)
+        if self.distributed == "global":
+            from .distributed import all_reduce_states
+
+            states = all_reduce_states(self, states)
+        for st in states:
+            self._split_norms(st)
+        unattributed = [st.name for st in states if st.unattributed]
         if unattributed:
             warnings.warn(
                 f"gradient of {unattributed} reached them through a path no module hook saw (e.g. a fused kernel reading "
@@ -219,15 +229,21 @@ class Capture:
                 stacklevel=3,
             )
 
-    def _finish_param(self, st: ParamState) -> None:
+    def _resolve_total(self, st: ParamState) -> None:
+        """Put this process's total gradient in ``groups['__total__']`` and run the probe check."""
         total = st.groups.pop("__total__", None)
         if st.total_is_grad and st.param.grad is not None:
             total = st.param.grad.detach() if st.param.grad.dtype == st.dtype else st.param.grad.detach().to(st.dtype)
+        if total is not None:
+            st.groups["__total__"] = total
+            st.unattributed = not self._probe_agrees(st, total)
+
+    def _split_norms(self, st: ParamState) -> None:
+        total = st.groups.pop("__total__", None)
         if total is None:
             st.groups.clear()
             return
         st.total_sq = _sq(total)
-        st.unattributed = not self._probe_agrees(st, total)
         names = self.groups.names
         if self.complement:
             rest = total.clone()

@@ -30,6 +30,11 @@ from torch.utils._pytree import tree_map
 from .rules import RECOMPUTE_RULES, Rule, Use, _tensor_leaves, rule_for
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _expand_rows(x, n: int):
     if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
         return x.expand(n, *x.shape[1:])
@@ -174,7 +179,7 @@ class GradientRecorder:
     def _params_without_grad(self) -> set[int]:
         """Parameters whose ``.grad`` is None now; their final ``.grad`` will be exactly the
         captured total. Not under multi-process DDP, where ``.grad`` becomes the all-reduced mean."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if _world_size() > 1:
             return set()
         return {id(p) for p in self.model.parameters() if p.requires_grad and p.grad is None}
 
@@ -202,6 +207,7 @@ class GradientRecorder:
         num_rows: int | None = None,
         per_row: bool = False,
         verify: bool = False,
+        distributed: str | None = None,
     ) -> Iterator[Capture]:
         """Record the backward calls made inside the block, split by row ``groups``.
 
@@ -210,12 +216,19 @@ class GradientRecorder:
         ``per_row=True`` also records each row's own gradient norm (ghost norms where
         cheaper). ``verify=True`` computes every group explicitly instead of taking the
         last one as the remainder (slower; for tests and audits).
+
+        ``distributed``: under a multi-process group (DDP), ``"global"`` (the default
+        there) all-reduces the group pieces so the norms are those of the global,
+        rank-averaged gradient, like ``p.grad``; ``"local"`` (default otherwise) skips
+        the communication and reports this rank's own split.
         """
         if self._closed:
             raise RuntimeError("this GradientRecorder was closed; create a new one")
         if self._capture is not None:
             raise RuntimeError("a capture is already open on this recorder; captures cannot nest")
-        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify)
+        if distributed is None:
+            distributed = "global" if _world_size() > 1 else "local"
+        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed)
         self._capture = cap
         try:
             yield cap

@@ -1,0 +1,46 @@
+"""The split of the *global* gradient under data parallelism (DDP, torchrun, accelerate).
+
+Each rank records the split of its own rows. DDP's ``p.grad`` is the mean over
+ranks of the local gradients, so the global chosen part is the mean of the local
+chosen parts, and likewise for the total. One all-reduce per bucket (the total
+and each explicitly computed group: 2 gradient-sized buffers for chosen/rejected,
+i.e. about twice DDP's own traffic) makes every rank's norms those of the global
+gradient. The probe check runs before the reduction, on local pieces, and its
+verdict is OR-ed across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_states(capture, states: list) -> list:
+    """Average every bucket of every parameter over ranks; returns states in a rank-independent order."""
+    recorder = capture._recorder
+    params = [p for p in recorder.model.parameters() if p.requires_grad]
+    by_id = {id(st.param): st for st in states}
+    ordered = [by_id.get(id(p)) or capture._state(p) for p in params]  # same order and set on every rank
+    names = capture.groups.names
+    buckets = ["__total__"] + [g for g in names if not (capture.complement and g == names[-1])]
+    world = dist.get_world_size()
+    device = params[0].device if params else torch.device("cpu")
+    for bucket in buckets:
+        flat = torch.cat([_buffer(st, bucket, device).reshape(-1) for st in ordered])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for st in ordered:
+            n = st.param.numel()
+            st.groups[bucket] = flat[offset : offset + n].view(st.param.shape)
+            offset += n
+    flags = torch.tensor([float(st.unattributed) for st in ordered], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    for st, flag in zip(ordered, flags.tolist()):
+        st.unattributed = bool(flag)
+    return ordered
+
+
+def _buffer(st, bucket: str, device) -> torch.Tensor:
+    t = st.groups.get(bucket)
+    return t if t is not None else torch.zeros(st.param.shape, dtype=st.dtype, device=device)
