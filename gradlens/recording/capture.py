@@ -73,11 +73,10 @@ class ParamState:
                 self.groups[bucket] = torch.zeros(self.param.shape, dtype=self.dtype, device=t.values.device)
             self.groups[bucket].index_add_(0, t.index, t.values)
             return
-        t = t.detach()
         if bucket in self.groups:
-            self.groups[bucket] += t
-        else:
-            self.groups[bucket] = t.clone() if t.dtype == self.dtype else t.to(self.dtype)
+            self.groups[bucket] += t.detach()
+        else:  # rules return fresh tensors: keep them, no copy
+            self.groups[bucket] = t.detach().to(self.dtype)
 
 
 class Capture:
@@ -126,8 +125,10 @@ class Capture:
         st = self._state(p)
         if id(p) in self._grad_was_none:
             st.total_is_grad = True  # read p.grad once at the end instead of copying every piece
-        else:
-            st.add("__total__", grad)
+        elif "__total__" in st.groups:
+            st.groups["__total__"] += grad.detach()
+        else:  # autograd may reuse this tensor as p.grad: copy it
+            st.groups["__total__"] = grad.detach().to(st.dtype, copy=True)
 
     def add_use(self, use: Use, rule: Rule, path: str) -> None:
         rows = use.grad_outputs[0].shape[0] if use.grad_outputs[0] is not None else None
@@ -246,10 +247,10 @@ class Capture:
         st.total_sq = _sq(total)
         names = self.groups.names
         if self.complement:
-            rest = total.clone()
-            for g in names[:-1]:
-                if g in st.groups:
-                    rest -= st.groups[g]
+            known = [st.groups[g] for g in names[:-1] if g in st.groups]
+            rest = total - known[0] if known else total
+            for t in known[1:]:
+                rest -= t
             st.groups[names[-1]] = rest
         vectors = {g: st.groups.get(g) for g in names}
         st.sq = {g: (_sq(v) if v is not None else 0.0) for g, v in vectors.items()}

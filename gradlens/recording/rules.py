@@ -258,41 +258,35 @@ def _embedding() -> Rule:
 # ---- nn.LayerNorm: y = x̂ ⊙ w + b -------------------------------------------------------------
 
 
-def _layer_norm_xhat(use: Use, x: torch.Tensor) -> torch.Tensor:
-    m = use.module
-    width = int(torch.Size(m.normalized_shape).numel())
-    x = x.to(use.dtype)
-    return F.layer_norm(x, m.normalized_shape, None, None, m.eps).reshape(-1, width)
+def _layer_norm_terms(use: Use) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g ⊙ x̂, g) for every row, flattened to (N, tokens, width); computed once per use."""
+    if use.cache is None:
+        use.cache = {}
+    if "gx" not in use.cache:
+        m = use.module
+        n, width = use.input().shape[0], int(torch.Size(m.normalized_shape).numel())
+        g = use.grad().to(use.dtype).reshape(n, -1, width)
+        xhat = F.layer_norm(use.input().to(use.dtype), m.normalized_shape, None, None, m.eps).reshape(n, -1, width)
+        use.cache["gx"], use.cache["g"] = g * xhat, g
+    return use.cache["gx"], use.cache["g"]
 
 
 @register_rule(nn.LayerNorm)
 def _layer_norm() -> Rule:
+    # LayerNorm's gradients are row sums of g ⊙ x̂ (weight) and g (bias).
+    def terms(use: Use) -> dict[str, torch.Tensor]:
+        gx, g = _layer_norm_terms(use)
+        return {name: t for name, t in (("weight", gx), ("bias", g)) if name in use.wanted}
+
     def contribution(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
-        m = use.module
-        width = int(torch.Size(m.normalized_shape).numel())
-        g = _flat(rows(use.grad()), width, use.dtype)
-        out = {}
-        if "weight" in use.wanted:
-            out["weight"] = (g * _layer_norm_xhat(use, rows(use.input()))).sum(0).reshape(m.normalized_shape)
-        if "bias" in use.wanted:
-            out["bias"] = g.sum(0).reshape(m.normalized_shape)
-        return out
+        shape = use.module.normalized_shape
+        return {name: rows(t).sum((0, 1)).reshape(shape) for name, t in terms(use).items()}
 
     def probe(use: Use, probes: Probes) -> ProbeResult:
-        parts = contribution(use, lambda x: x)
-        return {name: probe_dense(t, probes[name]) for name, t in parts.items()}
+        return {name: _dot_with_scale(t.sum((0, 1)), probes[name][0]) for name, t in terms(use).items()}
 
     def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
-        m = use.module
-        n = use.input().shape[0]
-        width = int(torch.Size(m.normalized_shape).numel())
-        g = use.grad().to(use.dtype).reshape(n, -1, width)
-        out = {}
-        if "weight" in use.wanted:
-            out["weight"] = (g * _layer_norm_xhat(use, use.input()).reshape(n, -1, width)).sum(1).pow(2).sum(1)
-        if "bias" in use.wanted:
-            out["bias"] = g.sum(1).pow(2).sum(1)
-        return out
+        return {name: t.sum(1).pow(2).sum(1) for name, t in terms(use).items()}
 
     return Rule("layernorm", contribution, probe, per_row_sq)
 

@@ -1,0 +1,221 @@
+"""``gradlens plot``: summary tables and figures from one or many run directories.
+
+Finds the runs, checks they are all of one kind, groups them by a config key
+(the loss by default), and hands them to that kind's plotter (``registry.py``).
+Problems with single inputs are reported and skipped; the exit status is
+non-zero only when nothing could be plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from ..runs import Run, RunFormatError, find_runs, load_run
+from .registry import PlotOptions, get_plotter
+
+FORMATS = ("png", "svg", "pdf")
+DEFAULT_RUNS = "runs"
+DEFAULT_OUT = "figures"
+EXIT_NOTHING_PLOTTED = 1
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="*", metavar="RUN_OR_DIR",
+        help=f"run directories, or directories to search for runs (default: ./{DEFAULT_RUNS})",
+    )  # fmt: skip
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"where figures and tables go (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--format", default="png", help="comma-separated figure formats: png,svg,pdf (default: png)")
+    parser.add_argument(
+        "--group-by", default=None, metavar="KEY",
+        help="config key that defines a group, dotted keys allowed (default: loss); runs in a group are aggregated as seeds",
+    )  # fmt: skip
+    parser.add_argument("--smooth", type=int, default=1, metavar="N", help="rolling median over N steps, for drawing only (default: 1)")
+
+
+def _error(message: str) -> None:
+    print(f"gradlens plot: error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"gradlens plot: warning: {message}", file=sys.stderr)
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower().lstrip(".") for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if not formats or unknown:
+        raise ValueError(f"--format {text!r}: choose from {','.join(FORMATS)} (comma-separated)")
+    return list(dict.fromkeys(formats))
+
+
+def collect_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
+    """Open every run named or found below ``paths``; problems are returned, not raised."""
+    runs, problems, seen = [], [], set()
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            problems.append(f"{path}: no such file or directory")
+            continue
+        if not path.is_dir():
+            problems.append(f"{path}: not a directory (give a run directory or a folder of runs)")
+            continue
+        found = find_runs(path)
+        if not found:
+            problems.append(f"{path}: not a gradlens run and holds no runs (no config.json in it or below it)")
+            continue
+        for run_path in found:
+            key = run_path.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                runs.append(load_run(run_path))
+            except RunFormatError as exc:
+                problems.append(str(exc))
+    return runs, problems
+
+
+def _read_tables(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """Read every table now, so that format problems and truncated rows are
+    reported before any output; drop runs without step rows."""
+    kept, problems = [], []
+    for run in runs:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            problem = _load_tables(run)
+        _report_warnings(caught)
+        if problem:
+            problems.append(problem)
+        else:
+            kept.append(run)
+    return kept, problems
+
+
+def _load_tables(run: Run) -> str | None:
+    try:
+        steps = run.steps
+        run.layers
+        run.evals
+    except RunFormatError as exc:
+        return str(exc)
+    if steps.empty:
+        return f"{run.path}: no complete step rows yet; skipped"
+    return None
+
+
+def _mixed_kinds_message(runs: list[Run]) -> str:
+    by_kind: dict[str, list[str]] = {}
+    for run in runs:
+        by_kind.setdefault(run.kind, []).append(str(run.path))
+    parts = [f"{kind}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for kind, paths in sorted(by_kind.items())]
+    return "runs of different kinds cannot be plotted together (" + "; ".join(parts) + "); plot each kind in its own call"
+
+
+def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Tell the user about problems in the data (e.g. a truncated last line); re-emit the rest."""
+    shown = set()
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            text = str(w.message)
+            if text not in shown:
+                shown.add(text)
+                _warn(text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        formats = parse_formats(args.format)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if args.smooth < 1:
+        _error(f"--smooth {args.smooth}: must be a whole number >= 1")
+        return EXIT_USAGE
+    paths = list(args.paths) or [DEFAULT_RUNS]
+    if not args.paths and not Path(DEFAULT_RUNS).is_dir():
+        _error(f"no ./{DEFAULT_RUNS} directory here; record runs with `gradlens record` or pass run directories")
+        return EXIT_NOTHING_PLOTTED
+
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            return _plot(paths, formats, args)
+    finally:
+        _report_warnings(caught)
+
+
+def _plot(paths: list[str], formats: list[str], args: argparse.Namespace) -> int:
+    runs, problems = collect_runs(paths)
+    readable, read_problems = _read_tables(runs)
+    for problem in problems + read_problems:
+        _error(problem)
+    if not readable:
+        _error("nothing to plot")
+        return EXIT_NOTHING_PLOTTED
+    kinds = {run.kind for run in readable}
+    if len(kinds) > 1:
+        _error(_mixed_kinds_message(readable))
+        return EXIT_NOTHING_PLOTTED
+    kind = kinds.pop()
+    try:
+        plotter = get_plotter(kind)
+    except (ValueError, ImportError) as exc:
+        _error(f"cannot plot runs of kind {kind!r}: {exc}")
+        return EXIT_NOTHING_PLOTTED
+
+    from ..analysis.groups import group_runs
+    from .report import terminal_table, write_table
+
+    group_by = args.group_by or plotter.default_group_by
+    try:
+        groups = group_runs(readable, group_by)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_NOTHING_PLOTTED
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        _error(f"--out {out}: exists and is not a directory")
+        return EXIT_USAGE
+    out.mkdir(parents=True, exist_ok=True)
+    options = PlotOptions(out=out, formats=formats, smooth=args.smooth, group_by=group_by)
+
+    try:
+        summary = plotter.summarize(groups, options)
+    except ValueError as exc:
+        _error(f"cannot summarise these runs: {exc}")
+        return EXIT_NOTHING_PLOTTED
+    # Plotters may attach more tables and the columns worth printing (see preference.py).
+    extra = summary.attrs.pop("tables", {})
+    shown_columns = summary.attrs.pop("terminal_columns", None) or list(summary.columns)
+    written = write_table(summary, out, "summary")
+    print(f"{len(readable)} {kind} run(s) in {len(groups)} group(s), grouped by {group_by!r}\n")
+    if not summary.empty:
+        print(terminal_table(summary[shown_columns], shown_columns[0]))
+        print(f"(all columns: {out / 'summary.csv'})")
+    comparison = extra.get("comparison")
+    if comparison is not None and not comparison.empty:
+        print("\nDifference from the baseline group (mean over seeds, 95% bootstrap CI over seeds):")
+        preferred = [c for c in ("group", "baseline", "metric", "diff", "ci_low", "ci_high", "n_group", "n_baseline") if c in comparison.columns]
+        print(comparison[preferred or list(comparison.columns)].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if {"n_group", "n_baseline"} <= set(comparison.columns) and min(comparison["n_group"].min(), comparison["n_baseline"].min()) < 5:
+            print("note: with fewer than 5 seeds in a group, bootstrap intervals are too narrow; read them as rough")
+    for name, table in extra.items():
+        if table is not None and not table.empty:
+            written += write_table(table, out, name)
+
+    figures = plotter.figures(groups, options)
+    print(f"\nwrote {len(figures)} figure file(s) and {len(written)} table file(s) to {out}/")
+    for path in figures + written:
+        print(f"  {path}")
+    if not figures and summary.empty:
+        _error("no figure or summary could be made from these runs")
+        return EXIT_NOTHING_PLOTTED
+    return 0

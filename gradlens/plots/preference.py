@@ -1,0 +1,361 @@
+"""Figures and the summary table for preference runs (DPO, Balanced-DPO, AdaDPO).
+
+Registers the plotter for run kind "preference". Every figure shows one line
+per group (the median over its seeds), the interquartile band and the seeds as
+faint lines; a figure whose columns no run has is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..analysis.convergence import KL_TO_OPTIMUM, KL_TO_REF, OOD_MASS, TRUE_REWARD
+from ..analysis.imbalance import ratio_series
+from ..analysis.layers import LayerArrays, binned_log_ratio
+from ..analysis.seeds import row_quantiles, seed_matrix
+from ..analysis.summary import run_layer_arrays, summarize_groups
+from ..runs import Run
+from ..runs import format as F
+from .draw import add_legend, draw_index, draw_seeds, finish, legend_label, panel_grid, save_figure, single_axis, step_axis
+from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
+from .style import CHOSEN_COLOR, REJECTED_COLOR, color_for, plt
+
+HEATMAP_BINS = 400
+HEATMAP_CMAP = "RdBu_r"  # diverging ColorBrewer map, safe for colour-blind readers
+
+
+class SkipFigure(Exception):
+    """A figure cannot be drawn from these runs (its columns are absent)."""
+
+
+def _skip_if_empty(fig, drawn: bool, what: str) -> None:
+    if not drawn:
+        plt.close(fig)
+        raise SkipFigure(f"no finite values of {what} in any run")
+
+
+# ---------------------------------------------------------------- data access
+
+# Pivoted layer tables, shared by the summary and the heatmap of one call.
+# Keyed by the file's identity so a re-recorded run is never served stale.
+_LAYER_CACHE: dict[tuple, LayerArrays | None] = {}
+
+
+def _layers_of(run: Run) -> LayerArrays | None:
+    path = run.path / F.LAYERS
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return None
+    if key not in _LAYER_CACHE:
+        if len(_LAYER_CACHE) > 32:
+            _LAYER_CACHE.clear()
+        _LAYER_CACHE[key] = run_layer_arrays(run)
+    return _LAYER_CACHE[key]
+
+
+def _frames(runs: list[Run], table: str = "steps") -> list[pd.DataFrame]:
+    return [getattr(run, table) for run in runs]
+
+
+def _has_column(groups: RunGroups, column: str, table: str = "steps") -> bool:
+    return any(column in frame.columns for runs in groups.values() for frame in _frames(runs, table))
+
+
+def _require(groups: RunGroups, *columns: str, table: str = "steps") -> None:
+    missing = [c for c in columns if not _has_column(groups, c, table)]
+    if missing:
+        file = {"steps": F.STEPS, "evals": F.EVALS, "layers": F.LAYERS}[table]
+        raise SkipFigure(f"no run has column(s) {', '.join(missing)} in {file}")
+
+
+def _colors(groups: RunGroups) -> dict[str, str]:
+    return {label: color_for(i) for i, label in enumerate(groups)}
+
+
+# -------------------------------------------------------------------- figures
+
+
+def _one_column_per_group(groups: RunGroups, options: PlotOptions, column: str, *, log: bool = False):
+    """A single axis with one median line + band per group for the steps column ``column``."""
+    _require(groups, column)
+    fig, ax = single_axis()
+    colors = _colors(groups)
+    drawn = False
+    for label, runs in groups.items():
+        drawn |= draw_seeds(
+            ax, _frames(runs), column, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=log
+        )
+    _skip_if_empty(fig, drawn, column)
+    if log:
+        ax.set_yscale("log")
+    step_axis(ax)
+    return fig, ax
+
+
+def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str, rejected: str, *, log: bool, what: str):
+    """One panel per group with the chosen and the rejected series of that group."""
+    _require(groups, chosen, rejected)
+    fig, axes = panel_grid(len(groups))
+    drawn = False
+    for ax, (label, runs) in zip(axes, groups.items()):
+        frames, name = _frames(runs), legend_label(label, len(runs))
+        for column, color, style, part in ((chosen, CHOSEN_COLOR, "-", "chosen"), (rejected, REJECTED_COLOR, "--", "rejected")):
+            drawn |= draw_seeds(ax, frames, column, color=color, label=f"{name}: {part} {what}", smooth=options.smooth, positive=log, linestyle=style)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(name)
+        step_axis(ax)
+        add_legend(ax)
+    _skip_if_empty(fig, drawn, f"{chosen} / {rejected}")
+    return fig, axes
+
+
+def fig_norms(groups: RunGroups, options: PlotOptions):
+    fig, axes = _chosen_rejected_panels(groups, options, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, log=True, what="‖g‖")
+    axes[0].set_ylabel("gradient norm (log scale)")
+    finish(fig, "Gradient norms of the chosen and rejected terms")
+    return fig
+
+
+def _ratio_frame(steps: pd.DataFrame) -> pd.DataFrame:
+    """``step`` and rho: logged, or derived from the two norms for runs that lack the column."""
+    if F.GRAD_RATIO in steps.columns or steps.empty:
+        return steps
+    if F.GRAD_NORM_CHOSEN not in steps.columns or F.GRAD_NORM_REJECTED not in steps.columns:
+        return pd.DataFrame()
+    return pd.DataFrame({F.STEP: steps[F.STEP], F.GRAD_RATIO: ratio_series(steps)})
+
+
+def fig_ratio(groups: RunGroups, options: PlotOptions):
+    if not (_has_column(groups, F.GRAD_RATIO) or _has_column(groups, F.GRAD_NORM_CHOSEN)):
+        raise SkipFigure(f"no run has column {F.GRAD_RATIO} in {F.STEPS}")
+    fig, ax = single_axis()
+    colors = _colors(groups)
+    drawn = False
+    for label, runs in groups.items():
+        frames = [_ratio_frame(f) for f in _frames(runs)]
+        drawn |= draw_seeds(ax, frames, F.GRAD_RATIO, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=True)
+    _skip_if_empty(fig, drawn, F.GRAD_RATIO)
+    ax.set_yscale("log")
+    step_axis(ax)
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (balanced)")
+    ax.set_ylabel("ρ = ‖g_rejected‖ / ‖g_chosen‖ (log scale)")
+    add_legend(ax)
+    finish(fig, "Gradient ratio ρ (above 1: the rejected term dominates)")
+    return fig
+
+
+def fig_cosine(groups: RunGroups, options: PlotOptions):
+    fig, ax = _one_column_per_group(groups, options, F.GRAD_COSINE)
+    ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("cos(g_chosen, g_rejected)")
+    add_legend(ax)
+    finish(fig, "Cosine between the chosen and rejected gradients")
+    return fig
+
+
+def fig_logps(groups: RunGroups, options: PlotOptions):
+    fig, axes = _chosen_rejected_panels(groups, options, F.LOGPS_CHOSEN, F.LOGPS_REJECTED, log=False, what="log p")
+    axes[0].set_ylabel("sequence log-probability (nats)")
+    finish(fig, "Log-probabilities of chosen and rejected responses")
+    return fig
+
+
+def fig_pw_over_pl(groups: RunGroups, options: PlotOptions):
+    fig, ax = _one_column_per_group(groups, options, F.LOG_PW_OVER_PL)
+    ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0, label="p_w = p_l")
+    ax.set_ylabel("mean log(p_w / p_l) (nats)")
+    add_legend(ax)
+    finish(fig, "Probability-space ratio p_w / p_l (the factor between the two sensitivities)")
+    return fig
+
+
+def fig_rewards(groups: RunGroups, options: PlotOptions):
+    columns = [c for c in (F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS) if _has_column(groups, c)]
+    if not columns:
+        raise SkipFigure(f"no run has rewards/* columns in {F.STEPS}")
+    fig, axes = panel_grid(len(columns), width=4.6, sharey=False)
+    colors = _colors(groups)
+    drawn = False
+    for ax, column in zip(axes, columns):
+        for label, runs in groups.items():
+            drawn |= draw_seeds(ax, _frames(runs), column, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth)
+        ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
+        ax.set_title(column)
+        step_axis(ax)
+    _skip_if_empty(fig, drawn, "rewards/*")
+    axes[0].set_ylabel("implicit reward β(ℓ − ℓ_ref) (nats)")
+    add_legend(axes[0])
+    finish(fig, "Implicit rewards and margins")
+    return fig
+
+
+def fig_loss(groups: RunGroups, options: PlotOptions):
+    fig, ax = _one_column_per_group(groups, options, F.LOSS)
+    ax.set_ylabel("DPO loss (nats)")
+    add_legend(ax)
+    finish(fig, "Training loss (the DPO value, for every method)")
+    return fig
+
+
+def fig_kl_to_optimum(groups: RunGroups, options: PlotOptions):
+    _require(groups, KL_TO_OPTIMUM, table="evals")
+    with_ood = _has_column(groups, OOD_MASS, "evals")
+    fig, axes = panel_grid(2 if with_ood else 1, width=6.0, sharey=False)
+    colors = _colors(groups)
+    drawn = False
+    for label, runs in groups.items():
+        evals = [e for e in _frames(runs, "evals") if KL_TO_OPTIMUM in e.columns]
+        name = legend_label(label, len(evals))
+        drawn |= draw_seeds(axes[0], evals, KL_TO_OPTIMUM, color=colors[label], label=name, positive=True)
+        if with_ood:
+            draw_seeds(axes[1], evals, OOD_MASS, color=colors[label], label=name)
+    _skip_if_empty(fig, drawn, KL_TO_OPTIMUM)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(π_θ ‖ π*) (nats, log scale)")
+    axes[0].set_title("distance to the population optimum")
+    if with_ood:
+        axes[1].set_ylabel("probability mass (fraction)")
+        axes[1].set_title("mass on responses seen in no pair")
+    for ax in axes:
+        step_axis(ax)
+    add_legend(axes[0])
+    finish(fig, "Convergence to π* ∝ π_ref·exp(r/β) (tabular)")
+    return fig
+
+
+def fig_reward_kl_frontier(groups: RunGroups, options: PlotOptions):
+    _require(groups, TRUE_REWARD, KL_TO_REF, table="evals")
+    fig, ax = single_axis()
+    colors = _colors(groups)
+    drawn = False
+    for label, runs in groups.items():
+        evals = [e for e in _frames(runs, "evals") if TRUE_REWARD in e.columns and KL_TO_REF in e.columns]
+        if not evals:
+            continue
+        color = colors[label]
+        _, kl = seed_matrix(evals, KL_TO_REF)
+        _, reward = seed_matrix(evals, TRUE_REWARD)
+        if kl.shape[1] > 1:
+            for j in range(kl.shape[1]):
+                ax.plot(kl[:, j], reward[:, j], color=color, alpha=0.25, linewidth=0.7, marker=".", markersize=3)
+        kq25, kmed, kq75 = row_quantiles(kl, [0.25, 0.5, 0.75])
+        rq25, rmed, rq75 = row_quantiles(reward, [0.25, 0.5, 0.75])
+        idx = draw_index(kmed.size, 200)
+        drawn |= bool(np.isfinite(kmed).any() and np.isfinite(rmed).any())
+        ax.errorbar(
+            kmed[idx], rmed[idx],
+            xerr=[kmed[idx] - kq25[idx], kq75[idx] - kmed[idx]],
+            yerr=[rmed[idx] - rq25[idx], rq75[idx] - rmed[idx]],
+            color=color, marker="o", markersize=4, linewidth=1.8, elinewidth=0.8, alpha=0.9,
+            label=legend_label(label, len(evals)),
+        )  # fmt: skip
+        ax.plot(kmed[idx][-1:], rmed[idx][-1:], color=color, marker="*", markersize=12, linestyle="none")
+    _skip_if_empty(fig, drawn, f"{TRUE_REWARD} and {KL_TO_REF}")
+    ax.set_xlabel("KL(π_θ ‖ π_ref) (nats)")
+    ax.set_ylabel("true reward of samples (mean)")
+    add_legend(ax)
+    finish(fig, "Reward–KL frontier (star: last evaluation)", caption="points: median over seeds per evaluation · bars: interquartile range · faint lines: individual seeds")
+    return fig
+
+
+def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
+    arrays = {label: [a for a in (_layers_of(r) for r in runs) if a is not None and a.steps.size] for label, runs in groups.items()}
+    arrays = {label: a for label, a in arrays.items() if a}
+    if not arrays:
+        raise SkipFigure(f"no run has per-layer rows in {F.LAYERS}")
+    all_steps = np.concatenate([a.steps for group in arrays.values() for a in group])
+    first, last = float(all_steps.min()), float(all_steps.max())
+    n_bins = int(min(HEATMAP_BINS, np.unique(all_steps).size))
+    edges = np.linspace(first, last + 1.0, n_bins + 1)  # steps are integers: +1 keeps the last in its bin
+    names = list(dict.fromkeys(name for group in arrays.values() for a in group for name in a.names))
+    index = {name: i for i, name in enumerate(names)}
+    matrices = {}
+    for label, group in arrays.items():
+        stack = np.full((len(group), len(names), n_bins), np.nan)
+        for s, a in enumerate(group):
+            stack[s, [index[n] for n in a.names]] = binned_log_ratio(a, edges)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
+            matrices[label] = np.nanmedian(stack, axis=0)
+    finite = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
+    limit = float(np.percentile(np.abs(finite), 99)) if finite.size else 1.0
+    limit = max(limit, 1e-3)
+    fig, axes = panel_grid(len(matrices), width=8.0 if len(matrices) == 1 else 5.8, height=max(3.0, 0.2 * len(names) + 1.6), sharey=True)
+    cmap = plt.get_cmap(HEATMAP_CMAP).with_extremes(bad="#d9d9d9")
+    image = None
+    for ax, (label, matrix) in zip(axes, matrices.items()):
+        image = ax.imshow(
+            matrix, aspect="auto", cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest",
+            extent=(edges[0], edges[-1], len(names) - 0.5, -0.5),
+        )  # fmt: skip
+        ax.set_title(legend_label(label, len(arrays[label])))
+        step_axis(ax)
+        ax.grid(False)
+    every = max(1, int(np.ceil(len(names) / 60)))
+    axes[0].set_yticks(range(0, len(names), every), [names[i] for i in range(0, len(names), every)], fontsize=7 if len(names) > 15 else 9)
+    axes[0].set_ylabel("layer (module path)")
+    bar = fig.colorbar(image, ax=axes, shrink=0.9)
+    bar.set_label("log ρ  (> 0: rejected dominates)")
+    finish(fig, "Per-layer gradient ratio (median over seeds)", caption="grey: no finite value · colour scale clipped at the 99th percentile of |log ρ|")
+    return fig
+
+
+# The summary columns printed to the terminal; the CSV and Markdown files have all.
+TERMINAL_COLUMNS = [
+    "group", "n_seeds", "steps", "nonfinite_steps", "ratio_nonfinite",
+    "ratio_median", "ratio_iqr", "ratio_final", "mean_log_ratio", "dominated_frac", "onset_step", "onset_runs",
+    "cosine_median", "log_pw_over_pl_final", "chosen_logp_fall_frac", "chosen_logp_change", "rejected_logp_change",
+    "loss_final", "loss_final_seed_sd", "loss_spikes", "grad_norm_spikes",
+    "kl_to_optimum_final", "true_reward_final", "kl_to_ref_final", "pref_accuracy_final", "imbalance_layers",
+]  # fmt: skip
+
+FIGURES: list[tuple[str, Callable]] = [
+    ("norms", fig_norms),
+    ("ratio", fig_ratio),
+    ("layer_heatmap", fig_layer_heatmap),
+    ("logps", fig_logps),
+    ("pw_over_pl", fig_pw_over_pl),
+    ("rewards", fig_rewards),
+    ("kl_to_optimum", fig_kl_to_optimum),
+    ("reward_kl_frontier", fig_reward_kl_frontier),
+    ("cosine", fig_cosine),
+    ("loss", fig_loss),
+]
+
+
+def figures(groups: RunGroups, options: PlotOptions) -> list[Path]:
+    """Write every figure these runs have data for; note the ones skipped on stderr."""
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, draw in FIGURES:
+        try:
+            fig = draw(groups, options)
+        except SkipFigure as reason:
+            print(f"gradlens plot: note: skipped figure '{name}': {reason}", file=sys.stderr)
+            continue
+        paths.extend(save_figure(fig, out, name, options.formats))
+    return paths
+
+
+def summarize(groups: RunGroups, options: PlotOptions) -> pd.DataFrame:
+    """One row per group. The per-run table, per-layer attribution and the group
+    comparison travel in ``summary.attrs["tables"]`` for the command to write."""
+    result = summarize_groups(groups, layers_of=_layers_of)
+    summary = result.summary
+    summary.attrs["tables"] = {"runs": result.per_run, "layers": result.layers, "comparison": result.comparison}
+    summary.attrs["terminal_columns"] = [c for c in TERMINAL_COLUMNS if c in summary.columns]
+    return summary
+
+
+register_plotter(F.KIND_PREFERENCE, KindPlotter(summarize=summarize, figures=figures, default_group_by="loss"))
