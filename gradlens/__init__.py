@@ -1,9 +1,30 @@
 """gradlens: exact chosen/rejected gradient splits for preference optimisation,
-run logs and TensorBoard dashboards, analysis and plots, and Langevin KL tracking."""
+run logs and TensorBoard dashboards, analysis and plots, and Langevin KL tracking.
 
-from .losses import PreferenceLossOutput, preference_loss, register_reweighting
-from .recording import GradientRecorder
+The top-level names are imported lazily, so ``gradlens plot`` starts without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientRecorder", "PreferenceLossOutput", "preference_loss", "register_reweighting", "__version__"]
+_LAZY = {
+    "GradientRecorder": "gradlens.recording",
+    "PreferenceLossOutput": "gradlens.losses",
+    "preference_loss": "gradlens.losses",
+    "register_reweighting": "gradlens.losses",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradlens' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
