@@ -131,8 +131,12 @@ class GradientRecorder:
             if not needs:
                 return result
 
+            # The hook must not reference the output tensors it is registered on: their
+            # grad_fn holds the hook, and that cycle through C++ is never collected.
+            num_leaves = len(leaves)
+
             def on_grads(grads) -> None:
-                full = [None] * len(leaves)
+                full = [None] * num_leaves
                 for i, g in zip(needs, grads):
                     full[i] = g
                 self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng), rule, path)
