@@ -8,6 +8,7 @@ drops it and warns with the file and line number. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import os
@@ -93,16 +94,23 @@ class CsvTable:
         f.flush()
 
     def keep_steps_upto(self, last_step: int, step_column: str = "step") -> None:
-        """Drop rows after ``last_step`` (used by resume) by an atomic rewrite."""
+        """Drop rows after ``last_step`` (used by resume) by an atomic rewrite.
+
+        Kept rows are copied byte for byte: re-formatting them through pandas would
+        change floats (numpy 2 reprs them as ``np.float64(...)``). A partial last
+        line is dropped.
+        """
         self.close()
         if not self.path.exists():
             return
-        frame = read_table(self.path, quiet=True)
-        if frame.empty:
+        data = self.path.read_bytes()
+        lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
+        if not lines:
             return
-        kept = frame[frame[step_column] <= last_step]
+        index = lines[0].decode("utf-8").rstrip("\r\n").split(",").index(step_column)
+        kept = [lines[0]] + [line for line in lines[1:] if int(next(csv.reader([line.decode("utf-8")]))[index]) <= last_step]
         tmp = self.path.with_suffix(".tmp")
-        kept.to_csv(tmp, index=False, float_format="%r", na_rep="nan")
+        tmp.write_bytes(b"".join(kept))
         os.replace(tmp, self.path)
 
     def close(self) -> None:

@@ -1,0 +1,242 @@
+"""The `gradlens record` configuration: one dataclass, file loading and merging.
+
+Precedence, lowest to highest: dataclass defaults, the environment's defaults
+(fields left ``None``), a ``--config`` file (TOML or JSON), command-line flags.
+The resolved config -- every field concrete -- is what a run directory stores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+ENVS = ("tabular", "tiny-gpt2", "user")
+LOSSES = ("dpo", "balanced", "adadpo")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DTYPES = ("float32", "bfloat16", "float16")
+BALANCE_SPACES = ("sequence", "token_mean")
+
+# `gradlens record` with no arguments: both methods, one after the other.
+DEFAULT_LOSSES = ("dpo", "balanced")
+
+# Fields a resumed run may change; everything else must match the saved run.
+RESUMABLE_CHANGES = frozenset({"steps", "device", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Everything that decides what one recorded run does."""
+
+    env: str = "tiny-gpt2"
+    loss: str = "dpo"
+    model: str | None = None          # user env: local HF model directory
+    data: str | None = None           # user env: JSONL / CSV / Parquet preference file
+    eval_data: str | None = None      # user env: held-out preference file (else a training subset)
+    beta: float = 0.1
+    lr: float | None = None
+    optimizer: str | None = None
+    batch_size: int | None = None     # preference pairs per optimizer step
+    grad_accum: int = 1               # micro-batches per optimizer step
+    steps: int | None = None
+    eval_every: int | None = None     # 0 = only at the start and the end
+    checkpoint_every: int | None = None
+    layers_every: int = 1             # per-layer rows + histograms every N steps
+    seed: int = 0
+    max_length: int | None = None     # prompt + completion tokens (TRL keep_start truncation)
+    shuffle: bool = True
+    per_row: bool = False
+    skip_nonfinite: bool = False
+    balance_space: str = "sequence"
+    adadpo_cap: float = 2.0
+    sft_steps: int | None = None      # tiny-gpt2 warm-start steps
+    device: str = "auto"
+    dtype: str = "float32"
+    out: str | None = None
+
+
+# Per-environment defaults for the fields left None above.
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tabular": dict(lr=0.05, optimizer="adam", batch_size=32, steps=300, eval_every=25, checkpoint_every=100, max_length=2, sft_steps=0),
+    "tiny-gpt2": dict(lr=1e-3, optimizer="adamw", batch_size=16, steps=300, eval_every=25, checkpoint_every=100, max_length=32, sft_steps=300),
+    "user": dict(lr=1e-6, optimizer="adamw", batch_size=8, steps=100, eval_every=25, checkpoint_every=50, max_length=1024, sft_steps=0),
+}
+
+_FIELD_TYPES = {f.name: f.type for f in fields(RecordConfig)}
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    """Coerce/validate one value against the field's declared type."""
+    kind = _FIELD_TYPES[name]
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ValueError(f"{where}: '{name}' may not be null")
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: '{name}' must be true or false, got {value!r}")
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: '{name}' must be an integer, got {value!r}")
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: '{name}' must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: '{name}' must be a string, got {value!r}")
+    return value
+
+
+def _normalise_key(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config; keys are RecordConfig fields (``-`` or ``_``).
+
+    ``loss`` may be one name, a comma-separated string or a list: one run per loss.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise ValueError(f"{path}: config files must end in .toml or .json, not {path.suffix or '(no suffix)'!r}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
+            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a table/object of settings")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _normalise_key(str(key))
+        if name == "loss":
+            out["loss"] = parse_losses(value, where=str(path))
+            continue
+        if name not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {known}")
+        out[name] = _check_type(name, value, str(path))
+    return out
+
+
+def parse_losses(value: Any, *, where: str) -> tuple[str, ...]:
+    """'dpo', 'dpo,balanced' or ['dpo', 'balanced'] -> ('dpo', 'balanced')."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError(f"{where}: 'loss' must be a name or a list of names from {list(LOSSES)}, got {value!r}")
+    if not items:
+        raise ValueError(f"{where}: 'loss' is empty; choose from {list(LOSSES)}")
+    for item in items:
+        if item not in LOSSES:
+            raise ValueError(f"{where}: unknown loss {item!r}; choose from {list(LOSSES)}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{where}: 'loss' lists a method twice: {items}")
+    return tuple(items)
+
+
+def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
+    """Fill fields left None with the environment's defaults."""
+    defaults = ENV_DEFAULTS[cfg.env]
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def validate(cfg: RecordConfig) -> RecordConfig:
+    """Range and consistency checks; the messages name the flag."""
+    if cfg.env not in ENVS:
+        raise ValueError(f"--env must be one of {list(ENVS)}, got {cfg.env!r}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {list(LOSSES)}, got {cfg.loss!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {list(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.balance_space not in BALANCE_SPACES:
+        raise ValueError(f"--balance-space must be one of {list(BALANCE_SPACES)}, got {cfg.balance_space!r}")
+    for name in ("beta", "lr", "adadpo_cap"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ("batch_size", "grad_accum", "steps", "layers_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eval_every", "checkpoint_every", "sft_steps"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.grad_accum > cfg.batch_size:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}: a micro-batch needs at least one pair")
+    if cfg.max_length < 2:
+        raise ValueError(f"--max-length must be at least 2, got {cfg.max_length}")
+    if cfg.env == "user":
+        if not cfg.model or not cfg.data:
+            raise ValueError("--env user needs --model DIR (a local Hugging Face model directory) and --data FILE (JSONL, CSV or Parquet)")
+    else:
+        for name in ("model", "data", "eval_data"):
+            if getattr(cfg, name):
+                raise ValueError(f"--{name.replace('_', '-')} is only used with --env user (the {cfg.env} environment builds its own)")
+    return cfg
+
+
+def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> list[RecordConfig]:
+    """Merge file and flags into one validated config per requested loss."""
+    merged = {**file_values, **flag_values}
+    losses = merged.pop("loss", DEFAULT_LOSSES)
+    configs = []
+    for loss in losses:
+        cfg = RecordConfig(**merged, loss=loss)
+        configs.append(validate(with_env_defaults(cfg)))
+    return configs
+
+
+def config_from_saved(saved: Mapping[str, Any], where: str) -> RecordConfig:
+    """Rebuild the config stored in a run directory's config.json."""
+    known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
+    try:
+        return validate(RecordConfig(**known))
+    except TypeError as exc:
+        raise ValueError(f"{where}: saved config is not a gradlens record config: {exc}") from exc
+
+
+def apply_resume_overrides(saved: RecordConfig, requested: Mapping[str, Any], where: str) -> RecordConfig:
+    """A resumed run keeps its config; only RESUMABLE_CHANGES may differ."""
+    changes = {}
+    for name, value in requested.items():
+        if name in ("loss", "out"):
+            continue
+        if value == getattr(saved, name):
+            continue
+        if name not in RESUMABLE_CHANGES:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{where}: cannot change {flag} when resuming (the run was recorded with {getattr(saved, name)!r}, "
+                f"you asked for {value!r}); only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES))} may change"
+            )
+        changes[name] = value
+    return validate(replace(saved, **changes))
+
+
+def to_dict(cfg: RecordConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,31 @@
+"""Built-in training environments (DESIGN.md §4), one module each, and their factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RecordConfig
+from .base import PreferenceEnv
+
+
+def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=print) -> PreferenceEnv:
+    """The environment ``cfg.env``; ``reference_weights`` replaces a warm-start on resume."""
+    if cfg.env == "tabular":
+        from .tabular import TabularEnv
+
+        return TabularEnv(cfg)
+    if cfg.env == "tiny-gpt2":
+        from .tiny_gpt2 import TinyGPT2Env
+
+        return TinyGPT2Env(cfg, reference_weights=reference_weights, log=log)
+    if cfg.env == "user":
+        from .user import UserEnv
+
+        return UserEnv(cfg, log=log)
+    raise ValueError(f"unknown environment {cfg.env!r}")
+
+
+# Config fields that decide what an environment builds; runs that agree on them share one.
+ENV_FIELDS = ("env", "model", "data", "eval_data", "seed", "max_length", "sft_steps", "dtype", "batch_size")
+
+__all__ = ["ENV_FIELDS", "PreferenceEnv", "build_env"]

@@ -1,0 +1,86 @@
+"""What a training environment provides to the recording loop.
+
+An environment owns its data and its starting policy. The loop owns the
+optimisation: it copies the starting policy into a trainable policy and a
+frozen reference, asks the environment for batches in the [chosen; rejected]
+layout and their sequence log-probs, and calls ``evaluate`` every few steps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..logps import sequence_logps
+from ..tokenization import TokenBatch, TokenPair, collate_pairs
+
+
+class PreferenceEnv(ABC):
+    """A starting policy, training pairs and an evaluation."""
+
+    name: str = ""
+    # True when the starting policy can only be rebuilt by re-running setup that is
+    # not bit-reproducible (e.g. an SFT warm-start): the loop then saves its weights
+    # into the run directory so --resume uses the same reference.
+    save_reference: bool = True
+
+    policy: nn.Module
+
+    @abstractmethod
+    def num_pairs(self) -> int: ...
+
+    @abstractmethod
+    def make_batch(self, indices: Sequence[int], device: torch.device) -> Any:
+        """Training pairs ``indices`` as one batch of 2b rows (chosen rows first)."""
+
+    @abstractmethod
+    def logps(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed completion log-probs (2b,), completion lengths (2b,))."""
+
+    @abstractmethod
+    def evaluate(self, policy: nn.Module, reference: nn.Module, *, beta: float, device: torch.device) -> dict[str, float]:
+        """Evaluation metrics named ``eval/...``."""
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the data, stored in config.json under ``env_info``."""
+        return {"num_pairs": self.num_pairs()}
+
+
+class TokenPairsEnv(PreferenceEnv):
+    """Shared batching for environments whose pairs are token sequences."""
+
+    pairs: list[TokenPair]
+    pad_token_id: int
+
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    def make_batch(self, indices: Sequence[int], device: torch.device) -> TokenBatch:
+        return collate_pairs([self.pairs[i] for i in indices], self.pad_token_id, device)
+
+    def logps(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logps(model, batch)
+
+
+@torch.no_grad()
+def pair_margins(env_logps, policy: nn.Module, reference: nn.Module, batches: Sequence[Any], beta: float) -> dict[str, float]:
+    """Held-out policy log-probs, preference accuracy, mean implicit-reward margin and DPO loss."""
+    margins, chosen, rejected = [], [], []
+    for batch in batches:
+        pol, _ = env_logps(policy, batch)
+        ref, _ = env_logps(reference, batch)
+        b = pol.shape[0] // 2
+        margins.append(beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:])))
+        chosen.append(pol[:b])
+        rejected.append(pol[b:])
+    m = torch.cat(margins).double()
+    return {
+        "eval/logps/chosen": torch.cat(chosen).double().mean().item(),
+        "eval/logps/rejected": torch.cat(rejected).double().mean().item(),
+        "eval/pref_accuracy": (m > 0).double().mean().item(),
+        "eval/margin": m.mean().item(),
+        "eval/dpo_loss": (-torch.nn.functional.logsigmoid(m)).mean().item(),
+    }

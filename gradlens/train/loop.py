@@ -1,0 +1,417 @@
+"""The recording loop: optimizer steps with the gradient recorder on every step.
+
+One optimizer step takes ``batch_size`` pairs, split into ``grad_accum``
+micro-batches of ceil(batch_size / grad_accum) pairs (the last may be smaller).
+Each micro-batch is one forward over its 2b rows [chosen; rejected]; its loss is
+scaled by b / batch_size so the summed gradient equals the full-batch mean
+gradient. One recorder capture spans all micro-batches, with ``set_groups``
+before each, so the chosen/rejected split is that of the whole step.
+
+Row ``step = s`` is computed at the parameters before update s (as TRL logs).
+An evaluation row ``step = s`` is taken after s updates; evaluations run at
+s = 0, every ``eval_every`` steps and after the last step. Checkpoint
+``step_N`` holds the state after N updates; ``--resume`` reloads the last one,
+drops every logged row with step >= N, and continues from step N, so the step
+sequence has neither gaps nor duplicates. Training is deterministic on CPU:
+data order comes from a generator seeded per epoch, evaluations re-seed their
+own generator, and dropout is disabled (as TRL does for DPO).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..losses import PreferenceLossOutput, preference_loss
+from ..runs import RunWriter, format as F, write_json_atomic
+from ..runs.tables import CsvTable
+from ..runs.tensorboard import PREFERENCE_LAYOUT, TensorBoardLogger
+from . import checkpoint as ckpt
+from .config import RecordConfig, to_dict
+from .envs import PreferenceEnv
+from .progress import Progress
+
+# steps.csv column order (names from gradlens.runs.format).
+STEP_COLUMNS = (
+    F.STEP, F.LOSS,
+    F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS, F.REWARDS_ACCURACIES,
+    F.LOGPS_CHOSEN, F.LOGPS_REJECTED, F.LR,
+    F.GRAD_NORM, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, F.GRAD_DOT, F.GRAD_COSINE, F.GRAD_RATIO,
+    F.LOG_PW_OVER_PL, F.SIGMOID_NEG_U, F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED, F.NONFINITE,
+)
+# --per-row: one row per (step, pair, side) with that row's own gradient norm.
+ROWS_FILE = "rows.csv"
+ROW_COLUMNS = (F.STEP, "pair", "side", "grad_norm")
+REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
+
+# The shared chosen-vs-rejected dashboard plus the reweighting and evaluation charts.
+RECORD_LAYOUT = PREFERENCE_LAYOUT + [
+    (
+        "gradlens: reweighting",
+        [
+            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED]),
+            ("mean log(p_w / p_l)", [F.LOG_PW_OVER_PL]),
+            ("mean sigma(-u): DPO's per-pair coefficient", [F.SIGMOID_NEG_U]),
+            ("dot(g_chosen, g_rejected)", [F.GRAD_DOT]),
+        ],
+    ),
+    (
+        "gradlens: evaluation",
+        [
+            ("true reward of samples", ["^eval/true_reward$"]),
+            ("KL to the reference / to the optimum", ["^eval/kl_to_ref$", "^eval/kl_to_optimum$"]),
+            ("held-out log-probs: chosen vs rejected", ["^eval/logps/chosen$", "^eval/logps/rejected$"]),
+            ("held-out preference accuracy", ["^eval/pref_accuracy$"]),
+            ("probability mass on responses in no pair (tabular)", ["^eval/ood_mass$"]),
+        ],
+    ),
+]
+
+STATUS_COMPLETE = "complete"
+STATUS_NONFINITE = "nonfinite"
+
+
+@dataclass
+class RunResult:
+    path: Path
+    status: str
+    steps_done: int
+    wall_time_s: float
+    message: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def build_optimizer(cfg: RecordConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class PairOrder:
+    """Batches as consecutive slices of an endless stream of epochs.
+
+    Epoch e is a permutation seeded by (seed, e) -- or the file order with
+    ``--no-shuffle`` -- so step s's batch depends on s alone, which is what makes
+    a resumed run see the same data as an uninterrupted one.
+    """
+
+    def __init__(self, num_pairs: int, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle = num_pairs, batch_size, seed, shuffle
+        self._epoch, self._order = -1, []
+
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(self.n, generator=gen).tolist()
+            else:
+                self._order = list(range(self.n))
+            self._epoch = epoch
+        return self._order
+
+    def batch(self, step: int) -> list[int]:
+        out = []
+        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(position, self.n)
+            out.append(self._order_of(epoch)[offset])
+        return out
+
+
+class ReferenceLogps:
+    """ℓ_ref of training pairs, computed by the frozen reference on first use."""
+
+    def __init__(self, env: PreferenceEnv, reference: nn.Module, device: torch.device):
+        self.env, self.reference, self.device = env, reference, device
+        self.cache: dict[int, tuple[float, float]] = {}
+
+    @torch.no_grad()
+    def _fill(self, chunk: int) -> None:
+        indices = list(range(chunk * REFERENCE_CHUNK, min((chunk + 1) * REFERENCE_CHUNK, self.env.num_pairs())))
+        logps, _ = self.env.logps(self.reference, self.env.make_batch(indices, self.device))
+        b = len(indices)
+        for i, idx in enumerate(indices):
+            self.cache[idx] = (logps[i].item(), logps[b + i].item())
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        for idx in indices:
+            if idx not in self.cache:
+                self._fill(idx // REFERENCE_CHUNK)
+        chosen = torch.tensor([self.cache[i][0] for i in indices], dtype=torch.float32, device=self.device)
+        rejected = torch.tensor([self.cache[i][1] for i in indices], dtype=torch.float32, device=self.device)
+        return chosen, rejected
+
+
+def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
+    size = math.ceil(len(indices) / grad_accum)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def merge_outputs(outputs: list[PreferenceLossOutput]) -> PreferenceLossOutput:
+    """Per-pair diagnostics of all micro-batches as one full-batch output."""
+    cat = lambda name: torch.cat([getattr(o, name) for o in outputs])  # noqa: E731
+    u = cat("u")
+    dpo_loss = -torch.nn.functional.logsigmoid(u).mean()
+    return PreferenceLossOutput(
+        loss=dpo_loss, dpo_loss=dpo_loss, u=u, sigmoid_neg_u=cat("sigmoid_neg_u"),
+        weight_chosen=cat("weight_chosen"), weight_rejected=cat("weight_rejected"),
+        beta_chosen=cat("beta_chosen"), beta_rejected=cat("beta_rejected"),
+        chosen_rewards=cat("chosen_rewards"), rejected_rewards=cat("rejected_rewards"),
+        margins=cat("margins"), log_pw_over_pl=cat("log_pw_over_pl"),
+        nonfinite=any(o.nonfinite for o in outputs) or not bool(torch.isfinite(dpo_loss)),
+    )
+
+
+def _ratio(rejected: float, chosen: float) -> float:
+    if chosen > 0:
+        return rejected / chosen
+    return math.nan if rejected == 0 else math.inf
+
+
+class RunOutputs:
+    """Owns one run's outputs: CSV tables, TensorBoard and the per-row table."""
+
+    def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool):
+        self.writer = RunWriter(run_dir, config, kind=F.KIND_PREFERENCE, resume=resume)
+        self.rows = CsvTable(run_dir / ROWS_FILE, ROW_COLUMNS) if per_row else None
+        if resume:
+            self.writer.truncate_after(start - 1)
+            if self.rows is not None:
+                self.rows.keep_steps_upto(start - 1)
+        self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.rows is not None:
+            self.rows.close()
+        self.tb.close()
+
+
+def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
+    """Keep config.json's settings current (e.g. a new --steps) and note the resume."""
+    import json
+
+    from ..runs.run_dir import environment_versions
+
+    path = run_dir / F.CONFIG
+    header = json.loads(path.read_text(encoding="utf-8"))
+    header["config"] = config
+    header.setdefault("resumes", []).append({"from_step": start, "versions": environment_versions()})
+    write_json_atomic(path, header)
+
+
+def check_compatible(cfg: RecordConfig, env: PreferenceEnv) -> None:
+    """Problems that only show once the data is loaded; raised before anything is written."""
+    if cfg.batch_size > env.num_pairs():
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {env.num_pairs()} usable training pairs")
+
+
+def record_run(
+    cfg: RecordConfig,
+    run_dir: Path,
+    env: PreferenceEnv,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train one run into ``run_dir`` (already prepared by the caller)."""
+    from .. import GradientRecorder
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+    policy = copy.deepcopy(env.policy).to(device=device, dtype=dtype)
+    reference = copy.deepcopy(env.policy).to(device=device, dtype=dtype)
+    for model in (policy, reference):
+        disable_dropout(model)
+        model.eval()  # no dropout anywhere: gradients are a deterministic function of the batch
+    reference.requires_grad_(False)
+    optimizer = build_optimizer(cfg, policy.parameters())
+
+    start, state = 0, {}
+    if resume:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is not None:
+            state = ckpt.load_checkpoint(found, policy, optimizer, device)
+            start = found.step
+    config = {**to_dict(cfg), "env_info": env.info()}
+    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row)
+    if resume:
+        _update_config_on_resume(run_dir, config, start)
+        (run_dir / F.SUMMARY).unlink(missing_ok=True)
+    if env.save_reference and not ckpt.reference_path(run_dir).is_file():
+        ckpt.save_reference(run_dir, env.policy)
+
+    bar = Progress(cfg.steps, initial=start, desc=f"{cfg.env} {cfg.loss}", enabled=progress)
+    say = log or bar.write
+    if resume:
+        say(f"{run_dir}: resuming from step {start}" + ("" if start else " (no checkpoint yet: starting over)"))
+    recorder = GradientRecorder(policy)
+    reference_logps = ReferenceLogps(env, reference, device)
+    order = PairOrder(env.num_pairs(), cfg.batch_size, cfg.seed, cfg.shuffle)
+    nonfinite_steps = int(state.get("nonfinite_steps", 0))
+    previous_wall = float(state.get("wall_time_s", 0.0))
+    last_row: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
+    status, message, step = STATUS_COMPLETE, "", start
+
+    def evaluate(at: int) -> None:
+        nonlocal last_eval
+        row = {F.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
+        out.writer.log_eval(row)
+        out.tb.scalars(at, row)
+        out.tb.flush()
+        last_eval = row
+
+    def elapsed() -> float:
+        return previous_wall + time.perf_counter() - t0
+
+    try:
+        for step in range(start, cfg.steps):
+            if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluate(step)
+            row, layers, per_row = _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device)
+            out.writer.log_step(row)
+            out.tb.scalars(step, row)
+            if layers is not None:
+                out.writer.log_layers(step, layers)
+                out.tb.ratio_histograms(step, layers)
+            if per_row is not None:
+                _log_per_row(out, step, per_row)
+            bar.step(row[F.LOSS], row[F.GRAD_NORM_CHOSEN], row[F.GRAD_NORM_REJECTED])
+            last_row = row
+            if row[F.NONFINITE]:
+                nonfinite_steps += 1
+                detail = f"loss={row[F.LOSS]}, grad_norm={row[F.GRAD_NORM]}"
+                if not cfg.skip_nonfinite:
+                    status = STATUS_NONFINITE
+                    message = (
+                        f"step {step}: the loss or the gradient is not finite ({detail}); the run stopped. "
+                        f"The step is logged in {run_dir / F.STEPS}. Pass --skip-nonfinite to skip such steps "
+                        f"(e.g. --resume --skip-nonfinite continues from the last checkpoint)."
+                    )
+                    break
+                say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
+            done = step + 1
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                ckpt.save_checkpoint(run_dir, done, policy, optimizer, {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()})
+                out.tb.flush()
+        else:
+            step = cfg.steps
+            evaluate(cfg.steps)
+        wall = elapsed()
+        steps_done = step + 1 if status == STATUS_NONFINITE else cfg.steps
+        out.writer.write_summary({
+            "status": status,
+            "message": message,
+            "steps": cfg.steps,
+            "steps_logged": steps_done,
+            "stopped_at_step": step if status == STATUS_NONFINITE else None,
+            "nonfinite_steps": nonfinite_steps,
+            "skipped_steps": nonfinite_steps if cfg.skip_nonfinite else 0,
+            "wall_time_s": wall,
+            "resumed_from_step": start if resume else None,
+            "final": last_row,
+            "final_eval": last_eval,
+        })
+    finally:
+        recorder.close()
+        bar.close()
+        out.close()
+    return RunResult(run_dir, status, steps_done, wall, message)
+
+
+def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device):
+    """One optimizer step; returns (steps row, layer table or None, per-row norms or None)."""
+    indices = order.batch(step)
+    chunks = micro_batches(indices, cfg.grad_accum)
+    optimizer.zero_grad(set_to_none=True)
+    outputs, chosen_logps, rejected_logps = [], [], []
+    first = len(chunks[0])
+    with recorder.capture(groups={"chosen": slice(0, first), "rejected": slice(first, 2 * first)}, per_row=cfg.per_row) as cap:
+        for chunk in chunks:
+            b = len(chunk)
+            cap.set_groups({"chosen": slice(0, b), "rejected": slice(b, 2 * b)})
+            logps, lengths = env.logps(policy, env.make_batch(chunk, device))
+            ref_chosen, ref_rejected = reference_logps.get(chunk)
+            result = preference_loss(
+                logps[:b].float(), logps[b:].float(), ref_chosen, ref_rejected,
+                beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
+                chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], adadpo_cap=cfg.adadpo_cap,
+            )
+            (result.loss * (b / len(indices))).backward()
+            outputs.append(result)
+            chosen_logps.append(logps[:b].detach())
+            rejected_logps.append(logps[b:].detach())
+    merged = merge_outputs(outputs)
+    g, gc, gr = cap.norm(), cap.norm("chosen"), cap.norm("rejected")
+    row = {F.STEP: step, **merged.metrics()}
+    row[F.LOGPS_CHOSEN] = torch.cat(chosen_logps).double().mean().item()
+    row[F.LOGPS_REJECTED] = torch.cat(rejected_logps).double().mean().item()
+    row[F.LR] = optimizer.param_groups[0]["lr"]
+    row.update({
+        F.GRAD_NORM: g, F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
+        F.GRAD_DOT: cap.dot("chosen", "rejected"), F.GRAD_COSINE: cap.cosine("chosen", "rejected"),
+        F.GRAD_RATIO: _ratio(gr, gc),
+    })
+    nonfinite = merged.nonfinite or not all(math.isfinite(v) for v in (g, gc, gr))
+    row[F.NONFINITE] = int(nonfinite)
+    row = {name: row[name] for name in STEP_COLUMNS}
+    layers = cap.layer_table() if step % cfg.layers_every == 0 else None
+    per_row = None
+    if cfg.per_row:
+        per_row = (chunks, cap.per_row_norms().detach().double().cpu())
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
+    else:
+        optimizer.step()
+    return row, layers, per_row
+
+
+def _log_per_row(out: RunOutputs, step: int, per_row) -> None:
+    """rows.csv: each row's own gradient norm, mapped back to (pair, side)."""
+    chunks, norms = per_row
+    expected = 2 * sum(len(c) for c in chunks)
+    if norms.numel() != expected:
+        raise RuntimeError(f"recorder returned {norms.numel()} per-row norms for {expected} rows")
+    rows, sides, offset = [], {"chosen": [], "rejected": []}, 0
+    for chunk in chunks:  # each micro-batch is [chosen rows; rejected rows]
+        b = len(chunk)
+        for side, base in (("chosen", offset), ("rejected", offset + b)):
+            part = norms[base : base + b]
+            sides[side].append(part)
+            rows.extend({F.STEP: step, "pair": pair, "side": side, "grad_norm": value} for pair, value in zip(chunk, part.tolist()))
+        offset += 2 * b
+    out.rows.append_many(rows)
+    for side, parts in sides.items():
+        out.tb.writer.add_histogram(f"per_row/grad_norm_{side}", torch.cat(parts).numpy(), step)

@@ -1,0 +1,135 @@
+"""Where each run of a `gradlens record` job goes, decided before anything is written.
+
+* ``--out DIR`` with one loss: the run directory is DIR.
+* ``--out DIR`` with several losses: DIR is a parent; runs go to DIR/ENV-LOSS-sSEED.
+* No ``--out``: runs/ENV-LOSS-sSEED. When one of a job's directories already
+  exists, a fresh suffix is picked for the whole job (runs/ENV-LOSS-sSEED-2, -3, ...),
+  so re-running the default job never touches an earlier run. ``--overwrite``
+  replaces the unsuffixed directories; ``--resume`` continues the most recent
+  (highest-suffixed) set.
+* An explicit directory that exists is never modified without ``--resume`` or
+  ``--overwrite``; the check covers every run of the job before the first starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runs import format as F
+from ..runs import is_run_dir
+from .config import RecordConfig
+
+DEFAULT_ROOT = Path("runs")
+
+NEW, RESUME, OVERWRITE, DONE = "new", "resume", "overwrite", "complete"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    cfg: RecordConfig
+    path: Path
+    action: str  # NEW / RESUME / OVERWRITE / DONE
+    note: str = ""
+
+
+def run_name(cfg: RecordConfig) -> str:
+    return f"{cfg.env}-{cfg.loss}-s{cfg.seed}"
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _suffixed(path: Path, k: int) -> Path:
+    return path if k == 1 else path.with_name(f"{path.name}-{k}")
+
+
+def is_complete(path: Path, steps: int | None = None) -> bool:
+    """A run that finished all its steps (a non-finite stop is not complete)."""
+    summary = path / F.SUMMARY
+    if not summary.is_file():
+        return False
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data.get("status") == "complete" and (steps is None or data.get("steps") == steps)
+
+
+def _explicit_paths(configs: list[RecordConfig], out: Path) -> list[Path]:
+    if len(configs) == 1:
+        return [out]
+    return [out / run_name(c) for c in configs]
+
+
+def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> list[PlannedRun]:
+    """Directories and actions for each config; raises ValueError before any write."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    out = configs[0].out
+    if out is not None:
+        paths = _explicit_paths(configs, Path(out))
+        base = None
+    else:
+        base = [DEFAULT_ROOT / run_name(c) for c in configs]
+        paths = _default_paths(base, resume=resume, overwrite=overwrite)
+    plans = []
+    for cfg, path in zip(configs, paths):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: exists and is not a directory")
+        if resume:
+            if is_run_dir(path):
+                plans.append(PlannedRun(cfg, path, RESUME))
+            elif out is None and not _occupied(path):
+                plans.append(PlannedRun(cfg, path, NEW, "not started before; starting it"))
+            elif _occupied(path):
+                raise ValueError(f"{path}: not a gradlens run directory (no {F.CONFIG}); it was left unchanged")
+            else:
+                raise ValueError(f"{path}: nothing to resume (no such run); drop --resume to start a new run")
+        elif _occupied(path):
+            if not overwrite:
+                raise ValueError(
+                    f"{path}: run directory already exists and is not empty; pass --resume to continue it "
+                    "or --overwrite to replace it (it was left unchanged)"
+                )
+            plans.append(PlannedRun(cfg, path, OVERWRITE))
+        else:
+            note = ""
+            if base is not None and path not in base:
+                note = f"{base[paths.index(path)]} exists, so this job writes {path} (--overwrite replaces the first)"
+            plans.append(PlannedRun(cfg, path, NEW, note))
+    if len({p.path.resolve() for p in plans}) != len(plans):
+        raise ValueError("two runs of this job would write the same directory; give each loss its own --out")
+    return plans
+
+
+def _used_suffixes(path: Path) -> set[int]:
+    """Suffixes k of occupied siblings named like ``path`` (k = 1 is ``path`` itself)."""
+    if not path.parent.is_dir():
+        return set()
+    used = set()
+    for child in path.parent.iterdir():
+        if child.name == path.name:
+            k = 1
+        elif child.name.startswith(path.name + "-") and child.name[len(path.name) + 1 :].isdigit():
+            k = int(child.name[len(path.name) + 1 :])
+        else:
+            continue
+        if k >= 1 and _occupied(child):
+            used.add(k)
+    return used
+
+
+def _default_paths(base: list[Path], *, resume: bool, overwrite: bool) -> list[Path]:
+    if overwrite:
+        return base
+    used = set().union(*(_used_suffixes(p) for p in base))
+    if resume:
+        if not used:
+            raise ValueError(f"nothing to resume: no {' or '.join(str(p) for p in base)} (or suffixed copies) exist")
+        k = max(used)  # the most recent job
+    else:
+        k = max(used, default=0) + 1  # fresh names, never an earlier run's
+    return [_suffixed(p, k) for p in base]
