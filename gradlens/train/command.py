@@ -115,7 +115,7 @@ def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
     return resolved
 
 
-def _build_envs(plans: list[P.PlannedRun], say) -> dict:
+def _build_envs(plans: list[P.PlannedRun], say, dist) -> dict:
     """One environment per distinct setup, built before any directory is written."""
     from .checkpoint import reference_path
     from .envs import ENV_FIELDS, build_env
@@ -130,7 +130,7 @@ def _build_envs(plans: list[P.PlannedRun], say) -> dict:
         key = (tuple(getattr(run.cfg, f) for f in ENV_FIELDS), ref)
         if key not in envs:
             envs[key] = build_env(run.cfg, reference_weights=ref, log=say)
-        check_compatible(run.cfg, envs[key])
+        check_compatible(run.cfg, envs[key], dist)
         envs[run.path] = envs[key]
     return envs
 
@@ -164,10 +164,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .distributed import setup, teardown
+
     t0 = time.perf_counter()
-    quiet = getattr(args, "quiet", False)
-    say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
-    plans = _plan(args)
+    dist = setup(getattr(args, "device", None) or "auto")
+    try:
+        quiet = getattr(args, "quiet", False) or not dist.is_main
+        say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+        plans = _plan(args)
+        dist.barrier()  # every rank has planned before rank 0 creates a directory
+        return _run_plans(plans, say, quiet, t0, dist)
+    finally:
+        teardown(dist)
+
+
+def _run_plans(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
     for run in plans:
         if run.note:
             say(f"note: {run.note}")
@@ -179,13 +190,13 @@ def _main(args: argparse.Namespace) -> int:
         # busy machine they make each step several times slower.
         torch.set_num_threads(1)
     try:
-        return _record_all(plans, say, quiet, t0)
+        return _record_all(plans, say, quiet, t0, dist)
     finally:
         torch.set_num_threads(threads)
 
 
-def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float) -> int:
-    envs = _build_envs(plans, say)
+def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
+    envs = _build_envs(plans, say, dist)
 
     from .loop import record_run
 
@@ -195,13 +206,17 @@ def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float) -> int:
             say(f"{run.path}: already complete ({run.cfg.steps} steps); nothing to do")
             results.append((run, None))
             continue
-        if run.action in (P.NEW, P.OVERWRITE):
+        if run.action in (P.NEW, P.OVERWRITE) and dist.is_main:
             prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
-        result = record_run(run.cfg, run.path, envs[run.path], resume=run.action == P.RESUME, progress=not quiet)
+        dist.barrier()
+        result = record_run(run.cfg, run.path, envs[run.path], resume=run.action == P.RESUME, progress=not quiet, dist=dist)
+        if not dist.is_main:
+            continue
         if result.message:
             print(f"gradlens record: {run.path}: {result.message}", file=sys.stderr)
         results.append((run, result))
-    _report(plans, results, time.perf_counter() - t0)
+    if dist.is_main:
+        _report(plans, results, time.perf_counter() - t0)
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
 
 

@@ -35,6 +35,7 @@ from ..runs.tables import CsvTable
 from ..runs.tensorboard import PREFERENCE_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
 from .config import RecordConfig, to_dict
+from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
 
@@ -188,6 +189,23 @@ def merge_outputs(outputs: list[PreferenceLossOutput]) -> PreferenceLossOutput:
     )
 
 
+PER_PAIR_FIELDS = (
+    "u", "sigmoid_neg_u", "weight_chosen", "weight_rejected", "beta_chosen", "beta_rejected",
+    "chosen_rewards", "rejected_rewards", "margins", "log_pw_over_pl",
+)
+
+
+def gather_outputs(outputs: list[PreferenceLossOutput], dist: DistContext) -> list[PreferenceLossOutput]:
+    """Under torchrun, every rank's per-pair diagnostics, in pair order; unchanged otherwise."""
+    if dist.world == 1:
+        return outputs
+    local = [torch.cat([getattr(o, name) for o in outputs]) for name in PER_PAIR_FIELDS]
+    fields = dict(zip(PER_PAIR_FIELDS, dist.gather(local)))
+    nonfinite = any(o.nonfinite for o in outputs)
+    # merge_outputs recomputes the loss from u; only the per-pair fields matter here.
+    return [PreferenceLossOutput(loss=fields["u"], dpo_loss=fields["u"], nonfinite=nonfinite, **fields)]
+
+
 def _ratio(rejected: float, chosen: float) -> float:
     if chosen > 0:
         return rejected / chosen
@@ -206,11 +224,50 @@ class RunOutputs:
                 self.rows.keep_steps_upto(start - 1)
         self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None)
 
+    def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
+        self.writer.log_step(row)
+        self.tb.scalars(step, row)
+        if layers is not None:
+            self.writer.log_layers(step, layers)
+            self.tb.ratio_histograms(step, layers)
+        if per_row is not None:
+            _log_per_row(self, step, per_row)
+
+    def log_eval(self, step: int, row: dict) -> None:
+        self.writer.log_eval(row)
+        self.tb.scalars(step, row)
+        self.tb.flush()
+
+    def flush(self) -> None:
+        self.tb.flush()
+
+    def write_summary(self, summary: dict) -> None:
+        self.writer.write_summary(summary)
+
     def close(self) -> None:
         self.writer.close()
         if self.rows is not None:
             self.rows.close()
         self.tb.close()
+
+
+class NoOutputs:
+    """What ranks other than 0 write under torchrun: nothing."""
+
+    def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
+        pass
+
+    def log_eval(self, step: int, row: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
@@ -226,10 +283,14 @@ def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
     write_json_atomic(path, header)
 
 
-def check_compatible(cfg: RecordConfig, env: PreferenceEnv) -> None:
+def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = DistContext()) -> None:
     """Problems that only show once the data is loaded; raised before anything is written."""
     if cfg.batch_size > env.num_pairs():
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {env.num_pairs()} usable training pairs")
+    if ctx.world > 1 and cfg.batch_size < ctx.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world} processes; each needs at least one pair")
+    if ctx.world > 1 and cfg.per_row:
+        raise ValueError("--per-row is recorded in single-process runs only (per-row norms are per rank under torchrun)")
 
 
 def record_run(
@@ -240,8 +301,12 @@ def record_run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    dist: DistContext = DistContext(),
 ) -> RunResult:
-    """Train one run into ``run_dir`` (already prepared by the caller)."""
+    """Train one run into ``run_dir`` (already prepared by the caller).
+
+    Under torchrun every rank calls this; only rank 0 (``dist.is_main``) writes.
+    """
     from .. import GradientRecorder
 
     run_dir = Path(run_dir)
@@ -264,19 +329,21 @@ def record_run(
         if found is not None:
             state = ckpt.load_checkpoint(found, policy, optimizer, device)
             start = found.step
-    config = {**to_dict(cfg), "env_info": env.info()}
-    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row)
-    if resume:
+    config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
+    main = dist.is_main
+    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
+    if resume and main:
         _update_config_on_resume(run_dir, config, start)
         (run_dir / F.SUMMARY).unlink(missing_ok=True)
-    if env.save_reference and not ckpt.reference_path(run_dir).is_file():
+    if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():
         ckpt.save_reference(run_dir, env.policy)
 
-    bar = Progress(cfg.steps, initial=start, desc=f"{cfg.env} {cfg.loss}", enabled=progress)
+    bar = Progress(cfg.steps, initial=start, desc=f"{cfg.env} {cfg.loss}", enabled=progress and main)
     say = log or bar.write
     if resume:
         say(f"{run_dir}: resuming from step {start}" + ("" if start else " (no checkpoint yet: starting over)"))
     recorder = GradientRecorder(policy)
+    trained = dist.wrap(policy)  # DDP under torchrun; the recorder hooks the module inside
     reference_logps = ReferenceLogps(env, reference, device)
     order = PairOrder(env.num_pairs(), cfg.batch_size, cfg.seed, cfg.shuffle)
     nonfinite_steps = int(state.get("nonfinite_steps", 0))
@@ -287,10 +354,10 @@ def record_run(
 
     def evaluate(at: int) -> None:
         nonlocal last_eval
+        if not main:
+            return
         row = {F.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
-        out.writer.log_eval(row)
-        out.tb.scalars(at, row)
-        out.tb.flush()
+        out.log_eval(at, row)
         last_eval = row
 
     def elapsed() -> float:
@@ -300,14 +367,8 @@ def record_run(
         for step in range(start, cfg.steps):
             if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
                 evaluate(step)
-            row, layers, per_row = _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device)
-            out.writer.log_step(row)
-            out.tb.scalars(step, row)
-            if layers is not None:
-                out.writer.log_layers(step, layers)
-                out.tb.ratio_histograms(step, layers)
-            if per_row is not None:
-                _log_per_row(out, step, per_row)
+            row, layers, per_row = _train_step(cfg, step, trained, env, recorder, reference_logps, order, optimizer, device, dist)
+            out.log_step(step, row, layers, per_row)
             bar.step(row[F.LOSS], row[F.GRAD_NORM_CHOSEN], row[F.GRAD_NORM_REJECTED])
             last_row = row
             if row[F.NONFINITE]:
@@ -323,15 +384,15 @@ def record_run(
                     break
                 say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
             done = step + 1
-            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 ckpt.save_checkpoint(run_dir, done, policy, optimizer, {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()})
-                out.tb.flush()
+                out.flush()
         else:
             step = cfg.steps
             evaluate(cfg.steps)
         wall = elapsed()
         steps_done = step + 1 if status == STATUS_NONFINITE else cfg.steps
-        out.writer.write_summary({
+        out.write_summary({
             "status": status,
             "message": message,
             "steps": cfg.steps,
@@ -351,33 +412,39 @@ def record_run(
     return RunResult(run_dir, status, steps_done, wall, message)
 
 
-def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device):
-    """One optimizer step; returns (steps row, layer table or None, per-row norms or None)."""
-    indices = order.batch(step)
+def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device, dist=DistContext()):
+    """One optimizer step; returns (steps row, layer table or None, per-row norms or None).
+
+    ``policy`` may be DDP-wrapped; this rank trains on its shard of the step's pairs.
+    """
+    indices = dist.shard(order.batch(step))
     chunks = micro_batches(indices, cfg.grad_accum)
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
     first = len(chunks[0])
     with recorder.capture(groups={"chosen": slice(0, first), "rejected": slice(first, 2 * first)}, per_row=cfg.per_row) as cap:
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             b = len(chunk)
             cap.set_groups({"chosen": slice(0, b), "rejected": slice(b, 2 * b)})
-            logps, lengths = env.logps(policy, env.make_batch(chunk, device))
-            ref_chosen, ref_rejected = reference_logps.get(chunk)
-            result = preference_loss(
-                logps[:b].float(), logps[b:].float(), ref_chosen, ref_rejected,
-                beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
-                chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], adadpo_cap=cfg.adadpo_cap,
-            )
-            (result.loss * (b / len(indices))).backward()
+            with dist.no_sync(policy, sync=k == len(chunks) - 1):
+                logps, lengths = env.logps(policy, env.make_batch(chunk, device))
+                ref_chosen, ref_rejected = reference_logps.get(chunk)
+                result = preference_loss(
+                    logps[:b].float(), logps[b:].float(), ref_chosen, ref_rejected,
+                    beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
+                    chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], adadpo_cap=cfg.adadpo_cap,
+                )
+                # b·N/B: DDP averages over N ranks, so p.grad is the full-batch mean gradient.
+                (result.loss * (b * dist.world / cfg.batch_size)).backward()
             outputs.append(result)
             chosen_logps.append(logps[:b].detach())
             rejected_logps.append(logps[b:].detach())
-    merged = merge_outputs(outputs)
+    merged = merge_outputs(gather_outputs(outputs, dist))
     g, gc, gr = cap.norm(), cap.norm("chosen"), cap.norm("rejected")
     row = {F.STEP: step, **merged.metrics()}
-    row[F.LOGPS_CHOSEN] = torch.cat(chosen_logps).double().mean().item()
-    row[F.LOGPS_REJECTED] = torch.cat(rejected_logps).double().mean().item()
+    chosen_all, rejected_all = dist.gather([torch.cat(chosen_logps), torch.cat(rejected_logps)])
+    row[F.LOGPS_CHOSEN] = chosen_all.double().mean().item()
+    row[F.LOGPS_REJECTED] = rejected_all.double().mean().item()
     row[F.LR] = optimizer.param_groups[0]["lr"]
     row.update({
         F.GRAD_NORM: g, F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
