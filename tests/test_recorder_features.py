@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 import gradlens
 from gradlens.recording import UnattributedGradientWarning
-from models import MODELS, VOCAB, logits_of, sequence_logps
+from models import MODELS, VOCAB, sequence_logps
 
 B, T, PROMPT = 3, 8, 3
 

@@ -18,37 +18,15 @@ import torch
 from ..losses import PreferenceLossOutput
 from ..recording import Capture
 from ..runs import RunWriter, format as F, prepare_run_dir
-from ..runs.tensorboard import PREFERENCE_LAYOUT, TensorBoardLogger
+from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from .stepper import StepResult
 
 GRADIENT_COLUMNS = (F.GRAD_NORM, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, F.GRAD_DOT, F.GRAD_COSINE, F.GRAD_RATIO)
 # Same order as `gradlens record`, so runs from both compare column for column.
-PREFERENCE_COLUMNS = (
-    F.STEP, F.LOSS,
-    F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS, F.REWARDS_ACCURACIES,
-    F.LOGPS_CHOSEN, F.LOGPS_REJECTED, F.LR,
-    *GRADIENT_COLUMNS,
-    F.LOG_PW_OVER_PL, F.SIGMOID_NEG_U, F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED, F.NONFINITE,
-)  # fmt: skip
+PREFERENCE_COLUMNS = F.PREFERENCE_STEP_COLUMNS
 GROUPS_COLUMNS = (F.STEP, F.LOSS, F.LR, *GRADIENT_COLUMNS, F.NONFINITE)
 
-TRAINER_LAYOUT = PREFERENCE_LAYOUT + [
-    (
-        "gradlens: reweighting",
-        [
-            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED]),
-            ("mean log(p_w / p_l)", [F.LOG_PW_OVER_PL]),
-            ("mean sigma(-u): DPO's per-pair coefficient", [F.SIGMOID_NEG_U]),
-            ("dot(g_chosen, g_rejected)", [F.GRAD_DOT]),
-        ],
-    )
-]
-
-
-def _ratio(rejected: float, chosen: float) -> float:
-    if chosen > 0:
-        return rejected / chosen
-    return math.nan if rejected == 0 else math.inf
+TRAINER_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
 
 
 def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = ()) -> dict[str, float]:
@@ -63,7 +41,7 @@ def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups
     gc, gr = cap.norm(a), cap.norm(b)
     out = {
         F.GRAD_NORM: cap.norm(), F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
-        F.GRAD_DOT: cap.dot(a, b), F.GRAD_COSINE: cap.cosine(a, b), F.GRAD_RATIO: _ratio(gr, gc),
+        F.GRAD_DOT: cap.dot(a, b), F.GRAD_COSINE: cap.cosine(a, b), F.GRAD_RATIO: cap.ratio(b, a),
     }  # fmt: skip
     out.update({f"{F.GRAD_NORM}/{g}": cap.norm(g) for g in extra_groups})
     return out

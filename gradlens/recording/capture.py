@@ -310,6 +310,13 @@ class Capture:
         denom = self.norm(a) * self.norm(b)
         return self.dot(a, b) / denom if denom > 0 else float("nan")
 
+    def ratio(self, numerator: str, denominator: str) -> float:
+        """‖g_numerator‖ / ‖g_denominator‖, e.g. ρ = cap.ratio("rejected", "chosen"); inf over 0, NaN for 0/0."""
+        top, bottom = self.norm(numerator), self.norm(denominator)
+        if bottom > 0:
+            return top / bottom
+        return math.nan if top == 0 or math.isnan(top) else math.inf
+
     @property
     def unattributed(self) -> dict[str, float]:
         """Parameters left out of the split: name -> norm of their gradient."""

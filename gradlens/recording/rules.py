@@ -116,7 +116,7 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Ghost norm (Goodfellow 2015; Li et al. 2022): Σ_{t,s} (a_t·a_s)(g_t·g_s),
     costing T²(i+o) per row; materialising costs T·i·o.
     """
-    n, t = a.shape[0], a.shape[1]
+    t = a.shape[1]
     if t * (a.shape[-1] + g.shape[-1]) < a.shape[-1] * g.shape[-1]:
         return ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
     return torch.einsum("nto,nti->noi", g, a).pow(2).sum((1, 2))

@@ -51,6 +51,15 @@ WEIGHT_CHOSEN = "weights/chosen"          # mean a_w
 WEIGHT_REJECTED = "weights/rejected"      # mean a_l
 NONFINITE = "nonfinite"                   # 1 if the step's loss or gradient was not finite
 
+# steps.csv column order of preference runs (`gradlens record` and the trainer callbacks).
+PREFERENCE_STEP_COLUMNS = (
+    STEP, LOSS,
+    REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES,
+    LOGPS_CHOSEN, LOGPS_REJECTED, LR,
+    GRAD_NORM, GRAD_NORM_CHOSEN, GRAD_NORM_REJECTED, GRAD_DOT, GRAD_COSINE, GRAD_RATIO,
+    LOG_PW_OVER_PL, SIGMOID_NEG_U, WEIGHT_CHOSEN, WEIGHT_REJECTED, NONFINITE,
+)  # fmt: skip
+
 # Layer-table columns (long format).
 LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2

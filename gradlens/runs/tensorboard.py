@@ -26,6 +26,18 @@ PREFERENCE_LAYOUT: list[tuple[str, list[tuple[str, list[str]]]]] = [
     )
 ]
 
+REWEIGHTING_LAYOUT = [
+    (
+        "gradlens: reweighting",
+        [
+            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED]),
+            ("mean log(p_w / p_l)", [F.LOG_PW_OVER_PL]),
+            ("mean sigma(-u): DPO's per-pair coefficient", [F.SIGMOID_NEG_U]),
+            ("dot(g_chosen, g_rejected)", [F.GRAD_DOT]),
+        ],
+    )
+]
+
 
 class TensorBoardLogger:
     """Thin wrapper over ``torch.utils.tensorboard.SummaryWriter``."""

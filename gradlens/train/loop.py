@@ -32,37 +32,21 @@ from torch import nn
 from ..losses import PreferenceLossOutput, preference_loss
 from ..runs import RunWriter, format as F, write_json_atomic
 from ..runs.tables import CsvTable
-from ..runs.tensorboard import PREFERENCE_LAYOUT, TensorBoardLogger
+from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
 from .config import RecordConfig, to_dict
 from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
 
-# steps.csv column order (names from gradlens.runs.format).
-STEP_COLUMNS = (
-    F.STEP, F.LOSS,
-    F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS, F.REWARDS_ACCURACIES,
-    F.LOGPS_CHOSEN, F.LOGPS_REJECTED, F.LR,
-    F.GRAD_NORM, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, F.GRAD_DOT, F.GRAD_COSINE, F.GRAD_RATIO,
-    F.LOG_PW_OVER_PL, F.SIGMOID_NEG_U, F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED, F.NONFINITE,
-)
+STEP_COLUMNS = F.PREFERENCE_STEP_COLUMNS
 # --per-row: one row per (step, pair, side) with that row's own gradient norm.
 ROWS_FILE = "rows.csv"
 ROW_COLUMNS = (F.STEP, "pair", "side", "grad_norm")
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
 
 # The shared chosen-vs-rejected dashboard plus the reweighting and evaluation charts.
-RECORD_LAYOUT = PREFERENCE_LAYOUT + [
-    (
-        "gradlens: reweighting",
-        [
-            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED]),
-            ("mean log(p_w / p_l)", [F.LOG_PW_OVER_PL]),
-            ("mean sigma(-u): DPO's per-pair coefficient", [F.SIGMOID_NEG_U]),
-            ("dot(g_chosen, g_rejected)", [F.GRAD_DOT]),
-        ],
-    ),
+RECORD_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT + [
     (
         "gradlens: evaluation",
         [
@@ -204,12 +188,6 @@ def gather_outputs(outputs: list[PreferenceLossOutput], dist: DistContext) -> li
     nonfinite = any(o.nonfinite for o in outputs)
     # merge_outputs recomputes the loss from u; only the per-pair fields matter here.
     return [PreferenceLossOutput(loss=fields["u"], dpo_loss=fields["u"], nonfinite=nonfinite, **fields)]
-
-
-def _ratio(rejected: float, chosen: float) -> float:
-    if chosen > 0:
-        return rejected / chosen
-    return math.nan if rejected == 0 else math.inf
 
 
 class RunOutputs:
@@ -449,7 +427,7 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
     row.update({
         F.GRAD_NORM: g, F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
         F.GRAD_DOT: cap.dot("chosen", "rejected"), F.GRAD_COSINE: cap.cosine("chosen", "rejected"),
-        F.GRAD_RATIO: _ratio(gr, gc),
+        F.GRAD_RATIO: cap.ratio("rejected", "chosen"),
     })
     nonfinite = merged.nonfinite or not all(math.isfinite(v) for v in (g, gc, gr))
     row[F.NONFINITE] = int(nonfinite)
