@@ -172,7 +172,8 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
             if C.KL_STATIONARY in steps and steps[C.KL_STATIONARY].notna().any():
                 bias = float(steps[C.KL_STATIONARY].dropna().iloc[-1])
                 if bias > 0:
-                    ax.axhline(bias, color=color, lw=1.0, ls=":", label="stationary bias KL(p_inf || p*)" if first else None)
+                    ax.axhline(bias, color=color, lw=1.0, ls=":",
+                               label="stationary bias KL(p_inf || p*)" if first else None)
             if C.KL_ESTIMATE in steps and steps[C.KL_ESTIMATE].notna().any():
                 est = _positive(steps.dropna(subset=[C.KL_ESTIMATE]), C.KL_ESTIMATE)
                 lo = np.clip(est[C.KL_ESTIMATE] - est[C.KL_ESTIMATE_LO], 0, None)
@@ -262,8 +263,8 @@ def _fig_sweep(groups: RunGroups, options: PlotOptions, *, along: str) -> list[P
                 d = part[C.DIM].to_numpy(float)
                 eps = part[C.EPS].to_numpy(float)
                 order = np.argsort(x)
-                ax.plot(x[order], (16.0 * (L / m) ** 2 * d / eps)[order], color="black", lw=0.9, ls="-.",
-                        alpha=0.6, label="theory d/eps line: 16 (L/m)^2 d/eps" if i == 0 else None)
+                ax.plot(x[order], (16.0 * (L / m) ** 2 * d / eps)[order], color=color, lw=0.9, ls="-.",
+                        alpha=0.6, label=f"{name}, theory d/eps line 16 (L/m)^2 d/eps")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("dimension d" if along == "d" else "1 / eps")
