@@ -53,8 +53,8 @@ class ParamState:
     dtype: torch.dtype
     total_is_grad: bool = False  # p.grad was None when the capture began: at the end it *is* the total
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
-    probe_hooks: float = 0.0
-    probe_scale: float = 0.0
+    probe_hooks: float | torch.Tensor = 0.0
+    probe_scale: float | torch.Tensor = 0.0
     rules: set[str] = field(default_factory=set)
     uses: int = 0
     low_precision: bool = False  # some use ran in bf16/fp16
@@ -155,8 +155,8 @@ class Capture:
                 if not (self.complement and g == names[-1]):
                     st.add(g, parts[g][local])
             value, scale = probes[local]
-            st.probe_hooks += float(value)
-            st.probe_scale += float(scale)
+            st.probe_hooks = st.probe_hooks + value.detach()  # stays on device: no sync per use
+            st.probe_scale = st.probe_scale + scale.detach()
         if self.per_row:
             self._add_per_row(use, rule, params)
 
@@ -263,12 +263,12 @@ class Capture:
         if st.uses == 0:
             return not bool(total.any())  # gradient but no hooked use at all
         value, scale = probe_dense(total, self._recorder._probe_vectors(st.param))
-        value, scale = float(value), float(scale)
-        if not (math.isfinite(value) and math.isfinite(st.probe_hooks)):
+        value, scale, hooks = float(value), float(scale), float(st.probe_hooks)
+        if not (math.isfinite(value) and math.isfinite(hooks)):
             return True  # non-finite gradients are reported as such, not as unattributed
         rtol = LOW_PRECISION_RTOL if st.low_precision else PROBE_RTOL[st.dtype]
-        tol = rtol * (scale + st.probe_scale) + 1e-30
-        return abs(value - st.probe_hooks) <= tol
+        tol = rtol * (scale + float(st.probe_scale)) + 1e-30
+        return abs(value - hooks) <= tol
 
     # ---- queries -----------------------------------------------------------------------------
 
