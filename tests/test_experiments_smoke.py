@@ -1,0 +1,64 @@
+"""The experiment scripts (experiments/e*.py) run end to end in --smoke mode, and
+every committed result the README names exists in figures/.
+
+Each script declares its outputs in a module-level ``FIGURES`` list (paths under
+figures/); it is read with ``ast`` so the scripts are never imported here.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO / "experiments"
+SCRIPTS = sorted(p.name for p in EXPERIMENTS.glob("e[0-9]*_*.py"))
+FIGURE_PATH = re.compile(r"figures/[A-Za-z0-9_.\-/]+\.(?:png|svg|pdf|csv|md|json)")
+
+
+def declared_outputs(script: str) -> list[str]:
+    """The script's ``FIGURES = [...]`` list of paths under figures/."""
+    tree = ast.parse((EXPERIMENTS / script).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "FIGURES" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError(f"experiments/{script}: no module-level FIGURES list")
+
+
+def test_every_experiment_is_found():
+    assert SCRIPTS == ["e1_tabular.py", "e2_tiny_gpt2.py", "e3_langevin.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke_run_writes_its_outputs(script, tmp_path):
+    out = tmp_path / script.removesuffix(".py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / script), "--smoke", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{script} --smoke failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    for path in declared_outputs(script):
+        written = out / "figures" / Path(path).name
+        assert written.is_file() and written.stat().st_size > 0, f"{script} --smoke did not write {written.name}"
+
+
+def readme_figure_paths() -> list[str]:
+    """Paths under figures/ named in README.md's Results section (none while it has no such section)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Results\b(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    return sorted(set(FIGURE_PATH.findall(match.group(1)))) if match else []
+
+
+def test_every_figure_named_in_the_readme_is_committed():
+    # Until the README carries the Results section, check what the scripts declare instead.
+    named = readme_figure_paths() or sorted({p for s in SCRIPTS for p in declared_outputs(s)})
+    assert named, "neither README.md nor the experiment scripts name any figure"
+    missing = [p for p in named if not (REPO / p).is_file()]
+    assert not missing, f"named but not in figures/ (run the experiment scripts): {missing}"
