@@ -14,7 +14,7 @@ away: statistics use finite values and report how many were left out.
 """
 
 from .compare import bootstrap_diff_ci, compare_groups
-from .convergence import accuracy_stats, kl_to_optimum_stats, reward_kl_frontier, reward_kl_stats, steps_to_level
+from .convergence import accuracy_stats, kl_to_optimum_stats, loglog_slope, reward_kl_frontier, reward_kl_stats, steps_to_level
 from .finite import split_finite
 from .groups import config_value, group_label, group_runs
 from .imbalance import cosine_series, cosine_stats, dominated_fraction, onset_step, ratio_series, ratio_stats
@@ -28,6 +28,7 @@ __all__ = [
     "GroupSummary",
     "LayerArrays",
     "accuracy_stats",
+    "loglog_slope",
     "aggregate_runs",
     "binned_log_ratio",
     "bootstrap_diff_ci",

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..runs import RunWriter, prepare_run_dir
+from ..analysis.convergence import loglog_slope
 from ..runs import format as RF
 from . import columns as C
 from .exact import grid_track, track_for
@@ -417,14 +418,6 @@ def _echo_summary(summary: dict, echo: Callable[[str], None]) -> None:
 # ---------------------------------------------------------------- sweep
 
 
-def _fit_slope(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    if ok.sum() < 2 or np.unique(x[ok]).size < 2:
-        return math.nan
-    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
-
-
 def _sweep_cell(target, d: int, eps: float, spec: SweepSpec) -> dict:
     h, k = theorem1(d, eps, target.m, target.L)
     row = {C.DIM: d, C.EPS: eps, C.H_THEORY: h, C.K_THEORY: k}
@@ -528,10 +521,10 @@ def _sweep_slopes(rows: list[dict]) -> dict:
     """Fitted log-log slopes of iterations vs d (per eps) and vs 1/eps (per d)."""
     out = {"slope_d": {}, "slope_inv_eps": {}}
     for key in (C.K_THEORY, C.K_MEASURED, C.K_BEST):
-        out["slope_d"][key] = {f"{e:g}": _fit_slope([r[C.DIM] for r in rows if r[C.EPS] == e],
+        out["slope_d"][key] = {f"{e:g}": loglog_slope([r[C.DIM] for r in rows if r[C.EPS] == e],
                                                     [r.get(key) or math.nan for r in rows if r[C.EPS] == e])
                                for e in sorted({r[C.EPS] for r in rows})}
-        out["slope_inv_eps"][key] = {str(d): _fit_slope([1.0 / r[C.EPS] for r in rows if r[C.DIM] == d],
+        out["slope_inv_eps"][key] = {str(d): loglog_slope([1.0 / r[C.EPS] for r in rows if r[C.DIM] == d],
                                                         [r.get(key) or math.nan for r in rows if r[C.DIM] == d])
                                      for d in sorted({r[C.DIM] for r in rows})}
     return out

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..analysis.convergence import loglog_slope
 from ..langevin import columns as C
 from ..runs import Run
 from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
@@ -43,14 +44,6 @@ def _finite_mean(values) -> float:
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     arr = arr[np.isfinite(arr)] if arr.size else arr
     return float(arr.mean()) if arr.size else math.nan
-
-
-def _slope(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    if ok.sum() < 2 or np.unique(x[ok]).size < 2:
-        return math.nan
-    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
 
 
 # ---------------------------------------------------------------- summary
@@ -91,9 +84,9 @@ def _sweep_row(runs: list[Run]) -> dict:
         if key not in table:
             continue
         row[f"slope_d_{name}"] = _finite_mean(
-            _slope(g[C.DIM], g[key]) for _, g in table.groupby(C.EPS))
+            loglog_slope(g[C.DIM], g[key]) for _, g in table.groupby(C.EPS))
         row[f"slope_inv_eps_{name}"] = _finite_mean(
-            _slope(1.0 / g[C.EPS], g[key]) for _, g in table.groupby(C.DIM))
+            loglog_slope(1.0 / g[C.EPS], g[key]) for _, g in table.groupby(C.DIM))
     if C.LOOSENESS in table:
         loose = table[C.LOOSENESS].replace([np.inf, -np.inf], np.nan)
         row["looseness_min"], row["looseness_max"] = float(loose.min()), float(loose.max())
@@ -249,7 +242,7 @@ def _fig_sweep(groups: RunGroups, options: PlotOptions, *, along: str) -> list[P
                 ok = np.isfinite(y) & (y > 0)
                 if not ok.any():
                     continue
-                slope = _slope(x, y)
+                slope = loglog_slope(x, y)
                 ax.plot(x[ok], y[ok], marker=marker, ls="none", color=color, mfc=color if marker == "o" else "none")
                 if ok.sum() >= 2:
                     coef = np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)
@@ -258,7 +251,7 @@ def _fig_sweep(groups: RunGroups, options: PlotOptions, *, along: str) -> list[P
                             label=f"{name}, {what}: slope {slope:.2f}")
             if C.K_THEORY in part:
                 ax.plot(x, part[C.K_THEORY].to_numpy(float), marker="x", ls=":", color=color, alpha=0.8,
-                        label=f"{name}, Theorem 1's k: slope {_slope(x, part[C.K_THEORY]):.2f}")
+                        label=f"{name}, Theorem 1's k: slope {loglog_slope(x, part[C.K_THEORY]):.2f}")
             if m and L:
                 d = part[C.DIM].to_numpy(float)
                 eps = part[C.EPS].to_numpy(float)
