@@ -171,3 +171,11 @@ def check_outputs(figures_dir: Path, names: Iterable[str]) -> None:
     missing = [n for n in names if not (Path(figures_dir) / Path(n).name).is_file()]
     if missing:
         raise SystemExit(f"outputs not written: {missing}")
+
+
+def finish_training_experiment(args, timer: "Timer", index: list[dict], name: str, steps: int, figures: Iterable[str]) -> None:
+    """Record the runtime (unless this was an analysis-only re-run) and check every declared output."""
+    counts, runtime = run_counts(index), args.figures / f"{name}_runtime.json"
+    if counts["runs_trained_now"] or not runtime.exists():  # an analysis-only re-run keeps the training run's record
+        timer.write(runtime, **counts, steps_per_run=steps, smoke=args.smoke)
+    check_outputs(args.figures, figures)

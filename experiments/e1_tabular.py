@@ -277,10 +277,7 @@ def main() -> None:
     fig_grid(comparison, grid, args.figures)
     standard_report(args, grid)
     timer.lap("figures")
-    counts, runtime = common.run_counts(index), args.figures / "e1_tabular_runtime.json"
-    if counts["runs_trained_now"] or not runtime.exists():  # an analysis-only re-run keeps the training run's record
-        timer.write(runtime, **counts, steps_per_run=grid["steps"], smoke=args.smoke)
-    common.check_outputs(args.figures, FIGURES)
+    common.finish_training_experiment(args, timer, index, "e1_tabular", grid["steps"], FIGURES)
     print(f"E1 done: {len(index)} runs; results in {args.figures}")
 
 

@@ -330,10 +330,7 @@ def main() -> None:
     fig_logps(index, args.figures)
     standard_reports(args, index, args.figures)
     timer.lap("figures")
-    counts, runtime = common.run_counts(index), args.figures / "e2_tiny_gpt2_runtime.json"
-    if counts["runs_trained_now"] or not runtime.exists():  # an analysis-only re-run keeps the training run's record
-        timer.write(runtime, **counts, steps_per_run=grid["steps"], smoke=args.smoke)
-    common.check_outputs(args.figures, FIGURES)
+    common.finish_training_experiment(args, timer, index, "e2_tiny_gpt2", grid["steps"], FIGURES)
     print(f"E2 done: {len(index)} runs; results in {args.figures}")
 
 
