@@ -39,7 +39,7 @@ EVAL_EVERY = 500
 
 def synthetic_columns(n_steps: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Plausible step, layer and eval columns: rho drifts from ~1 to ~3, norms decay, noise on top."""
-    from gradlens.runs import format as F
+    from gradlens.runs import schema
 
     rng = np.random.default_rng(seed)
     t = np.arange(n_steps)
@@ -51,40 +51,40 @@ def synthetic_columns(n_steps: int, seed: int = 0) -> tuple[dict[str, np.ndarray
     logp_l = -20.0 - 8.0 * t / n_steps + rng.normal(0, 0.3, n_steps)
     margins = 0.1 * (logp_w - logp_l)
     steps = {
-        F.STEP: t,
-        F.LOSS: np.log1p(np.exp(-margins)),
-        F.LR: np.full(n_steps, 1e-4),
-        F.REWARDS_CHOSEN: 0.1 * (logp_w + 20.0),
-        F.REWARDS_REJECTED: 0.1 * (logp_l + 20.0),
-        F.REWARDS_MARGINS: margins,
-        F.REWARDS_ACCURACIES: np.clip(0.5 + margins, 0, 1),
-        F.LOGPS_CHOSEN: logp_w,
-        F.LOGPS_REJECTED: logp_l,
-        F.GRAD_NORM: np.sqrt(chosen**2 + rejected**2 + 2 * cosine * chosen * rejected),
-        F.GRAD_NORM_CHOSEN: chosen,
-        F.GRAD_NORM_REJECTED: rejected,
-        F.GRAD_DOT: cosine * chosen * rejected,
-        F.GRAD_COSINE: cosine,
-        F.GRAD_RATIO: rho,
-        F.LOG_PW_OVER_PL: logp_w - logp_l,
-        F.SIGMOID_NEG_U: 1 / (1 + np.exp(margins)),
-        F.WEIGHT_CHOSEN: np.ones(n_steps),
-        F.WEIGHT_REJECTED: np.ones(n_steps),
-        F.NONFINITE: np.zeros(n_steps, dtype=int),
+        schema.STEP: t,
+        schema.LOSS: np.log1p(np.exp(-margins)),
+        schema.LR: np.full(n_steps, 1e-4),
+        schema.REWARDS_CHOSEN: 0.1 * (logp_w + 20.0),
+        schema.REWARDS_REJECTED: 0.1 * (logp_l + 20.0),
+        schema.REWARDS_MARGINS: margins,
+        schema.REWARDS_ACCURACIES: np.clip(0.5 + margins, 0, 1),
+        schema.LOGPS_CHOSEN: logp_w,
+        schema.LOGPS_REJECTED: logp_l,
+        schema.GRAD_NORM: np.sqrt(chosen**2 + rejected**2 + 2 * cosine * chosen * rejected),
+        schema.GRAD_NORM_CHOSEN: chosen,
+        schema.GRAD_NORM_REJECTED: rejected,
+        schema.GRAD_DOT: cosine * chosen * rejected,
+        schema.GRAD_COSINE: cosine,
+        schema.GRAD_RATIO: rho,
+        schema.LOG_PW_OVER_PL: logp_w - logp_l,
+        schema.SIGMOID_NEG_U: 1 / (1 + np.exp(margins)),
+        schema.WEIGHT_CHOSEN: np.ones(n_steps),
+        schema.WEIGHT_REJECTED: np.ones(n_steps),
+        schema.NONFINITE: np.zeros(n_steps, dtype=int),
     }
     n_layers = len(LAYER_NAMES)
     share_c = rng.dirichlet(np.ones(n_layers), size=n_steps)
     share_r = rng.dirichlet(np.ones(n_layers), size=n_steps)
     layers = {
-        F.STEP: np.repeat(t, n_layers),
-        F.LAYER: np.tile(np.array(LAYER_NAMES, dtype=object), n_steps),
-        F.CHOSEN_SQ: (share_c * (chosen**2)[:, None]).ravel(),
-        F.REJECTED_SQ: (share_r * (rejected**2)[:, None]).ravel(),
-        F.DOT: (np.sqrt(share_c * share_r) * (cosine * chosen * rejected)[:, None]).ravel(),
+        schema.STEP: np.repeat(t, n_layers),
+        schema.LAYER: np.tile(np.array(LAYER_NAMES, dtype=object), n_steps),
+        schema.CHOSEN_SQ: (share_c * (chosen**2)[:, None]).ravel(),
+        schema.REJECTED_SQ: (share_r * (rejected**2)[:, None]).ravel(),
+        schema.DOT: (np.sqrt(share_c * share_r) * (cosine * chosen * rejected)[:, None]).ravel(),
     }
     e = t[::EVAL_EVERY]
     evals = {
-        F.STEP: e,
+        schema.STEP: e,
         "eval/true_reward": 0.5 * np.log1p(e / 1000) + rng.normal(0, 0.02, e.size),
         "eval/kl_to_ref": 0.2 * np.log1p(e / 1000),
         "eval/pref_accuracy": 0.5 + 0.4 * (1 - np.exp(-e / 20000)),
@@ -112,40 +112,40 @@ def write_csv_fast(path: Path, columns: dict[str, np.ndarray], chunk: int = 200_
 
 def write_run_fast(path: Path, n_steps: int) -> None:
     from gradlens.runs import RunWriter
-    from gradlens.runs import format as F
+    from gradlens.runs import schema
 
     steps, layers, evals = synthetic_columns(n_steps)
-    writer = RunWriter(path, {**CONFIG, "steps": n_steps}, kind=F.KIND_PREFERENCE)
+    writer = RunWriter(path, {**CONFIG, "steps": n_steps}, kind=schema.KIND_PREFERENCE)
     writer.close()
-    write_csv_fast(path / F.STEPS, steps)
-    write_csv_fast(path / F.LAYERS, layers)
-    write_csv_fast(path / F.EVALS, evals)
+    write_csv_fast(path / schema.STEPS, steps)
+    write_csv_fast(path / schema.LAYERS, layers)
+    write_csv_fast(path / schema.EVALS, evals)
 
 
 def write_run_real(path: Path, n_steps: int) -> None:
     """The same synthetic run through RunWriter, row by row (for the format check)."""
     from gradlens.runs import RunWriter
-    from gradlens.runs import format as F
+    from gradlens.runs import schema
 
     steps, layers, evals = synthetic_columns(n_steps)
-    writer = RunWriter(path, {**CONFIG, "steps": n_steps}, kind=F.KIND_PREFERENCE)
+    writer = RunWriter(path, {**CONFIG, "steps": n_steps}, kind=schema.KIND_PREFERENCE)
     n_layers = len(LAYER_NAMES)
     for i in range(n_steps):
         writer.log_step({k: v[i].item() for k, v in steps.items()})
         rows = slice(i * n_layers, (i + 1) * n_layers)
-        writer.log_layers(i, {name: {c: layers[c][rows][j].item() for c in (F.CHOSEN_SQ, F.REJECTED_SQ, F.DOT)} for j, name in enumerate(LAYER_NAMES)})
+        writer.log_layers(i, {name: {c: layers[c][rows][j].item() for c in (schema.CHOSEN_SQ, schema.REJECTED_SQ, schema.DOT)} for j, name in enumerate(LAYER_NAMES)})
         if i % EVAL_EVERY == 0:
             writer.log_eval({k: v[i // EVAL_EVERY].item() for k, v in evals.items()})
     writer.close()
 
 
 def check_format(tmp: Path) -> None:
-    from gradlens.runs import format as F
+    from gradlens.runs import schema
 
     fast, real = tmp / "check_fast", tmp / "check_real"
     write_run_fast(fast, 3 * EVAL_EVERY // 250)  # a few steps, one eval row
     write_run_real(real, 3 * EVAL_EVERY // 250)
-    for name in (F.STEPS, F.LAYERS, F.EVALS):
+    for name in (schema.STEPS, schema.LAYERS, schema.EVALS):
         if not filecmp.cmp(fast / name, real / name, shallow=False):
             raise SystemExit(f"fast writer differs from RunWriter in {name}; fix benchmarks/plot_speed.py")
 
@@ -157,11 +157,11 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    from gradlens.plots.registry import PlotOptions, get_plotter
-    from gradlens.runs import format as F
+    from gradlens.plot.registry import PlotOptions, get_plotter
+    from gradlens.runs import schema
     from gradlens.runs import load_run
 
-    plotter = get_plotter(F.KIND_PREFERENCE)
+    plotter = get_plotter(schema.KIND_PREFERENCE)
     t_import = time.perf_counter() - t0
 
     tmp = Path(tempfile.mkdtemp(prefix="gradlens-plot-speed-")) if args.keep is None else args.keep
@@ -174,7 +174,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_run_fast(run_dir, args.steps)
         t_build = time.perf_counter() - t0
-        sizes = {name: (run_dir / name).stat().st_size / 2**20 for name in (F.STEPS, F.LAYERS, F.EVALS)}
+        sizes = {name: (run_dir / name).stat().st_size / 2**20 for name in (schema.STEPS, schema.LAYERS, schema.EVALS)}
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"run: {args.steps} steps x {len(LAYER_NAMES)} layers = {args.steps * len(LAYER_NAMES):,} layer rows; "
           + ", ".join(f"{k} {v:.0f} MiB" for k, v in sizes.items()) + f" (built in {t_build:.1f} s)")  # fmt: skip
-    print(f"import gradlens.plots + plotter: {t_import:.2f} s (not counted)")
+    print(f"import gradlens.plot + plotter: {t_import:.2f} s (not counted)")
     for name, seconds in timings.items():
         print(f"  {name:<45s} {seconds:6.2f} s")
     print(f"  {'total (read + summarise + plot)':<45s} {total:6.2f} s   target <= 10 s: {'OK' if total <= 10 else 'MISSED'}")

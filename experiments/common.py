@@ -3,7 +3,7 @@ recording one preference run through ``gradlens record``'s API, paired
 bootstrap intervals and result tables.
 
 Nothing here trains, measures or plots on its own: the scripts call
-``gradlens.train.loop.record_run``, ``gradlens.analysis``, ``gradlens.plots``
+``gradlens.record.loop.record_run``, ``gradlens.analysis``, ``gradlens.plot``
 and ``gradlens.langevin``; this module only saves each script from repeating
 the same dozen lines.
 """
@@ -64,9 +64,9 @@ def record(cfg, run_dir: Path, env=None, log=None):
     defaults fill the rest and the result is validated as the CLI would.
     """
     from gradlens.runs import prepare_run_dir
-    from gradlens.train.config import validate, with_env_defaults
-    from gradlens.train.envs import build_env
-    from gradlens.train.loop import record_run
+    from gradlens.record.config import validate, with_env_defaults
+    from gradlens.record.envs import build_env
+    from gradlens.record.loop import record_run
 
     cfg = validate(with_env_defaults(replace(cfg, out=str(run_dir))))
     if is_done(run_dir, cfg.steps):
@@ -109,14 +109,14 @@ def fmt_ci(diff: float, low: float, high: float, digits: int = 3) -> str:
 
 def write_tables(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
     """``out/name.csv`` and ``out/name.md`` (gradlens plot's table writer)."""
-    from gradlens.plots.report import write_table
+    from gradlens.plot.report import write_table
 
     return write_table(frame, out, name)
 
 
 def save(fig, out: Path, name: str, dpi: int = 110) -> Path:
     """A PNG at modest resolution, palette-quantised (the committed figures stay small)."""
-    from gradlens.plots.style import plt
+    from gradlens.plot.style import plt
 
     path = Path(out) / f"{name}.png"
     fig.savefig(path, dpi=dpi)

@@ -16,7 +16,7 @@ What it does, all through gradlens's API:
    (``analysis.steps_to_level``) and the minimum KL along the run.
 3. Paired bootstrap CIs (``analysis.bootstrap_diff_ci`` on per-seed differences)
    of each method minus DPO, per setting.
-4. Figures with ``gradlens.plots`` (``draw.draw_seeds``: median over seeds, IQR band)
+4. Figures with ``gradlens.plot`` (``draw.draw_seeds``: median over seeds, IQR band)
    and the full ``gradlens plot`` report of one representative setting under
    experiments/runs/e1/plot-adam-lr0.01-beta0.5/ (not committed).
 
@@ -70,8 +70,8 @@ def run_dir(out: Path, opt: str, lr: float, beta: float, loss: str, seed: int) -
 
 def record_grid(args, grid) -> list[dict]:
     """Every run of the grid; one environment per seed, shared by all its runs."""
-    from gradlens.train.config import RecordConfig, validate, with_env_defaults
-    from gradlens.train.envs import build_env
+    from gradlens.record.config import RecordConfig, validate, with_env_defaults
+    from gradlens.record.envs import build_env
 
     settings = [(opt, lr, beta, loss) for opt, lrs in grid["optimizers"].items() for lr in lrs for beta in grid["betas"] for loss in LOSSES]
     index = []
@@ -179,9 +179,9 @@ def headline(comparison: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
 
 def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
     """rho_t, KL(pi || pi*) and OOD mass over training for the representative optimizer/lr, one column per beta."""
-    from gradlens.plots.draw import add_legend, draw_seeds, legend_label, step_axis
-    from gradlens.plots.style import apply_style, color_for, plt
-    from gradlens.runs import format as F
+    from gradlens.plot.draw import add_legend, draw_seeds, legend_label, step_axis
+    from gradlens.plot.style import apply_style, color_for, plt
+    from gradlens.runs import schema
     from gradlens.runs import load_run
 
     opt, lr = REPRESENTATIVE
@@ -194,7 +194,7 @@ def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
             runs = [load_run(p) for p in sel["path"]]
             label = legend_label(NAMES[loss], len(runs))
             kw = dict(color=color_for(i), label=label)
-            draw_seeds(axes[0, j], [r.steps for r in runs], F.GRAD_RATIO, positive=True, smooth=5, **kw)
+            draw_seeds(axes[0, j], [r.steps for r in runs], schema.GRAD_RATIO, positive=True, smooth=5, **kw)
             draw_seeds(axes[1, j], [r.evals for r in runs], "eval/kl_to_optimum", positive=True, **kw)
             draw_seeds(axes[2, j], [r.evals for r in runs], "eval/ood_mass", **kw)
         axes[0, j].set_yscale("log")
@@ -214,7 +214,7 @@ def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
 
 def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
     """Paired differences from DPO (final KL to pi*, final true reward) with 95 % CIs, every setting."""
-    from gradlens.plots.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, color_for, plt
 
     settings = [(opt, lr) for opt, lrs in grid["optimizers"].items() for lr in lrs]
     metrics = (("kl_to_optimum_final", "Δ final KL(π_θ‖π*) vs DPO"), ("kl_to_optimum_min", "Δ min KL(π_θ‖π*) vs DPO"), ("true_reward_final", "Δ final true reward vs DPO"))
@@ -246,7 +246,7 @@ def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
 
 def standard_report(args, grid) -> None:
     """`gradlens plot` on one setting (all its figures and tables), for browsing; not committed."""
-    from gradlens.plots import command
+    from gradlens.plot import command
 
     opt, lr = REPRESENTATIVE
     beta = 0.5 if 0.5 in grid["betas"] else grid["betas"][0]
@@ -269,7 +269,7 @@ def main() -> None:
     comparison = comparison_table(per_run)
     common.write_tables(summary, args.figures, "e1_tabular_summary")
     common.write_tables(comparison, args.figures, "e1_tabular_comparison")
-    from gradlens.plots.report import to_markdown
+    from gradlens.plot.report import to_markdown
 
     (args.figures / "e1_tabular_headline.md").write_text(to_markdown(headline(comparison, summary)))
     timer.lap("analysis")

@@ -20,7 +20,7 @@ What it does, all through gradlens's API:
    (chosen log-prob change and the fraction of steps it falls), stability (spikes,
    non-finite steps, collapses: held-out chosen log-prob down by > 50 nats), reward and
    KL; paired bootstrap CIs (each Balanced-DPO variant - DPO, per seed).
-3. Figures with ``gradlens.plots``: the reward-KL frontier and the chosen/rejected
+3. Figures with ``gradlens.plot``: the reward-KL frontier and the chosen/rejected
    log-prob trajectories (``draw.draw_seeds``, ``analysis.seed_matrix``), and the
    standard ``gradlens plot`` report (DPO vs Balanced-DPO) for each beta under
    experiments/runs/e2/plot-beta*/; its per-layer heatmap and rho figure for
@@ -90,8 +90,8 @@ def run_dir(out: Path, beta: float, method: str, seed: int) -> Path:
 
 def record_grid(args, grid) -> list[dict]:
     """Every run; one environment (synthetic language + SFT warm start) per seed."""
-    from gradlens.train.config import RecordConfig, validate, with_env_defaults
-    from gradlens.train.envs import build_env
+    from gradlens.record.config import RecordConfig, validate, with_env_defaults
+    from gradlens.record.envs import build_env
 
     index = []
     for seed in grid["seeds"]:
@@ -230,8 +230,8 @@ def _runs(index, beta, method):
 def fig_frontier(index: list[dict], figures: Path) -> Path:
     """True reward against KL(pi || pi_ref) along training, one panel per beta."""
     from gradlens.analysis import row_quantiles, seed_matrix
-    from gradlens.plots.draw import legend_label
-    from gradlens.plots.style import apply_style, color_for, plt
+    from gradlens.plot.draw import legend_label
+    from gradlens.plot.style import apply_style, color_for, plt
 
     betas = sorted({i["beta"] for i in index})
     apply_style()
@@ -261,8 +261,8 @@ def fig_frontier(index: list[dict], figures: Path) -> Path:
 
 def fig_logps(index: list[dict], figures: Path) -> Path:
     """Held-out log-probs of chosen and rejected responses along training (likelihood displacement)."""
-    from gradlens.plots.draw import add_legend, draw_seeds, step_axis
-    from gradlens.plots.style import CHOSEN_COLOR, REJECTED_COLOR, apply_style, plt
+    from gradlens.plot.draw import add_legend, draw_seeds, step_axis
+    from gradlens.plot.style import CHOSEN_COLOR, REJECTED_COLOR, apply_style, plt
 
     betas = sorted({i["beta"] for i in index})
     apply_style()
@@ -293,7 +293,7 @@ def fig_logps(index: list[dict], figures: Path) -> Path:
 
 def standard_reports(args, index, figures: Path) -> None:
     """`gradlens plot` per beta (all standard figures, not committed); two of beta=0.1's are copied."""
-    from gradlens.plots import command
+    from gradlens.plot import command
 
     betas = sorted({i["beta"] for i in index})
     for beta in betas:
@@ -322,7 +322,7 @@ def main() -> None:
     common.write_tables(summary, args.figures, "e2_tiny_gpt2_summary")
     common.write_tables(comparison, args.figures, "e2_tiny_gpt2_comparison")
     common.write_tables(layers, args.figures, "e2_tiny_gpt2_layers")
-    from gradlens.plots.report import to_markdown
+    from gradlens.plot.report import to_markdown
 
     (args.figures / "e2_tiny_gpt2_headline.md").write_text(to_markdown(headline(summary, comparison)))
     timer.lap("analysis")

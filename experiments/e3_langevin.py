@@ -27,7 +27,7 @@ What it does, all through gradlens's API (``gradlens.langevin``):
      steps where k_theory <= 5e4), and at the best h.
    Log-log slopes of k against d (per eps) and 1/eps (per d) are fitted where a
    series has at least 3 computable cells, then averaged.
-3. Figures with ``gradlens.plots.style``; the standard ``gradlens plot`` report over
+3. Figures with ``gradlens.plot.style``; the standard ``gradlens plot`` report over
    the KL-vs-k runs goes to experiments/runs/e3/plot/ (not committed).
 
 Outputs (figures/): e3_langevin_kl_vs_k.png, e3_langevin_iterations.png,
@@ -247,7 +247,7 @@ def _mean(values) -> float:
 
 def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
     from gradlens.langevin import columns as C
-    from gradlens.plots.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
     apply_style()
@@ -279,7 +279,7 @@ def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
 
 def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
     from gradlens.langevin import columns as C
-    from gradlens.plots.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, color_for, plt
 
     apply_style()
     targets = [t for t in SWEEP_TARGETS if (cells.target == t).any()]
@@ -314,7 +314,7 @@ def fig_dissipation(index: list[dict], figures: Path) -> Path:
     """The exact one-step KL decrement against h x relative Fisher information, one panel per target
     (gradlens plot draws the same check with every run in one panel; 16 runs need panels)."""
     from gradlens.langevin import columns as C
-    from gradlens.plots.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
     apply_style()
@@ -347,7 +347,7 @@ def fig_dissipation(index: list[dict], figures: Path) -> Path:
 
 def standard_report(args) -> None:
     """`gradlens plot` over every KL-vs-k run (all standard Langevin figures), for browsing; not committed."""
-    from gradlens.plots import command
+    from gradlens.plot import command
 
     ns = argparse.Namespace(paths=[str(args.out / "kl_vs_k")], out=str(args.out / "plot"), format="png", group_by=None, smooth=1)
     if command.main(ns) != 0:

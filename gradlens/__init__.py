@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GradientRecorder": "gradlens.recording",
+    "GradientRecorder": "gradlens.gradients",
     "PreferenceLossOutput": "gradlens.losses",
     "preference_loss": "gradlens.losses",
     "register_reweighting": "gradlens.losses",

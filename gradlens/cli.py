@@ -12,8 +12,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "record": ("gradlens.train.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
-    "plot": ("gradlens.plots.command", "summarise and plot one or many runs"),
+    "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
+    "plot": ("gradlens.plot.command", "summarise and plot one or many runs"),
     "langevin": ("gradlens.langevin.command", "run ULA on a target and track KL(p_k || p*) exactly"),
 }
 

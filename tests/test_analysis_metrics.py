@@ -11,14 +11,14 @@ import pytest
 
 from gradlens import analysis as A
 from gradlens.runs import Run
-from gradlens.runs import format as F
+from gradlens.runs import schema
 
 
 def steps_frame(rho=None, **columns) -> pd.DataFrame:
     n = len(rho) if rho is not None else len(next(iter(columns.values())))
-    frame = pd.DataFrame({F.STEP: np.arange(n)})
+    frame = pd.DataFrame({schema.STEP: np.arange(n)})
     if rho is not None:
-        frame[F.GRAD_RATIO] = np.asarray(rho, dtype=float)
+        frame[schema.GRAD_RATIO] = np.asarray(rho, dtype=float)
     for name, values in columns.items():
         frame[name.replace("__", "/")] = np.asarray(values, dtype=float)
     return frame
@@ -89,7 +89,7 @@ def test_onset_ignores_nan_and_needs_the_end_above():
 
 
 def test_onset_uses_logged_step_numbers():
-    frame = pd.DataFrame({F.STEP: [100, 200, 300, 400], F.GRAD_RATIO: [0.5, 0.7, 1.5, 2.0]})
+    frame = pd.DataFrame({schema.STEP: [100, 200, 300, 400], schema.GRAD_RATIO: [0.5, 0.7, 1.5, 2.0]})
     assert A.onset_step(frame) == 300
 
 
@@ -108,7 +108,7 @@ def layers_frame(n_steps=10, chosen=(0.25, 0.75), rejected=(3.0, 1.0), names=("w
     rows = []
     for t in range(n_steps):
         for name, c, r in zip(names, chosen, rejected):
-            rows.append({F.STEP: t, F.LAYER: name, F.CHOSEN_SQ: c, F.REJECTED_SQ: r, F.DOT: 0.0})
+            rows.append({schema.STEP: t, schema.LAYER: name, schema.CHOSEN_SQ: c, schema.REJECTED_SQ: r, schema.DOT: 0.0})
     return pd.DataFrame(rows)
 
 
@@ -129,8 +129,8 @@ def test_layer_attribution_known_shares():
 
 def test_layer_attribution_counts_nonfinite_entries():
     frame = layers_frame()
-    frame.loc[0, F.CHOSEN_SQ] = np.nan
-    frame.loc[1, F.REJECTED_SQ] = np.inf
+    frame.loc[0, schema.CHOSEN_SQ] = np.nan
+    frame.loc[1, schema.REJECTED_SQ] = np.inf
     table = A.layer_attribution(frame)
     assert table["n_nonfinite"].sum() == 2
     assert table["chosen_share"].notna().all()
@@ -193,7 +193,7 @@ def test_stability_counts_and_seed_spread():
 def test_convergence_metrics():
     evals = pd.DataFrame(
         {
-            F.STEP: [0, 10, 20, 30],
+            schema.STEP: [0, 10, 20, 30],
             "eval/pref_accuracy": [0.5, 0.7, 0.92, 0.95],
             "eval/kl_to_optimum": [2.0, 1.0, 0.5, 0.6],
             "eval/true_reward": [0.0, 0.5, 0.4, 0.9],
@@ -205,7 +205,7 @@ def test_convergence_metrics():
     kl = A.kl_to_optimum_stats(evals)
     assert kl["kl_to_optimum_final"] == 0.6 and kl["kl_to_optimum_min"] == 0.5 and kl["kl_to_optimum_initial"] == 2.0
     frontier = A.reward_kl_frontier(evals)
-    assert frontier.loc[frontier["on_frontier"], F.STEP].tolist() == [0, 10, 30]  # step 20 is dominated
+    assert frontier.loc[frontier["on_frontier"], schema.STEP].tolist() == [0, 10, 30]  # step 20 is dominated
     reward = A.reward_kl_stats(evals)
     assert reward["true_reward_final"] == 0.9 and reward["kl_to_ref_final"] == 3.0
     assert reward["reward_gain_per_kl"] == pytest.approx(0.3)
@@ -261,16 +261,16 @@ def test_row_quantiles_match_numpy():
 
 
 def test_seed_band_aligns_runs_on_steps():
-    a = pd.DataFrame({F.STEP: [0, 1, 2], "x": [1.0, 2.0, 3.0]})
-    b = pd.DataFrame({F.STEP: [0, 1], "x": [3.0, 4.0]})  # a killed run: fewer steps
+    a = pd.DataFrame({schema.STEP: [0, 1, 2], "x": [1.0, 2.0, 3.0]})
+    b = pd.DataFrame({schema.STEP: [0, 1], "x": [3.0, 4.0]})  # a killed run: fewer steps
     band = A.seed_band([a, b], "x")
-    assert band[F.STEP].tolist() == [0, 1, 2]
+    assert band[schema.STEP].tolist() == [0, 1, 2]
     assert band["median"].tolist() == [2.0, 3.0, 3.0]
     assert band["n"].tolist() == [2, 2, 1]
 
 
 def fake_run(name: str, **config) -> Run:
-    return Run(path=Path(name), kind=F.KIND_PREFERENCE, config=config, versions={})
+    return Run(path=Path(name), kind=schema.KIND_PREFERENCE, config=config, versions={})
 
 
 def test_group_runs_by_loss_and_dotted_keys():

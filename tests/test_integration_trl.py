@@ -23,7 +23,7 @@ datasets = pytest.importorskip("datasets")
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 import gradlens  # noqa: E402
-from gradlens.recording import UnattributedGradientWarning  # noqa: E402
+from gradlens.gradients import UnattributedGradientWarning  # noqa: E402
 from gradlens.runs import load_run  # noqa: E402
 
 WORDS = ["<eos>", "<unk>"] + "a b c d e f g h i j k l m n o p".split()

@@ -8,7 +8,7 @@ import pytest
 
 from gradlens.cli import main as cli
 from gradlens.langevin import columns as C
-from gradlens.plots.registry import PlotOptions, get_plotter
+from gradlens.plot.registry import PlotOptions, get_plotter
 from gradlens.runs import load_run
 
 

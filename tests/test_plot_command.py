@@ -12,12 +12,12 @@ from PIL import Image
 
 from gradlens.analysis import group_runs
 from gradlens.cli import main
-from gradlens.plots.preference import FIGURES
-from gradlens.plots.registry import PlotOptions
-from gradlens.plots.style import plt
+from gradlens.plot.preference import FIGURES
+from gradlens.plot.registry import PlotOptions
+from gradlens.plot.style import plt
 from gradlens.runs import find_runs, load_run
 from gradlens.runs import RunWriter
-from gradlens.runs import format as F
+from gradlens.runs import schema
 
 LAYERS = ("transformer.wte", "transformer.h.0.attn.c_attn", "transformer.ln_f")
 EVAL_COLUMNS = ("eval/kl_to_optimum", "eval/ood_mass", "eval/true_reward", "eval/kl_to_ref", "eval/pref_accuracy")
@@ -29,7 +29,7 @@ def write_run(
     loss: str = "dpo",
     seed: int = 0,
     steps: int = 20,
-    kind: str = F.KIND_PREFERENCE,
+    kind: str = schema.KIND_PREFERENCE,
     layers: bool = True,
     evals: bool = True,
     nonfinite_at: int | None = None,
@@ -48,13 +48,13 @@ def write_run(
         bad = t == nonfinite_at
         writer.log_step(
             {
-                F.STEP: t, F.LOSS: math.nan if bad else 0.69 - 0.005 * t, F.LR: 0.05,
-                F.REWARDS_CHOSEN: 0.1 * (logp_w + 2), F.REWARDS_REJECTED: 0.1 * (logp_l + 2), F.REWARDS_MARGINS: 0.1 * (logp_w - logp_l),
-                F.REWARDS_ACCURACIES: 0.5, F.LOGPS_CHOSEN: logp_w, F.LOGPS_REJECTED: logp_l,
-                F.GRAD_NORM: math.inf if bad else math.sqrt(chosen**2 + rejected**2 + 2 * cosine * chosen * rejected),
-                F.GRAD_NORM_CHOSEN: chosen, F.GRAD_NORM_REJECTED: rejected, F.GRAD_DOT: cosine * chosen * rejected,
-                F.GRAD_COSINE: cosine, F.GRAD_RATIO: math.nan if bad else rho, F.LOG_PW_OVER_PL: logp_w - logp_l,
-                F.SIGMOID_NEG_U: 0.5, F.WEIGHT_CHOSEN: 1.0, F.WEIGHT_REJECTED: 1.0, F.NONFINITE: int(bad),
+                schema.STEP: t, schema.LOSS: math.nan if bad else 0.69 - 0.005 * t, schema.LR: 0.05,
+                schema.REWARDS_CHOSEN: 0.1 * (logp_w + 2), schema.REWARDS_REJECTED: 0.1 * (logp_l + 2), schema.REWARDS_MARGINS: 0.1 * (logp_w - logp_l),
+                schema.REWARDS_ACCURACIES: 0.5, schema.LOGPS_CHOSEN: logp_w, schema.LOGPS_REJECTED: logp_l,
+                schema.GRAD_NORM: math.inf if bad else math.sqrt(chosen**2 + rejected**2 + 2 * cosine * chosen * rejected),
+                schema.GRAD_NORM_CHOSEN: chosen, schema.GRAD_NORM_REJECTED: rejected, schema.GRAD_DOT: cosine * chosen * rejected,
+                schema.GRAD_COSINE: cosine, schema.GRAD_RATIO: math.nan if bad else rho, schema.LOG_PW_OVER_PL: logp_w - logp_l,
+                schema.SIGMOID_NEG_U: 0.5, schema.WEIGHT_CHOSEN: 1.0, schema.WEIGHT_REJECTED: 1.0, schema.NONFINITE: int(bad),
             }
         )  # fmt: skip
         if layers:
@@ -62,12 +62,12 @@ def write_run(
             writer.log_layers(
                 t,
                 {
-                    name: {F.CHOSEN_SQ: chosen**2 * float(shares[i]), F.REJECTED_SQ: rejected**2 * float(shares[-1 - i]), F.DOT: 0.0}
+                    name: {schema.CHOSEN_SQ: chosen**2 * float(shares[i]), schema.REJECTED_SQ: rejected**2 * float(shares[-1 - i]), schema.DOT: 0.0}
                     for i, name in enumerate(LAYERS)
                 },
             )
         if evals and t % 5 == 0:
-            writer.log_eval({F.STEP: t, **{c: float(1.0 / (1 + t) + 0.1 * i) for i, c in enumerate(EVAL_COLUMNS)}})
+            writer.log_eval({schema.STEP: t, **{c: float(1.0 / (1 + t) + 0.1 * i) for i, c in enumerate(EVAL_COLUMNS)}})
     writer.write_summary({"steps": steps})
     writer.close()
     return path
@@ -132,15 +132,15 @@ def test_group_by_config_key_and_nonfinite_steps(tmp_path, capsys):
 
 def test_truncated_last_line_plots_complete_rows_and_warns(tmp_path, capsys):
     run = write_run(tmp_path / "killed", steps=12, evals=False)
-    with open(run / F.STEPS, "a", encoding="utf-8") as f:
+    with open(run / schema.STEPS, "a", encoding="utf-8") as f:
         f.write("12,0.63,0.05,0.0")  # the row in flight when the run was killed
-    with open(run / F.LAYERS, "a", encoding="utf-8") as f:
+    with open(run / schema.LAYERS, "a", encoding="utf-8") as f:
         f.write("12,transformer.wte,0.1")
     rc = plot(run, tmp_path / "missing-run", "--out", tmp_path / "fig")
     err = capsys.readouterr().err
     assert rc == 0  # something was plotted
-    assert f"{run / F.STEPS}: line 14 is incomplete" in err and "12 complete rows" in err
-    assert f"{run / F.LAYERS}: line" in err
+    assert f"{run / schema.STEPS}: line 14 is incomplete" in err and "12 complete rows" in err
+    assert f"{run / schema.LAYERS}: line" in err
     assert "missing-run: no such file or directory" in err
     assert "skipped figure 'kl_to_optimum'" in err and "evals.csv" in err
     assert pd.read_csv(tmp_path / "fig" / "runs.csv")["steps"].tolist() == [12]
@@ -169,20 +169,20 @@ def test_directory_that_is_not_a_run(tmp_path, capsys):
     assert "notes: not a gradlens run and holds no runs" in err
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / F.CONFIG).write_text("{not json")
+    (broken / schema.CONFIG).write_text("{not json")
     assert plot(broken, "--out", tmp_path / "fig") != 0
     assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_run_without_step_rows(tmp_path, capsys):
-    RunWriter(tmp_path / "fresh", {"loss": "dpo", "seed": 0}, kind=F.KIND_PREFERENCE).close()
+    RunWriter(tmp_path / "fresh", {"loss": "dpo", "seed": 0}, kind=schema.KIND_PREFERENCE).close()
     assert plot(tmp_path / "fresh", "--out", tmp_path / "fig") != 0
     assert "no complete step rows yet" in capsys.readouterr().err
 
 
 def test_mixed_kinds_are_refused(tmp_path, capsys):
     write_run(tmp_path / "pref", steps=3, layers=False, evals=False)
-    write_run(tmp_path / "lang", steps=3, layers=False, evals=False, kind=F.KIND_LANGEVIN)
+    write_run(tmp_path / "lang", steps=3, layers=False, evals=False, kind=schema.KIND_LANGEVIN)
     assert plot(tmp_path, "--out", tmp_path / "fig") != 0
     err = capsys.readouterr().err
     assert "runs of different kinds cannot be plotted together" in err

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from gradlens.plots.draw import MAX_POINTS, draw_index, draw_seeds, smooth_columns
-from gradlens.plots.report import format_cell, terminal_table, to_markdown
-from gradlens.plots.style import plt
+from gradlens.plot.draw import MAX_POINTS, draw_index, draw_seeds, smooth_columns
+from gradlens.plot.report import format_cell, terminal_table, to_markdown
+from gradlens.plot.style import plt
 
 
 def test_draw_index_downsamples_but_keeps_the_ends():

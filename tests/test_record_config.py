@@ -7,9 +7,9 @@ import json
 import pytest
 
 from gradlens.cli import build_parser, main
-from gradlens.train import plan as P
-from gradlens.train.command import _plan
-from gradlens.train.config import ENV_DEFAULTS, load_config_file
+from gradlens.record import plan as P
+from gradlens.record.command import _plan
+from gradlens.record.config import ENV_DEFAULTS, load_config_file
 
 
 def _args(argv):

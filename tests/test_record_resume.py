@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from gradlens.cli import main
-from gradlens.runs import format as F
+from gradlens.runs import schema
 from gradlens.runs import load_run, read_table
 
 JOB = ["--env", "tabular", "--loss", "dpo", "--quiet"]
@@ -28,11 +28,11 @@ def _complete_rows(path) -> int:
 
 def _assert_same_logs(a, b):
     """Byte for byte: the resumed run logged exactly what an uninterrupted run logs."""
-    for table in (F.STEPS, F.LAYERS, F.EVALS):
+    for table in (schema.STEPS, schema.LAYERS, schema.EVALS):
         x, y = (a / table).read_bytes(), (b / table).read_bytes()
         assert x == y, f"{table} differs"
         frame = read_table(a / table)
-        assert all(dtype.kind in "if" for name, dtype in frame.dtypes.items() if name != F.LAYER), f"{table}: non-numeric columns"
+        assert all(dtype.kind in "if" for name, dtype in frame.dtypes.items() if name != schema.LAYER), f"{table}: non-numeric columns"
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
@@ -43,7 +43,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "gradlens", "record", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 60
     try:
-        while _complete_rows(out / F.STEPS) < 2 * every + 10:
+        while _complete_rows(out / schema.STEPS) < 2 * every + 10:
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
@@ -60,23 +60,23 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     # What the killed run left is readable: complete rows, consecutive steps, no summary.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        left = read_table(out / F.STEPS)
-        left_layers = read_table(out / F.LAYERS)
+        left = read_table(out / schema.STEPS)
+        left_layers = read_table(out / schema.LAYERS)
     killed_at = len(left)
     assert killed_at >= 2 * every + 10 and killed_at < steps
-    assert left[F.STEP].tolist() == list(range(killed_at))
-    assert left_layers[F.STEP].max() <= killed_at
-    assert not (out / F.SUMMARY).exists()
-    assert load_run(out).steps[F.STEP].iloc[-1] == killed_at - 1  # plotting code can read it too
+    assert left[schema.STEP].tolist() == list(range(killed_at))
+    assert left_layers[schema.STEP].max() <= killed_at
+    assert not (out / schema.SUMMARY).exists()
+    assert load_run(out).steps[schema.STEP].iloc[-1] == killed_at - 1  # plotting code can read it too
 
     assert main(["record", *argv, "--resume"]) == 0
     run = load_run(out)
     last = every * (killed_at // every)
     assert run.complete and run.summary["resumed_from_step"] in (last, last - every)  # - every: killed mid-checkpoint
-    assert run.steps[F.STEP].tolist() == list(range(steps))
-    per_step = run.layers.groupby(F.STEP).size()
+    assert run.steps[schema.STEP].tolist() == list(range(steps))
+    per_step = run.layers.groupby(schema.STEP).size()
     assert per_step.index.tolist() == list(range(steps)) and (per_step == 1).all()  # one layer: no duplicates
-    assert run.evals[F.STEP].tolist() == [0, 100, 200, 300, 400, 500, 600]
+    assert run.evals[schema.STEP].tolist() == [0, 100, 200, 300, 400, 500, 600]
 
     # The resumed run logged what an uninterrupted run logs.
     full = tmp_path / "full"
@@ -99,13 +99,13 @@ def test_resume_without_checkpoint_starts_over(tmp_path):
     argv = [*JOB, "--steps", "4", "--checkpoint-every", "0", "--out", str(out)]
     assert main(["record", *argv]) == 0
     # As if killed before the first checkpoint: rows exist, no checkpoint, no summary.
-    for child in (out / F.CHECKPOINTS).iterdir():
+    for child in (out / schema.CHECKPOINTS).iterdir():
         for f in child.iterdir():
             f.unlink()
         child.rmdir()
-    (out / F.SUMMARY).unlink()
+    (out / schema.SUMMARY).unlink()
     assert main(["record", *argv, "--resume"]) == 0
-    assert load_run(out).steps[F.STEP].tolist() == [0, 1, 2, 3]
+    assert load_run(out).steps[schema.STEP].tolist() == [0, 1, 2, 3]
 
 
 def test_resume_of_a_complete_run_changes_nothing(tmp_path, capsys):
@@ -116,7 +116,7 @@ def test_resume_of_a_complete_run_changes_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["record", *argv, "--resume"]) == 0
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert pd.read_csv(out / F.STEPS)[F.STEP].tolist() == [0, 1, 2]
+    assert pd.read_csv(out / schema.STEPS)[schema.STEP].tolist() == [0, 1, 2]
 
 
 def test_overwrite_replaces_the_run(tmp_path):
@@ -125,7 +125,7 @@ def test_overwrite_replaces_the_run(tmp_path):
     (out / "stray.txt").write_text("x")
     assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stray.txt").exists()
-    assert load_run(out).steps[F.STEP].tolist() == [0, 1]
+    assert load_run(out).steps[schema.STEP].tolist() == [0, 1]
 
 
 def test_resume_by_run_directory_alone(tmp_path):
@@ -134,7 +134,7 @@ def test_resume_by_run_directory_alone(tmp_path):
     # No --env or --loss: the run directory's own config says what to continue.
     assert main(["record", "--out", str(out), "--resume", "--steps", "5", "--quiet"]) == 0
     run = load_run(out)
-    assert run.config["env"] == "tabular" and run.steps[F.STEP].tolist() == [0, 1, 2, 3, 4]
+    assert run.config["env"] == "tabular" and run.steps[schema.STEP].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_resume_cannot_shorten_below_the_last_checkpoint(tmp_path, capsys):

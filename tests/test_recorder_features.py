@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import gradlens
-from gradlens.recording import UnattributedGradientWarning
+from gradlens.gradients import UnattributedGradientWarning
 from models import MODELS, VOCAB, sequence_logps
 
 B, T, PROMPT = 3, 8, 3

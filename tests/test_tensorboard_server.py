@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gradlens.cli import main
-from gradlens.runs import format as F
+from gradlens.runs import schema
 
 pytest.importorskip("tensorboard")
 
@@ -54,20 +54,20 @@ def test_tensorboard_serves_tags_and_layout(tmp_path):
                 pytest.fail(f"tensorboard exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
             try:
                 tags = _get_json(f"{base}/data/plugin/scalars/tags")
-                if "tab" in tags and F.GRAD_NORM_CHOSEN in tags["tab"]:
+                if "tab" in tags and schema.GRAD_NORM_CHOSEN in tags["tab"]:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(0.5)
         else:
             pytest.fail(f"tensorboard did not serve the run's tags within 60 s (last answer: {tags})")
-        assert {F.LOSS, F.GRAD_NORM_REJECTED, F.GRAD_RATIO, F.REWARDS_MARGINS, "eval/kl_to_optimum"} <= set(tags["tab"])
+        assert {schema.LOSS, schema.GRAD_NORM_REJECTED, schema.GRAD_RATIO, schema.REWARDS_MARGINS, "eval/kl_to_optimum"} <= set(tags["tab"])
         layout = _get_json(f"{base}/data/plugin/custom_scalars/layout")
         titles = [c["title"] for c in layout["category"]]
         assert "gradlens: chosen vs rejected" in titles
         chart_tags = [tag for c in layout["category"] for chart in c["chart"] for tag in chart["multiline"]["tag"]]
-        assert F.GRAD_NORM_CHOSEN in chart_tags and F.GRAD_NORM_REJECTED in chart_tags
-        points = _get_json(f"{base}/data/plugin/scalars/scalars?run=tab&tag={urllib.request.quote(F.GRAD_NORM_CHOSEN, safe='')}")
+        assert schema.GRAD_NORM_CHOSEN in chart_tags and schema.GRAD_NORM_REJECTED in chart_tags
+        points = _get_json(f"{base}/data/plugin/scalars/scalars?run=tab&tag={urllib.request.quote(schema.GRAD_NORM_CHOSEN, safe='')}")
         assert [p[1] for p in points] == [0, 1, 2, 3]  # [wall_time, step, value] rows
     finally:
         proc.terminate()

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array, column, first_finite, last_finite
 
 PREF_ACCURACY = "eval/pref_accuracy"
@@ -25,7 +25,7 @@ def steps_to_level(evals: pd.DataFrame, level: float, column_name: str = PREF_AC
     if values is None:
         return None
     reached = np.flatnonzero(values >= level)
-    return int(as_float_array(evals[F.STEP])[reached[0]]) if reached.size else None
+    return int(as_float_array(evals[schema.STEP])[reached[0]]) if reached.size else None
 
 
 def kl_to_optimum_stats(evals: pd.DataFrame) -> dict[str, float]:
@@ -53,7 +53,7 @@ def reward_kl_frontier(evals: pd.DataFrame) -> pd.DataFrame:
     kl, reward = column(evals, KL_TO_REF), column(evals, TRUE_REWARD)
     if kl is None or reward is None:
         raise ValueError(f"evals table needs {KL_TO_REF!r} and {TRUE_REWARD!r} for a reward-KL frontier")
-    frame = pd.DataFrame({F.STEP: as_float_array(evals[F.STEP]), "kl_to_ref": kl, "true_reward": reward})
+    frame = pd.DataFrame({schema.STEP: as_float_array(evals[schema.STEP]), "kl_to_ref": kl, "true_reward": reward})
     frame = frame[np.isfinite(kl) & np.isfinite(reward)].sort_values(["kl_to_ref", "true_reward"], ascending=[True, False])
     best_before = frame["true_reward"].cummax().shift(1, fill_value=-np.inf)
     frame["on_frontier"] = frame["true_reward"] > best_before

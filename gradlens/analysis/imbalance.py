@@ -10,24 +10,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array, column, last_finite, split_finite
 
 
 def _steps(frame: pd.DataFrame) -> np.ndarray:
-    if F.STEP in frame.columns:
-        return as_float_array(frame[F.STEP])
+    if schema.STEP in frame.columns:
+        return as_float_array(frame[schema.STEP])
     return np.arange(len(frame), dtype=np.float64)
 
 
 def ratio_series(steps: pd.DataFrame) -> np.ndarray:
     """rho per step: the logged ``grad/ratio``, else ``grad_norm/rejected / grad_norm/chosen``."""
-    rho = column(steps, F.GRAD_RATIO)
+    rho = column(steps, schema.GRAD_RATIO)
     if rho is not None:
         return rho
-    chosen, rejected = column(steps, F.GRAD_NORM_CHOSEN), column(steps, F.GRAD_NORM_REJECTED)
+    chosen, rejected = column(steps, schema.GRAD_NORM_CHOSEN), column(steps, schema.GRAD_NORM_REJECTED)
     if chosen is None or rejected is None:
-        raise ValueError(f"steps table has neither {F.GRAD_RATIO!r} nor both {F.GRAD_NORM_CHOSEN!r} and {F.GRAD_NORM_REJECTED!r}")
+        raise ValueError(f"steps table has neither {schema.GRAD_RATIO!r} nor both {schema.GRAD_NORM_CHOSEN!r} and {schema.GRAD_NORM_REJECTED!r}")
     with np.errstate(divide="ignore", invalid="ignore"):
         return rejected / chosen  # x/0 -> inf and 0/0 -> nan, both counted as non-finite later
 
@@ -90,12 +90,12 @@ def ratio_stats(steps: pd.DataFrame) -> dict[str, float]:
 
 def cosine_series(steps: pd.DataFrame) -> np.ndarray:
     """cos(g_chosen, g_rejected) per step: logged, else from the dot product and the two norms."""
-    cos = column(steps, F.GRAD_COSINE)
+    cos = column(steps, schema.GRAD_COSINE)
     if cos is not None:
         return cos
-    dot, chosen, rejected = column(steps, F.GRAD_DOT), column(steps, F.GRAD_NORM_CHOSEN), column(steps, F.GRAD_NORM_REJECTED)
+    dot, chosen, rejected = column(steps, schema.GRAD_DOT), column(steps, schema.GRAD_NORM_CHOSEN), column(steps, schema.GRAD_NORM_REJECTED)
     if dot is None or chosen is None or rejected is None:
-        raise ValueError(f"steps table has no {F.GRAD_COSINE!r} column and not enough to derive it")
+        raise ValueError(f"steps table has no {schema.GRAD_COSINE!r} column and not enough to derive it")
     with np.errstate(divide="ignore", invalid="ignore"):
         return dot / (chosen * rejected)
 

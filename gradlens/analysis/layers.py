@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array
 
 
@@ -35,14 +35,14 @@ class LayerArrays:
 
 def layer_arrays(layers: pd.DataFrame) -> LayerArrays:
     """Pivot a long layers table into (step x layer) arrays."""
-    missing = {F.STEP, F.LAYER, F.CHOSEN_SQ, F.REJECTED_SQ} - set(layers.columns)
+    missing = {schema.STEP, schema.LAYER, schema.CHOSEN_SQ, schema.REJECTED_SQ} - set(layers.columns)
     if missing:
         raise ValueError(f"layers table lacks columns {sorted(missing)}")
-    step_codes, steps = pd.factorize(layers[F.STEP], sort=True)
-    layer_codes, names = pd.factorize(layers[F.LAYER], sort=False)
+    step_codes, steps = pd.factorize(layers[schema.STEP], sort=True)
+    layer_codes, names = pd.factorize(layers[schema.LAYER], sort=False)
     shape = (len(steps), len(names))
     out = []
-    for name in (F.CHOSEN_SQ, F.REJECTED_SQ):
+    for name in (schema.CHOSEN_SQ, schema.REJECTED_SQ):
         dense = np.full(shape, np.nan)
         dense[step_codes, layer_codes] = as_float_array(layers[name])
         out.append(dense)

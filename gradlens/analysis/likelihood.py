@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array, column, first_finite, last_finite
 
 
@@ -18,19 +18,19 @@ def pw_pl_trajectory(steps: pd.DataFrame) -> pd.DataFrame:
     The ratio itself is exp of the log and overflows to inf for confident
     policies; use the log column for statistics.
     """
-    log_ratio = column(steps, F.LOG_PW_OVER_PL)
+    log_ratio = column(steps, schema.LOG_PW_OVER_PL)
     if log_ratio is None:
-        raise ValueError(f"steps table has no {F.LOG_PW_OVER_PL!r} column")
+        raise ValueError(f"steps table has no {schema.LOG_PW_OVER_PL!r} column")
     with np.errstate(over="ignore"):
         ratio = np.exp(log_ratio)
-    return pd.DataFrame({F.STEP: as_float_array(steps[F.STEP]), F.LOG_PW_OVER_PL: log_ratio, "pw_over_pl": ratio})
+    return pd.DataFrame({schema.STEP: as_float_array(steps[schema.STEP]), schema.LOG_PW_OVER_PL: log_ratio, "pw_over_pl": ratio})
 
 
 def pw_pl_stats(steps: pd.DataFrame) -> dict[str, float]:
     """First and last finite mean log(p_w/p_l), their difference, and the non-finite count."""
-    log_ratio = column(steps, F.LOG_PW_OVER_PL)
+    log_ratio = column(steps, schema.LOG_PW_OVER_PL)
     if log_ratio is None:
-        raise ValueError(f"steps table has no {F.LOG_PW_OVER_PL!r} column")
+        raise ValueError(f"steps table has no {schema.LOG_PW_OVER_PL!r} column")
     initial, final = first_finite(log_ratio), last_finite(log_ratio)
     return {
         "log_pw_over_pl_initial": initial,
@@ -40,7 +40,7 @@ def pw_pl_stats(steps: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def likelihood_displacement(steps: pd.DataFrame, column_name: str = F.LOGPS_CHOSEN) -> dict[str, float]:
+def likelihood_displacement(steps: pd.DataFrame, column_name: str = schema.LOGPS_CHOSEN) -> dict[str, float]:
     """How a log-probability moves: the fraction of steps in which it falls and its net change.
 
     A step "falls" when logps(t) < logps(t-1). Differences touching a non-finite

@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array
 
 
-def seed_matrix(frames: Sequence[pd.DataFrame], column_name: str, step_column: str = F.STEP) -> tuple[np.ndarray, np.ndarray]:
+def seed_matrix(frames: Sequence[pd.DataFrame], column_name: str, step_column: str = schema.STEP) -> tuple[np.ndarray, np.ndarray]:
     """(steps, matrix): the union of step numbers and a (steps x runs) matrix of
     ``column_name``; NaN where a run has no row for a step or lacks the column."""
     per_run = []
@@ -62,4 +62,4 @@ def seed_band(frames: Sequence[pd.DataFrame], column_name: str) -> pd.DataFrame:
     """Per step: the median, 25th and 75th percentiles across runs, and how many runs had a finite value."""
     steps, matrix = seed_matrix(frames, column_name)
     q25, median, q75 = row_quantiles(matrix, [0.25, 0.5, 0.75])
-    return pd.DataFrame({F.STEP: steps, "median": median, "q25": q25, "q75": q75, "n": np.isfinite(matrix).sum(axis=1)})
+    return pd.DataFrame({schema.STEP: steps, "median": median, "q25": q25, "q75": q75, "n": np.isfinite(matrix).sum(axis=1)})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..runs import format as F
+from ..runs import schema
 from .finite import as_float_array, column, split_finite
 
 
@@ -35,7 +35,7 @@ def spikes(values, k: float = 5.0) -> np.ndarray:
 def stability(steps: pd.DataFrame, k: float = 5.0) -> dict[str, float]:
     """Spike counts for the loss and the total grad norm, and their non-finite counts."""
     out: dict[str, float] = {}
-    for name, key in ((F.LOSS, "loss"), (F.GRAD_NORM, "grad_norm")):
+    for name, key in ((schema.LOSS, "loss"), (schema.GRAD_NORM, "grad_norm")):
         values = column(steps, name)
         if values is None:
             continue

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..runs import Run
-from ..runs import format as F
+from ..runs import schema
 from .convergence import accuracy_stats, kl_to_optimum_stats, reward_kl_stats
 from .finite import column, finite_median, last_finite
 from .imbalance import cosine_stats, onset_step, ratio_stats
@@ -60,26 +60,26 @@ def run_metrics(
     out: dict[str, float] = {"steps": int(len(steps))}
     if steps.empty:
         return out
-    out["last_step"] = last_finite(steps[F.STEP]) if F.STEP in steps.columns else float(len(steps) - 1)
-    if F.NONFINITE in steps.columns:
-        out["nonfinite_steps"] = int(np.nansum(column(steps, F.NONFINITE) != 0))
-    if _has(steps, F.GRAD_RATIO) or _has(steps, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED):
+    out["last_step"] = last_finite(steps[schema.STEP]) if schema.STEP in steps.columns else float(len(steps) - 1)
+    if schema.NONFINITE in steps.columns:
+        out["nonfinite_steps"] = int(np.nansum(column(steps, schema.NONFINITE) != 0))
+    if _has(steps, schema.GRAD_RATIO) or _has(steps, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED):
         out.update(ratio_stats(steps))
         onset = onset_step(steps, onset_threshold)
         out["onset_step"] = float("nan") if onset is None else float(onset)
-    if _has(steps, F.GRAD_COSINE) or _has(steps, F.GRAD_DOT, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED):
+    if _has(steps, schema.GRAD_COSINE) or _has(steps, schema.GRAD_DOT, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED):
         out.update(cosine_stats(steps))
-    if _has(steps, F.LOG_PW_OVER_PL):
+    if _has(steps, schema.LOG_PW_OVER_PL):
         out.update(pw_pl_stats(steps))
-    if _has(steps, F.LOGPS_CHOSEN):
-        chosen = likelihood_displacement(steps, F.LOGPS_CHOSEN)
+    if _has(steps, schema.LOGPS_CHOSEN):
+        chosen = likelihood_displacement(steps, schema.LOGPS_CHOSEN)
         out.update(chosen_logp_fall_frac=chosen["fall_frac"], chosen_logp_change=chosen["net_change"])
-    if _has(steps, F.LOGPS_REJECTED):
-        out["rejected_logp_change"] = likelihood_displacement(steps, F.LOGPS_REJECTED)["net_change"]
-    if _has(steps, F.LOSS):
-        out["loss_final"] = last_finite(steps[F.LOSS])
+    if _has(steps, schema.LOGPS_REJECTED):
+        out["rejected_logp_change"] = likelihood_displacement(steps, schema.LOGPS_REJECTED)["net_change"]
+    if _has(steps, schema.LOSS):
+        out["loss_final"] = last_finite(steps[schema.LOSS])
     out.update(stability(steps, spike_k))
-    if evals is not None and not evals.empty and F.STEP in evals.columns:
+    if evals is not None and not evals.empty and schema.STEP in evals.columns:
         out.update(kl_to_optimum_stats(evals))
         out.update(reward_kl_stats(evals))
         out.update(accuracy_stats(evals, accuracy_level))
@@ -189,4 +189,4 @@ def summarize_groups(
 def run_layer_arrays(run: Run) -> LayerArrays | None:
     """The run's layers table pivoted to arrays; None when it has no layer rows."""
     table = run.layers
-    return layer_arrays(table) if _has(table, F.STEP, F.LAYER, F.CHOSEN_SQ, F.REJECTED_SQ) else None
+    return layer_arrays(table) if _has(table, schema.STEP, schema.LAYER, schema.CHOSEN_SQ, schema.REJECTED_SQ) else None

@@ -16,22 +16,22 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ..losses import PreferenceLossOutput
-from ..recording import Capture
-from ..runs import RunWriter, format as F, prepare_run_dir
+from ..gradients import Capture
+from ..runs import RunWriter, schema, prepare_run_dir
 from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from .stepper import StepResult
 
-GRADIENT_COLUMNS = (F.GRAD_NORM, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, F.GRAD_DOT, F.GRAD_COSINE, F.GRAD_RATIO)
+GRADIENT_COLUMNS = (schema.GRAD_NORM, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, schema.GRAD_DOT, schema.GRAD_COSINE, schema.GRAD_RATIO)
 # Same order as `gradlens record`, so runs from both compare column for column.
-PREFERENCE_COLUMNS = F.PREFERENCE_STEP_COLUMNS
-GROUPS_COLUMNS = (F.STEP, F.LOSS, F.LR, *GRADIENT_COLUMNS, F.NONFINITE)
+PREFERENCE_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
+GROUPS_COLUMNS = (schema.STEP, schema.LOSS, schema.LR, *GRADIENT_COLUMNS, schema.NONFINITE)
 
 TRAINER_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
 
 
 def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = ()) -> dict[str, float]:
     """The split's columns for ``pair`` = (chosen-like group, rejected-like group); NaN without a capture."""
-    extra = {f"{F.GRAD_NORM}/{g}": math.nan for g in extra_groups}
+    extra = {f"{schema.GRAD_NORM}/{g}": math.nan for g in extra_groups}
     if cap is None:
         return {**{c: math.nan for c in GRADIENT_COLUMNS}, **extra}
     a, b = pair
@@ -40,10 +40,10 @@ def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups
             raise ValueError(f"the batch's row groups are {list(cap.groups.names)}; gradlens logs group {name!r}")
     gc, gr = cap.norm(a), cap.norm(b)
     out = {
-        F.GRAD_NORM: cap.norm(), F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
-        F.GRAD_DOT: cap.dot(a, b), F.GRAD_COSINE: cap.cosine(a, b), F.GRAD_RATIO: cap.ratio(b, a),
+        schema.GRAD_NORM: cap.norm(), schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
+        schema.GRAD_DOT: cap.dot(a, b), schema.GRAD_COSINE: cap.cosine(a, b), schema.GRAD_RATIO: cap.ratio(b, a),
     }  # fmt: skip
-    out.update({f"{F.GRAD_NORM}/{g}": cap.norm(g) for g in extra_groups})
+    out.update({f"{schema.GRAD_NORM}/{g}": cap.norm(g) for g in extra_groups})
     return out
 
 
@@ -63,16 +63,16 @@ def preference_metrics(result: StepResult) -> dict[str, float]:
     logps_c = torch.cat([m.notes["chosen_logps"].double() for m in result.micro_batches if "pairs" in m.notes])
     logps_r = torch.cat([m.notes["rejected_logps"].double() for m in result.micro_batches if "pairs" in m.notes])
     return {
-        F.REWARDS_CHOSEN: chosen.mean().item(),
-        F.REWARDS_REJECTED: rejected.mean().item(),
-        F.REWARDS_MARGINS: (chosen - rejected).mean().item(),
-        F.REWARDS_ACCURACIES: (chosen > rejected).double().mean().item(),
-        F.LOGPS_CHOSEN: logps_c.mean().item(),
-        F.LOGPS_REJECTED: logps_r.mean().item(),
-        F.LOG_PW_OVER_PL: cat("log_pw_over_pl").mean().item(),
-        F.SIGMOID_NEG_U: cat("sigmoid_neg_u").mean().item(),
-        F.WEIGHT_CHOSEN: cat("weight_chosen").mean().item(),
-        F.WEIGHT_REJECTED: cat("weight_rejected").mean().item(),
+        schema.REWARDS_CHOSEN: chosen.mean().item(),
+        schema.REWARDS_REJECTED: rejected.mean().item(),
+        schema.REWARDS_MARGINS: (chosen - rejected).mean().item(),
+        schema.REWARDS_ACCURACIES: (chosen > rejected).double().mean().item(),
+        schema.LOGPS_CHOSEN: logps_c.mean().item(),
+        schema.LOGPS_REJECTED: logps_r.mean().item(),
+        schema.LOG_PW_OVER_PL: cat("log_pw_over_pl").mean().item(),
+        schema.SIGMOID_NEG_U: cat("sigmoid_neg_u").mean().item(),
+        schema.WEIGHT_CHOSEN: cat("weight_chosen").mean().item(),
+        schema.WEIGHT_REJECTED: cat("weight_rejected").mean().item(),
     }
 
 
@@ -95,15 +95,15 @@ class RunLog:
         """``resume_at=s``: continue the run directory of a trainer resumed at step s (rows >= s are dropped)."""
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
-        resume = resume_at is not None and (Path(path) / F.CONFIG).is_file()
+        resume = resume_at is not None and (Path(path) / schema.CONFIG).is_file()
         self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
-        self.writer = RunWriter(self.path, config, kind=F.KIND_PREFERENCE, resume=resume)
+        self.writer = RunWriter(self.path, config, kind=schema.KIND_PREFERENCE, resume=resume)
         if resume:
             self.writer.truncate_after(resume_at - 1)
-            (self.path / F.SUMMARY).unlink(missing_ok=True)
+            (self.path / schema.SUMMARY).unlink(missing_ok=True)
         purge = resume_at if resume else None
         self.tb = TensorBoardLogger(self.path, TRAINER_LAYOUT, purge_step=purge) if tensorboard else None
-        self.columns = list(columns) + [f"{F.GRAD_NORM}/{g}" for g in extra_groups]
+        self.columns = list(columns) + [f"{schema.GRAD_NORM}/{g}" for g in extra_groups]
         self.pair, self.extra_groups, self.layers_every = pair, tuple(extra_groups), layers_every
         self.steps_logged = 0
         self.nonfinite_steps = 0
@@ -113,10 +113,10 @@ class RunLog:
 
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
         cap = result.capture
-        row: dict[str, Any] = {F.STEP: result.step, F.LOSS: step_loss(result), F.LR: lr, **dict(metrics)}
+        row: dict[str, Any] = {schema.STEP: result.step, schema.LOSS: step_loss(result), schema.LR: lr, **dict(metrics)}
         row.update(gradient_columns(cap, self.pair, self.extra_groups))
-        finite = [row[F.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
-        row[F.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
+        finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
+        row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
         row = {c: row.get(c, math.nan) for c in self.columns}
         self.writer.log_step(row)
         if self.tb is not None:
@@ -129,7 +129,7 @@ class RunLog:
                 if self.tb is not None:
                     self.tb.ratio_histograms(result.step, layers)
         self.steps_logged += 1
-        self.nonfinite_steps += row[F.NONFINITE]
+        self.nonfinite_steps += row[schema.NONFINITE]
         self.last_row = row
         return row
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..recording import Capture, GradientRecorder
+from ..gradients import Capture, GradientRecorder
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..runs import RunWriter, prepare_run_dir
 from ..analysis.convergence import loglog_slope
-from ..runs import format as RF
+from ..runs import schema
 from . import columns as C
 from .exact import grid_track, track_for
 from .exact_gaussian import GaussianTrack, stationary_kl
@@ -207,7 +207,7 @@ def run_langevin(spec: RunSpec, out: str | Path, *, overwrite: bool = False, ten
         "exact": {"gaussian": "closed form", "product": "density grid"}.get(target.kind, "none: k-NN estimate only"),
     }
     path = prepare_run_dir(out, overwrite=overwrite)
-    writer = RunWriter(path, config, kind=RF.KIND_LANGEVIN)
+    writer = RunWriter(path, config, kind=schema.KIND_LANGEVIN)
     tb = _tensorboard(path, C.LANGEVIN_LAYOUT, tensorboard)
     echo(f"gradlens langevin: {label}, {steps} steps, {particles} particles -> {path}")
 
@@ -472,7 +472,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tens
     config = {"mode": C.MODE_SWEEP, "target": spec.target, "label": label, "m": m, "L": L, "spec": asdict(spec),
               "table": "steps.csv: one row per (d, eps) cell; step = cell index"}
     path = prepare_run_dir(out, overwrite=overwrite)
-    writer = RunWriter(path, config, kind=RF.KIND_LANGEVIN)
+    writer = RunWriter(path, config, kind=schema.KIND_LANGEVIN)
     tb = _tensorboard(path, C.SWEEP_LAYOUT, tensorboard)
     echo(f"gradlens langevin sweep: d in {spec.dims}, eps in {spec.eps} ({label}) -> {path}")
     rows = []

@@ -3,12 +3,12 @@
 This package imports nothing from training, analysis or plotting code.
 """
 
-from . import format
+from . import schema
 from .run_dir import Run, RunWriter, find_runs, is_run_dir, load_run, prepare_run_dir, write_json_atomic
 from .tables import CsvTable, RunFormatError, TruncatedRowWarning, read_table
 
 __all__ = [
-    "format",
+    "schema",
     "Run",
     "RunWriter",
     "CsvTable",

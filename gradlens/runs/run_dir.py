@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from . import format as F
+from . import schema
 from .tables import CsvTable, RunFormatError, read_table
 
 
@@ -77,8 +77,8 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     if resume:
-        if not (path / F.CONFIG).exists():
-            raise ValueError(f"{path}: nothing to resume (no {F.CONFIG}); drop --resume to start a new run")
+        if not (path / schema.CONFIG).exists():
+            raise ValueError(f"{path}: nothing to resume (no {schema.CONFIG}); drop --resume to start a new run")
         return path
     if exists and not overwrite:
         raise ValueError(
@@ -104,17 +104,17 @@ class RunWriter:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume:
-            header = {"schema_version": F.SCHEMA_VERSION, "kind": kind, "config": dict(config), "versions": environment_versions()}
-            write_json_atomic(self.path / F.CONFIG, header)
-        self.steps = CsvTable(self.path / F.STEPS)
-        self.layers = CsvTable(self.path / F.LAYERS)
-        self.evals = CsvTable(self.path / F.EVALS)
+            header = {"schema_version": schema.SCHEMA_VERSION, "kind": kind, "config": dict(config), "versions": environment_versions()}
+            write_json_atomic(self.path / schema.CONFIG, header)
+        self.steps = CsvTable(self.path / schema.STEPS)
+        self.layers = CsvTable(self.path / schema.LAYERS)
+        self.evals = CsvTable(self.path / schema.EVALS)
 
     def log_step(self, row: Mapping[str, Any]) -> None:
         self.steps.append(row)
 
     def log_layers(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
-        self.layers.append_many({F.STEP: step, F.LAYER: name, **values} for name, values in layers.items())
+        self.layers.append_many({schema.STEP: step, schema.LAYER: name, **values} for name, values in layers.items())
 
     def log_eval(self, row: Mapping[str, Any]) -> None:
         self.evals.append(row)
@@ -125,7 +125,7 @@ class RunWriter:
             table.keep_steps_upto(step)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        write_json_atomic(self.path / F.SUMMARY, summary)
+        write_json_atomic(self.path / schema.SUMMARY, summary)
 
     def close(self) -> None:
         for table in (self.steps, self.layers, self.evals):
@@ -153,28 +153,28 @@ class Run:
 
     @property
     def steps(self) -> pd.DataFrame:
-        return self._table(F.STEPS)
+        return self._table(schema.STEPS)
 
     @property
     def layers(self) -> pd.DataFrame:
-        return self._table(F.LAYERS)
+        return self._table(schema.LAYERS)
 
     @property
     def evals(self) -> pd.DataFrame:
-        return self._table(F.EVALS)
+        return self._table(schema.EVALS)
 
     @property
     def summary(self) -> dict | None:
-        path = self.path / F.SUMMARY
+        path = self.path / schema.SUMMARY
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     @property
     def complete(self) -> bool:
-        return (self.path / F.SUMMARY).exists()
+        return (self.path / schema.SUMMARY).exists()
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / F.CONFIG).is_file()
+    return (Path(path) / schema.CONFIG).is_file()
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -184,9 +184,9 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunFormatError(f"{path}: no such run directory")
     if not path.is_dir():
         raise RunFormatError(f"{path}: not a directory")
-    config_path = path / F.CONFIG
+    config_path = path / schema.CONFIG
     if not config_path.is_file():
-        raise RunFormatError(f"{path}: not a gradlens run (no {F.CONFIG}); record one with `gradlens record`")
+        raise RunFormatError(f"{path}: not a gradlens run (no {schema.CONFIG}); record one with `gradlens record`")
     try:
         header = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -201,4 +201,4 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if is_run_dir(root):
         return [root]
-    return sorted(p.parent for p in root.rglob(F.CONFIG) if p.parent != root and F.CHECKPOINTS not in p.parts)
+    return sorted(p.parent for p in root.rglob(schema.CONFIG) if p.parent != root and schema.CHECKPOINTS not in p.parts)

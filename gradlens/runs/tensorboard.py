@@ -9,19 +9,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import format as F
+from . import schema
 
 # (category, [(chart title, [tag regexes])]) -- the dashboard a user sees first.
 PREFERENCE_LAYOUT: list[tuple[str, list[tuple[str, list[str]]]]] = [
     (
         "gradlens: chosen vs rejected",
         [
-            ("gradient norms: chosen vs rejected", [F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, "^grad_norm$"]),
-            ("ratio rho = |g_rejected| / |g_chosen|", [F.GRAD_RATIO]),
-            ("cosine(g_chosen, g_rejected)", [F.GRAD_COSINE]),
-            ("rewards: chosen, rejected, margins", [F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS]),
-            ("log-probs: chosen vs rejected", [F.LOGPS_CHOSEN, F.LOGPS_REJECTED]),
-            ("loss and accuracy", ["^loss$", F.REWARDS_ACCURACIES]),
+            ("gradient norms: chosen vs rejected", [schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, "^grad_norm$"]),
+            ("ratio rho = |g_rejected| / |g_chosen|", [schema.GRAD_RATIO]),
+            ("cosine(g_chosen, g_rejected)", [schema.GRAD_COSINE]),
+            ("rewards: chosen, rejected, margins", [schema.REWARDS_CHOSEN, schema.REWARDS_REJECTED, schema.REWARDS_MARGINS]),
+            ("log-probs: chosen vs rejected", [schema.LOGPS_CHOSEN, schema.LOGPS_REJECTED]),
+            ("loss and accuracy", ["^loss$", schema.REWARDS_ACCURACIES]),
         ],
     )
 ]
@@ -30,10 +30,10 @@ REWEIGHTING_LAYOUT = [
     (
         "gradlens: reweighting",
         [
-            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [F.WEIGHT_CHOSEN, F.WEIGHT_REJECTED]),
-            ("mean log(p_w / p_l)", [F.LOG_PW_OVER_PL]),
-            ("mean sigma(-u): DPO's per-pair coefficient", [F.SIGMOID_NEG_U]),
-            ("dot(g_chosen, g_rejected)", [F.GRAD_DOT]),
+            ("Balanced-DPO weights a_w, a_l (1 for DPO)", [schema.WEIGHT_CHOSEN, schema.WEIGHT_REJECTED]),
+            ("mean log(p_w / p_l)", [schema.LOG_PW_OVER_PL]),
+            ("mean sigma(-u): DPO's per-pair coefficient", [schema.SIGMOID_NEG_U]),
+            ("dot(g_chosen, g_rejected)", [schema.GRAD_DOT]),
         ],
     )
 ]
@@ -54,7 +54,7 @@ class TensorBoardLogger:
 
     def scalars(self, step: int, values: Mapping[str, object]) -> None:
         for tag, value in values.items():
-            if tag == F.STEP or value is None or isinstance(value, str):
+            if tag == schema.STEP or value is None or isinstance(value, str):
                 continue
             self.writer.add_scalar(tag, float(value), global_step=step)
 
@@ -62,7 +62,7 @@ class TensorBoardLogger:
         """Per-layer histograms of log10 rho (one histogram per layer, over time)."""
         logs = []
         for name, v in layers.items():
-            chosen, rejected = v[F.CHOSEN_SQ], v[F.REJECTED_SQ]
+            chosen, rejected = v[schema.CHOSEN_SQ], v[schema.REJECTED_SQ]
             if chosen > 0 and rejected > 0 and math.isfinite(chosen) and math.isfinite(rejected):
                 value = 0.5 * math.log10(rejected / chosen)
                 logs.append(value)

@@ -21,7 +21,7 @@ from ..analysis.layers import LayerArrays, binned_log_ratio
 from ..analysis.seeds import row_quantiles, seed_matrix
 from ..analysis.summary import run_layer_arrays, summarize_groups
 from ..runs import Run
-from ..runs import format as F
+from ..runs import schema
 from .draw import add_legend, draw_index, draw_seeds, finish, legend_label, panel_grid, save_figure, single_axis, step_axis
 from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
 from .style import CHOSEN_COLOR, REJECTED_COLOR, color_for, plt
@@ -48,7 +48,7 @@ _LAYER_CACHE: dict[tuple, LayerArrays | None] = {}
 
 
 def _layers_of(run: Run) -> LayerArrays | None:
-    path = run.path / F.LAYERS
+    path = run.path / schema.LAYERS
     try:
         stat = path.stat()
         key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -72,7 +72,7 @@ def _has_column(groups: RunGroups, column: str, table: str = "steps") -> bool:
 def _require(groups: RunGroups, *columns: str, table: str = "steps") -> None:
     missing = [c for c in columns if not _has_column(groups, c, table)]
     if missing:
-        file = {"steps": F.STEPS, "evals": F.EVALS, "layers": F.LAYERS}[table]
+        file = {"steps": schema.STEPS, "evals": schema.EVALS, "layers": schema.LAYERS}[table]
         raise SkipFigure(f"no run has column(s) {', '.join(missing)} in {file}")
 
 
@@ -119,7 +119,7 @@ def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str
 
 
 def fig_norms(groups: RunGroups, options: PlotOptions):
-    fig, axes = _chosen_rejected_panels(groups, options, F.GRAD_NORM_CHOSEN, F.GRAD_NORM_REJECTED, log=True, what="‖g‖")
+    fig, axes = _chosen_rejected_panels(groups, options, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, log=True, what="‖g‖")
     axes[0].set_ylabel("gradient norm (log scale)")
     finish(fig, "Gradient norms of the chosen and rejected terms")
     return fig
@@ -127,23 +127,23 @@ def fig_norms(groups: RunGroups, options: PlotOptions):
 
 def _ratio_frame(steps: pd.DataFrame) -> pd.DataFrame:
     """``step`` and rho: logged, or derived from the two norms for runs that lack the column."""
-    if F.GRAD_RATIO in steps.columns or steps.empty:
+    if schema.GRAD_RATIO in steps.columns or steps.empty:
         return steps
-    if F.GRAD_NORM_CHOSEN not in steps.columns or F.GRAD_NORM_REJECTED not in steps.columns:
+    if schema.GRAD_NORM_CHOSEN not in steps.columns or schema.GRAD_NORM_REJECTED not in steps.columns:
         return pd.DataFrame()
-    return pd.DataFrame({F.STEP: steps[F.STEP], F.GRAD_RATIO: ratio_series(steps)})
+    return pd.DataFrame({schema.STEP: steps[schema.STEP], schema.GRAD_RATIO: ratio_series(steps)})
 
 
 def fig_ratio(groups: RunGroups, options: PlotOptions):
-    if not (_has_column(groups, F.GRAD_RATIO) or _has_column(groups, F.GRAD_NORM_CHOSEN)):
-        raise SkipFigure(f"no run has column {F.GRAD_RATIO} in {F.STEPS}")
+    if not (_has_column(groups, schema.GRAD_RATIO) or _has_column(groups, schema.GRAD_NORM_CHOSEN)):
+        raise SkipFigure(f"no run has column {schema.GRAD_RATIO} in {schema.STEPS}")
     fig, ax = single_axis()
     colors = _colors(groups)
     drawn = False
     for label, runs in groups.items():
         frames = [_ratio_frame(f) for f in _frames(runs)]
-        drawn |= draw_seeds(ax, frames, F.GRAD_RATIO, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=True)
-    _skip_if_empty(fig, drawn, F.GRAD_RATIO)
+        drawn |= draw_seeds(ax, frames, schema.GRAD_RATIO, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=True)
+    _skip_if_empty(fig, drawn, schema.GRAD_RATIO)
     ax.set_yscale("log")
     step_axis(ax)
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (balanced)")
@@ -154,7 +154,7 @@ def fig_ratio(groups: RunGroups, options: PlotOptions):
 
 
 def fig_cosine(groups: RunGroups, options: PlotOptions):
-    fig, ax = _one_column_per_group(groups, options, F.GRAD_COSINE)
+    fig, ax = _one_column_per_group(groups, options, schema.GRAD_COSINE)
     ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("cos(g_chosen, g_rejected)")
@@ -164,14 +164,14 @@ def fig_cosine(groups: RunGroups, options: PlotOptions):
 
 
 def fig_logps(groups: RunGroups, options: PlotOptions):
-    fig, axes = _chosen_rejected_panels(groups, options, F.LOGPS_CHOSEN, F.LOGPS_REJECTED, log=False, what="log p")
+    fig, axes = _chosen_rejected_panels(groups, options, schema.LOGPS_CHOSEN, schema.LOGPS_REJECTED, log=False, what="log p")
     axes[0].set_ylabel("sequence log-probability (nats)")
     finish(fig, "Log-probabilities of chosen and rejected responses")
     return fig
 
 
 def fig_pw_over_pl(groups: RunGroups, options: PlotOptions):
-    fig, ax = _one_column_per_group(groups, options, F.LOG_PW_OVER_PL)
+    fig, ax = _one_column_per_group(groups, options, schema.LOG_PW_OVER_PL)
     ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0, label="p_w = p_l")
     ax.set_ylabel("mean log(p_w / p_l) (nats)")
     add_legend(ax)
@@ -180,9 +180,9 @@ def fig_pw_over_pl(groups: RunGroups, options: PlotOptions):
 
 
 def fig_rewards(groups: RunGroups, options: PlotOptions):
-    columns = [c for c in (F.REWARDS_CHOSEN, F.REWARDS_REJECTED, F.REWARDS_MARGINS) if _has_column(groups, c)]
+    columns = [c for c in (schema.REWARDS_CHOSEN, schema.REWARDS_REJECTED, schema.REWARDS_MARGINS) if _has_column(groups, c)]
     if not columns:
-        raise SkipFigure(f"no run has rewards/* columns in {F.STEPS}")
+        raise SkipFigure(f"no run has rewards/* columns in {schema.STEPS}")
     fig, axes = panel_grid(len(columns), width=4.6, sharey=False)
     colors = _colors(groups)
     drawn = False
@@ -200,7 +200,7 @@ def fig_rewards(groups: RunGroups, options: PlotOptions):
 
 
 def fig_loss(groups: RunGroups, options: PlotOptions):
-    fig, ax = _one_column_per_group(groups, options, F.LOSS)
+    fig, ax = _one_column_per_group(groups, options, schema.LOSS)
     ax.set_ylabel("DPO loss (nats)")
     add_legend(ax)
     finish(fig, "Training loss (the DPO value, for every method)")
@@ -272,7 +272,7 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
     arrays = {label: [a for a in (_layers_of(r) for r in runs) if a is not None and a.steps.size] for label, runs in groups.items()}
     arrays = {label: a for label, a in arrays.items() if a}
     if not arrays:
-        raise SkipFigure(f"no run has per-layer rows in {F.LAYERS}")
+        raise SkipFigure(f"no run has per-layer rows in {schema.LAYERS}")
     all_steps = np.concatenate([a.steps for group in arrays.values() for a in group])
     first, last = float(all_steps.min()), float(all_steps.max())
     n_bins = int(min(HEATMAP_BINS, np.unique(all_steps).size))
@@ -358,4 +358,4 @@ def summarize(groups: RunGroups, options: PlotOptions) -> pd.DataFrame:
     return summary
 
 
-register_plotter(F.KIND_PREFERENCE, KindPlotter(summarize=summarize, figures=figures, default_group_by="loss"))
+register_plotter(schema.KIND_PREFERENCE, KindPlotter(summarize=summarize, figures=figures, default_group_by="loss"))

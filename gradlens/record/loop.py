@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..losses import PreferenceLossOutput, preference_loss
-from ..runs import RunWriter, format as F, write_json_atomic
+from ..runs import RunWriter, schema, write_json_atomic
 from ..runs.tables import CsvTable
 from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
@@ -39,10 +39,10 @@ from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
 
-STEP_COLUMNS = F.PREFERENCE_STEP_COLUMNS
+STEP_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
 # --per-row: one row per (step, pair, side) with that row's own gradient norm.
 ROWS_FILE = "rows.csv"
-ROW_COLUMNS = (F.STEP, "pair", "side", "grad_norm")
+ROW_COLUMNS = (schema.STEP, "pair", "side", "grad_norm")
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
 
 # The shared chosen-vs-rejected dashboard plus the reweighting and evaluation charts.
@@ -194,7 +194,7 @@ class RunOutputs:
     """Owns one run's outputs: CSV tables, TensorBoard and the per-row table."""
 
     def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool):
-        self.writer = RunWriter(run_dir, config, kind=F.KIND_PREFERENCE, resume=resume)
+        self.writer = RunWriter(run_dir, config, kind=schema.KIND_PREFERENCE, resume=resume)
         self.rows = CsvTable(run_dir / ROWS_FILE, ROW_COLUMNS) if per_row else None
         if resume:
             self.writer.truncate_after(start - 1)
@@ -254,7 +254,7 @@ def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
 
     from ..runs.run_dir import environment_versions
 
-    path = run_dir / F.CONFIG
+    path = run_dir / schema.CONFIG
     header = json.loads(path.read_text(encoding="utf-8"))
     header["config"] = config
     header.setdefault("resumes", []).append({"from_step": start, "versions": environment_versions()})
@@ -312,7 +312,7 @@ def record_run(
     out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
     if resume and main:
         _update_config_on_resume(run_dir, config, start)
-        (run_dir / F.SUMMARY).unlink(missing_ok=True)
+        (run_dir / schema.SUMMARY).unlink(missing_ok=True)
     if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():
         ckpt.save_reference(run_dir, env.policy)
 
@@ -334,7 +334,7 @@ def record_run(
         nonlocal last_eval
         if not main:
             return
-        row = {F.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
+        row = {schema.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
         out.log_eval(at, row)
         last_eval = row
 
@@ -347,16 +347,16 @@ def record_run(
                 evaluate(step)
             row, layers, per_row = _train_step(cfg, step, trained, env, recorder, reference_logps, order, optimizer, device, dist)
             out.log_step(step, row, layers, per_row)
-            bar.step(row[F.LOSS], row[F.GRAD_NORM_CHOSEN], row[F.GRAD_NORM_REJECTED])
+            bar.step(row[schema.LOSS], row[schema.GRAD_NORM_CHOSEN], row[schema.GRAD_NORM_REJECTED])
             last_row = row
-            if row[F.NONFINITE]:
+            if row[schema.NONFINITE]:
                 nonfinite_steps += 1
-                detail = f"loss={row[F.LOSS]}, grad_norm={row[F.GRAD_NORM]}"
+                detail = f"loss={row[schema.LOSS]}, grad_norm={row[schema.GRAD_NORM]}"
                 if not cfg.skip_nonfinite:
                     status = STATUS_NONFINITE
                     message = (
                         f"step {step}: the loss or the gradient is not finite ({detail}); the run stopped. "
-                        f"The step is logged in {run_dir / F.STEPS}. Pass --skip-nonfinite to skip such steps "
+                        f"The step is logged in {run_dir / schema.STEPS}. Pass --skip-nonfinite to skip such steps "
                         f"(e.g. --resume --skip-nonfinite continues from the last checkpoint)."
                     )
                     break
@@ -419,18 +419,18 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
             rejected_logps.append(logps[b:].detach())
     merged = merge_outputs(gather_outputs(outputs, dist))
     g, gc, gr = cap.norm(), cap.norm("chosen"), cap.norm("rejected")
-    row = {F.STEP: step, **merged.metrics()}
+    row = {schema.STEP: step, **merged.metrics()}
     chosen_all, rejected_all = dist.gather([torch.cat(chosen_logps), torch.cat(rejected_logps)])
-    row[F.LOGPS_CHOSEN] = chosen_all.double().mean().item()
-    row[F.LOGPS_REJECTED] = rejected_all.double().mean().item()
-    row[F.LR] = optimizer.param_groups[0]["lr"]
+    row[schema.LOGPS_CHOSEN] = chosen_all.double().mean().item()
+    row[schema.LOGPS_REJECTED] = rejected_all.double().mean().item()
+    row[schema.LR] = optimizer.param_groups[0]["lr"]
     row.update({
-        F.GRAD_NORM: g, F.GRAD_NORM_CHOSEN: gc, F.GRAD_NORM_REJECTED: gr,
-        F.GRAD_DOT: cap.dot("chosen", "rejected"), F.GRAD_COSINE: cap.cosine("chosen", "rejected"),
-        F.GRAD_RATIO: cap.ratio("rejected", "chosen"),
+        schema.GRAD_NORM: g, schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
+        schema.GRAD_DOT: cap.dot("chosen", "rejected"), schema.GRAD_COSINE: cap.cosine("chosen", "rejected"),
+        schema.GRAD_RATIO: cap.ratio("rejected", "chosen"),
     })
     nonfinite = merged.nonfinite or not all(math.isfinite(v) for v in (g, gc, gr))
-    row[F.NONFINITE] = int(nonfinite)
+    row[schema.NONFINITE] = int(nonfinite)
     row = {name: row[name] for name in STEP_COLUMNS}
     layers = cap.layer_table() if step % cfg.layers_every == 0 else None
     per_row = None
@@ -455,7 +455,7 @@ def _log_per_row(out: RunOutputs, step: int, per_row) -> None:
         for side, base in (("chosen", offset), ("rejected", offset + b)):
             part = norms[base : base + b]
             sides[side].append(part)
-            rows.extend({F.STEP: step, "pair": pair, "side": side, "grad_norm": value} for pair, value in zip(chunk, part.tolist()))
+            rows.extend({schema.STEP: step, "pair": pair, "side": side, "grad_norm": value} for pair, value in zip(chunk, part.tolist()))
         offset += 2 * b
     out.rows.append_many(rows)
     for side, parts in sides.items():

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runs import format as F
+from ..runs import schema
 from ..runs import is_run_dir
 from .config import RecordConfig
 
@@ -48,7 +48,7 @@ def _suffixed(path: Path, k: int) -> Path:
 
 def is_complete(path: Path, steps: int | None = None) -> bool:
     """A run that finished all its steps (a non-finite stop is not complete)."""
-    summary = path / F.SUMMARY
+    summary = path / schema.SUMMARY
     if not summary.is_file():
         return False
     try:
@@ -85,7 +85,7 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
             elif out is None and not _occupied(path):
                 plans.append(PlannedRun(cfg, path, NEW, "not started before; starting it"))
             elif _occupied(path):
-                raise ValueError(f"{path}: not a gradlens run directory (no {F.CONFIG}); it was left unchanged")
+                raise ValueError(f"{path}: not a gradlens run directory (no {schema.CONFIG}); it was left unchanged")
             else:
                 raise ValueError(f"{path}: nothing to resume (no such run); drop --resume to start a new run")
         elif _occupied(path):

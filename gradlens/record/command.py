@@ -223,12 +223,12 @@ def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) ->
 def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
     import json
 
-    from ..runs import format as F
+    from ..runs import schema
 
     print(f"gradlens record: {len(plans)} run(s) in {seconds:.1f} s")
     width = max(len(str(run.path)) for run in plans)
     for run, result in results:
-        summary_path = run.path / F.SUMMARY
+        summary_path = run.path / schema.SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         status = summary.get("status", "?") if summary else "incomplete"
         steps = summary.get("steps_logged", "?") if summary else "?"

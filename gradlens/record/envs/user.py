@@ -2,8 +2,8 @@
 
 The model and tokenizer load with ``from_pretrained(PATH, local_files_only=True)``:
 nothing is downloaded. The data is JSONL, CSV or Parquet in TRL's standard or
-conversational format (see ``gradlens.train.data``), tokenised the TRL way
-(``gradlens.train.tokenization``). Evaluations use ``--eval-data`` when given,
+conversational format (see ``gradlens.record.data``), tokenised the TRL way
+(``gradlens.record.tokenization``). Evaluations use ``--eval-data`` when given,
 otherwise a fixed subset (the first ``EVAL_SUBSET`` pairs) of the training data,
 and report the policy's log-probs of chosen and rejected, the preference accuracy
 of the implicit reward, its mean margin and the DPO loss.

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runs import format as F
+from ..runs import schema
 from ..runs import write_json_atomic
 
 MODEL_FILE = "model.safetensors"
@@ -40,7 +40,7 @@ class Checkpoint:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / F.CHECKPOINTS
+    return Path(run_dir) / schema.CHECKPOINTS
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:

@@ -40,7 +40,7 @@ class KindPlotter:
 PLOTTERS: dict[str, KindPlotter] = {}
 
 # Modules that register plotters; imported lazily by `get_plotter`.
-PLOTTER_MODULES = {"preference": "gradlens.plots.preference", "langevin": "gradlens.plots.langevin"}
+PLOTTER_MODULES = {"preference": "gradlens.plot.preference", "langevin": "gradlens.plot.langevin"}
 
 
 def register_plotter(kind: str, plotter: KindPlotter) -> None:
