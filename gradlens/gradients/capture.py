@@ -83,10 +83,16 @@ class Capture:
     """Collects one step's per-group gradients; query it after the ``with`` block."""
 
     def __init__(
-        self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False, distributed: str = "local"
+        self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False, distributed: str = "local",
+        keep: tuple[str, ...] = (),
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
+        for name in keep:
+            if name not in groups.names:
+                raise ValueError(f"keep={keep!r}: unknown group {name!r}; this capture has {list(groups.names)}")
+        self.keep = tuple(keep)
+        self._kept: dict[str, dict[str, tuple[torch.nn.Parameter, torch.Tensor]]] = {g: {} for g in self.keep}
         self.distributed = distributed
         self._recorder = recorder
         self.groups = groups
@@ -257,6 +263,9 @@ class Capture:
         for a, b in itertools.combinations(names, 2):
             va, vb = vectors[a], vectors[b]
             st.dots[(a, b)] = _dot(va, vb) if va is not None and vb is not None else 0.0
+        for g in self.keep:  # opt-in: the caller wants these pieces themselves (gradlens.balance)
+            piece = vectors[g] if vectors[g] is not None else torch.zeros_like(total)
+            self._kept[g][st.name] = (st.param, piece)
         st.groups.clear()
 
     def _probe_agrees(self, st: ParamState, total: torch.Tensor) -> bool:
@@ -351,6 +360,19 @@ class Capture:
             entry["rejected_sq"] += st.sq.get(b, 0.0)
             entry["dot"] += st.dots.get(key, 0.0)
         return table
+
+    def pieces(self, group: str) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Parameter name -> (parameter, its gradient piece from ``group``'s rows), for groups in ``keep``.
+
+        The pieces add up to each parameter's gradient (float32, or float64 for
+        float64 parameters). Unattributed parameters are absent. Each kept group
+        holds one model-sized buffer until the capture is dropped.
+        """
+        self._require_finished()
+        if group not in self.keep:
+            raise ValueError(f"group {group!r} was not kept: use rec.capture(..., keep=({group!r}, ...))")
+        unattributed = {st.name for st in self._params.values() if st.unattributed}
+        return {name: item for name, item in self._kept[group].items() if name not in unattributed}
 
     def per_row_norms(self) -> torch.Tensor:
         """Norm of each row's own gradient (float64), rows of all backward calls in order."""

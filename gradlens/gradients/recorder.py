@@ -212,6 +212,7 @@ class GradientRecorder:
         per_row: bool = False,
         verify: bool = False,
         distributed: str | None = None,
+        keep: tuple[str, ...] = (),
     ) -> Iterator[Capture]:
         """Record the backward calls made inside the block, split by row ``groups``.
 
@@ -225,6 +226,10 @@ class GradientRecorder:
         there) all-reduces the group pieces so the norms are those of the global,
         rank-averaged gradient, like ``p.grad``; ``"local"`` (default otherwise) skips
         the communication and reports this rank's own split.
+
+        ``keep``: group names whose gradient pieces stay available after the block
+        (``cap.pieces(name)``), e.g. for ``gradlens.balance``; each costs one
+        model-sized buffer. By default the pieces are freed once their norms are taken.
         """
         if self._closed:
             raise RuntimeError("this GradientRecorder was closed; create a new one")
@@ -232,7 +237,7 @@ class GradientRecorder:
             raise RuntimeError("a capture is already open on this recorder; captures cannot nest")
         if distributed is None:
             distributed = "global" if _world_size() > 1 else "local"
-        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed)
+        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed, keep=keep)
         self._capture = cap
         try:
             yield cap

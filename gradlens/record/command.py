@@ -18,8 +18,8 @@ from pathlib import Path
 from ..runs import is_run_dir, prepare_run_dir
 from . import plan as P
 from .config import (
-    BALANCE_SPACES, DTYPES, ENVS, OPTIMIZERS, RecordConfig, apply_resume_overrides, config_from_saved,
-    load_config_file, parse_losses, resolve,
+    BALANCE_SPACES, DTYPES, ENVS, OPTIMIZERS, OPTION_FIELDS, RecordConfig, apply_resume_overrides, config_from_saved,
+    load_config_file, loss_names, parse_loss_options, parse_losses, resolve,
 )
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
@@ -44,10 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", metavar="DIR", default=s, help="--env user: local Hugging Face model directory (never downloaded)")
     what.add_argument("--data", metavar="FILE", default=s, help="--env user: preference pairs, .jsonl/.csv/.parquet, TRL standard or conversational format")
     what.add_argument("--eval-data", metavar="FILE", default=s, help="--env user: held-out pairs for evaluations (default: the first 64 training pairs)")
-    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help="dpo, balanced or adadpo; a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
+    what.add_argument("--loss-option", dest="loss_options", metavar="KEY=VALUE", action="append", default=s, help=f"another option of the loss, repeatable: {_option_help()}")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=s, help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6)")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="default adam (tabular) or adamw")
@@ -75,12 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
 
 
+def _option_help() -> str:
+    from ..losses import REWEIGHTINGS
+
+    parts = [f"{name}: " + ", ".join(f"{o.name} (default {o.default})" for o in m.options if o.name not in OPTION_FIELDS)
+             for name, m in REWEIGHTINGS.items() if any(o.name not in OPTION_FIELDS for o in m.options)]  # fmt: skip
+    return "; ".join(parts)
+
+
 def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
     """(settings from the config file, settings from flags)."""
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
     if "loss" in flags:
         flags["loss"] = parse_losses(flags["loss"], where="--loss")
+    if "loss_options" in flags:
+        flags["loss_options"] = parse_loss_options(flags["loss_options"])
     return file_values, flags
 
 

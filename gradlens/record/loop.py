@@ -29,12 +29,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..losses import PreferenceLossOutput, preference_loss
+from ..losses import PreferenceLossOutput, get_reweighting, preference_loss
 from ..runs import RunWriter, schema, write_json_atomic
 from ..runs.tables import CsvTable
 from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
-from .config import RecordConfig, to_dict
+from .config import RecordConfig, method_options, to_dict
 from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
@@ -400,7 +400,12 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
     first = len(chunks[0])
-    with recorder.capture(groups={"chosen": slice(0, first), "rejected": slice(first, 2 * first)}, per_row=cfg.per_row) as cap:
+    method, options = get_reweighting(cfg.loss), method_options(cfg)
+    if method.rebalance is not None and dist.world > 1:
+        raise ValueError(f"--loss {cfg.loss} rewrites the gradient from the recorded pieces; it is not supported under torchrun yet")
+    keep = ("chosen", "rejected") if method.rebalance is not None else ()  # the parameter-space step needs the pieces
+    groups = {"chosen": slice(0, first), "rejected": slice(first, 2 * first)}
+    with recorder.capture(groups=groups, per_row=cfg.per_row, keep=keep) as cap:
         for k, chunk in enumerate(chunks):
             b = len(chunk)
             cap.set_groups({"chosen": slice(0, b), "rejected": slice(b, 2 * b)})
@@ -409,8 +414,7 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
                 ref_chosen, ref_rejected = reference_logps.get(chunk)
                 result = preference_loss(
                     logps[:b].float(), logps[b:].float(), ref_chosen, ref_rejected,
-                    beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
-                    chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], adadpo_cap=cfg.adadpo_cap,
+                    beta=cfg.beta, method=cfg.loss, options=options, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
                 )
                 # b·N/B: DDP averages over N ranks, so p.grad is the full-batch mean gradient.
                 (result.loss * (b * dist.world / cfg.batch_size)).backward()
@@ -439,6 +443,8 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
     else:
+        if method.rebalance is not None:  # the logged norms above are DPO's pieces; the update is rebalanced
+            method.rebalance(cap, **options)
         optimizer.step()
     return row, layers, per_row
 
