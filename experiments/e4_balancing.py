@@ -53,6 +53,24 @@ import pandas as pd
 
 import common
 
+FIGURES = [
+    "figures/e4_tabular.png",
+    "figures/e4_gpt2.png",
+    "figures/e4_tabular_stats.csv",
+    "figures/e4_tabular_stats.md",
+    "figures/e4_tabular_stats_readable.md",
+    "figures/e4_gpt2_stats.csv",
+    "figures/e4_gpt2_stats.md",
+    "figures/e4_gpt2_stats_readable.md",
+    "figures/e4_tabular_tuning.csv",
+    "figures/e4_tabular_tuning.md",
+    "figures/e4_gpt2_tuning.csv",
+    "figures/e4_gpt2_tuning.md",
+    "figures/e4_step_time.csv",
+    "figures/e4_step_time.md",
+    "figures/e4_tabular_runtime.json",
+    "figures/e4_gpt2_runtime.json",
+]
 # name -> (label, RecordConfig fields). One colour per method, in this order, in every E4 figure.
 METHODS = {
     "dpo": ("DPO (τ=0)", dict(loss="dpo")),
@@ -75,7 +93,7 @@ FULL = {
 }  # fmt: skip
 SMOKE = {
     "tabular": dict(betas=(0.5,), lrs=(0.03, 0.1), tune_seeds=(100,), seeds=(0, 1), steps=20, eval_every=5),
-    "gpt2": dict(betas=(0.1,), lrs=(1e-3, 3e-3), tune_seeds=(100,), seeds=(0, 1), steps=6, eval_every=2, sft_steps=10, timing_reps=2),
+    "gpt2": dict(betas=(0.1,), lrs=(1e-3,), tune_seeds=(100,), seeds=(0, 1), steps=4, eval_every=2, sft_steps=10, timing_reps=2),
 }
 # Below these the difference is reported as negligible (units of the metric).
 MIN_EFFECT = {

@@ -62,6 +62,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from . import metric_names as names
 from .balance import rebalance_capture
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -242,18 +243,16 @@ class PreferenceLossOutput:
 
     def metrics(self) -> dict[str, float]:
         """Batch means under TRL's names (plus gradlens's own)."""
-        from .runs import schema
-
         return {
-            schema.LOSS: self.dpo_loss.item(),
-            schema.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
-            schema.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
-            schema.REWARDS_MARGINS: self.margins.mean().item(),
-            schema.REWARDS_ACCURACIES: (self.chosen_rewards > self.rejected_rewards).float().mean().item(),
-            schema.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
-            schema.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
-            schema.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
-            schema.WEIGHT_REJECTED: self.weight_rejected.mean().item(),
+            names.LOSS: self.dpo_loss.item(),
+            names.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
+            names.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
+            names.REWARDS_MARGINS: self.margins.mean().item(),
+            names.REWARDS_ACCURACIES: (self.chosen_rewards > self.rejected_rewards).float().mean().item(),
+            names.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
+            names.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
+            names.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
+            names.WEIGHT_REJECTED: self.weight_rejected.mean().item(),
         }
 
 
