@@ -163,9 +163,11 @@ def read_optimizer_state(checkpoint: Checkpoint) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message is advice on how to load it anyway; keep only what was found.
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
-            f"{path}: refused: it holds Python objects other than tensors and plain values, which gradlens never unpickles ({first})"
+            f"{path}: refused: it holds Python objects other than tensors and plain values, which gradlens never "
+            f"unpickles{f' ({found})' if found else ''}; it was not written by gradlens"
         ) from None
     except Exception as exc:  # a truncated or overwritten zip raises RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
