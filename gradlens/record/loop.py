@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..gradients import GradientRecorder
 from ..losses import PreferenceLossOutput, preference_loss
 from ..runs import RunWriter, schema, write_json_atomic
 from ..runs.tables import CsvTable
@@ -285,8 +286,6 @@ def record_run(
 
     Under torchrun every rank calls this; only rank 0 (``dist.is_main``) writes.
     """
-    from .. import GradientRecorder
-
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
