@@ -35,14 +35,16 @@ from ..runs import RunWriter, schema, write_json_atomic
 from ..runs.tables import CsvTable
 from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
+from . import resume as R
 from .config import RecordConfig, to_dict
 from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
+from .resume import ResumePoint
 
 STEP_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
 # --per-row: one row per (step, pair, side) with that row's own gradient norm.
-ROWS_FILE = "rows.csv"
+ROWS_FILE = schema.ROWS
 ROW_COLUMNS = (schema.STEP, "pair", "side", "grad_norm")
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
 
@@ -60,8 +62,8 @@ RECORD_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT + [
     ),
 ]
 
-STATUS_COMPLETE = "complete"
-STATUS_NONFINITE = "nonfinite"
+STATUS_COMPLETE = schema.STATUS_COMPLETE
+STATUS_NONFINITE = schema.STATUS_NONFINITE
 
 
 @dataclass
@@ -80,6 +82,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device {name!r} is not a torch device ({exc})") from exc
+    if device.type == "meta":
+        raise ValueError("--device meta holds no data, so nothing can be trained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -195,12 +199,9 @@ class RunOutputs:
     """Owns one run's outputs: CSV tables, TensorBoard and the per-row table."""
 
     def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool):
+        # A resumed run's tables were already cut back to ``start`` (resume.begin).
         self.writer = RunWriter(run_dir, config, kind=schema.KIND_PREFERENCE, resume=resume)
         self.rows = CsvTable(run_dir / ROWS_FILE, ROW_COLUMNS) if per_row else None
-        if resume:
-            self.writer.truncate_after(start - 1)
-            if self.rows is not None:
-                self.rows.keep_steps_upto(start - 1)
         self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None)
 
     def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
@@ -249,19 +250,6 @@ class NoOutputs:
         pass
 
 
-def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
-    """Keep config.json's settings current (e.g. a new --steps) and note the resume."""
-    import json
-
-    from ..runs.run_dir import environment_versions
-
-    path = run_dir / schema.CONFIG
-    header = json.loads(path.read_text(encoding="utf-8"))
-    header["config"] = config
-    header.setdefault("resumes", []).append({"from_step": start, "versions": environment_versions()})
-    write_json_atomic(path, header)
-
-
 def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = DistContext()) -> None:
     """Problems that only show once the data is loaded; raised before anything is written."""
     if cfg.batch_size > env.num_pairs():
@@ -277,14 +265,16 @@ def record_run(
     run_dir: Path,
     env: PreferenceEnv,
     *,
-    resume: bool = False,
+    resume: "bool | ResumePoint | None" = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
-    Under torchrun every rank calls this; only rank 0 (``dist.is_main``) writes.
+    ``resume``: a ``ResumePoint`` from ``resume.plan_resume`` (or True to plan it
+    here) continues the run from its last checkpoint. Under torchrun every rank
+    calls this; only rank 0 (``dist.is_main``) writes.
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -300,18 +290,14 @@ def record_run(
     reference.requires_grad_(False)
     optimizer = build_optimizer(cfg, policy.parameters())
 
-    start, state = 0, {}
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is not None:
-            state = ckpt.load_checkpoint(found, policy, optimizer, device)
-            start = found.step
+    point = R.plan_resume(run_dir, cfg, R.saved_config(run_dir)) if resume is True else (resume or None)
+    resume = point is not None
+    start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
-    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
     if resume and main:
-        _update_config_on_resume(run_dir, config, start)
-        (run_dir / schema.SUMMARY).unlink(missing_ok=True)
+        R.begin(run_dir, point, config)  # the first write of a resumed run
+    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
     if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():
         ckpt.save_reference(run_dir, env.policy)
 
