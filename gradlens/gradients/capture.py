@@ -146,7 +146,8 @@ class Capture:
                 f"module {path!r} sees a batch of {rows} rows along dim 0, but the groups cover {self.groups.num_rows} rows; "
                 "gradlens splits gradients along dim 0 (pass num_rows= if some rows belong to no group)"
             )
-        params = dict(use.module.named_parameters(recurse=False))
+        sharded = self._recorder.sharded  # FSDP2: pieces are keyed and kept sharded (gradients/fsdp.py)
+        params = sharded.own_params(use.module) if sharded else dict(use.module.named_parameters(recurse=False))
         low = any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None))
         names = self.groups.names
         explicit = names[:-1] if self.complement and rule.name not in RECOMPUTE_RULES else names
@@ -162,7 +163,7 @@ class Capture:
             st.low_precision |= low
             for g in explicit:
                 if not (self.complement and g == names[-1]):
-                    st.add(g, parts[g][local])
+                    st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
             value, scale = probes[local]
             st.probe_hooks = st.probe_hooks + value.detach()  # stays on device: no sync per use
             st.probe_scale = st.probe_scale + scale.detach()
@@ -223,12 +224,15 @@ class Capture:
         states = list(self._params.values())
         for st in states:
             self._resolve_total(st)
-        if self.distributed == "global":
-            from .distributed import all_reduce_states
+        if self._recorder.sharded is not None:  # FSDP2: totals, probe check and norms over shards
+            states = self._recorder.sharded.finish(self, states)
+        else:
+            if self.distributed == "global":
+                from .distributed import all_reduce_states
 
-            states = all_reduce_states(self, states)
-        for st in states:
-            self._split_norms(st)
+                states = all_reduce_states(self, states)
+            for st in states:
+                self._split_norms(st)
         unattributed = [st.name for st in states if st.unattributed]
         if unattributed:
             warnings.warn(
@@ -247,6 +251,8 @@ class Capture:
         if total is not None:
             st.groups["__total__"] = total
             st.unattributed = not self._probe_agrees(st, total)
+        elif st.uses:  # hooked uses, yet no gradient reached the parameter: never report a silent 0
+            st.unattributed = True
 
     def _split_norms(self, st: ParamState) -> None:
         total = st.groups.pop("__total__", None)
