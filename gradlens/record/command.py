@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents
+from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import BALANCE_SPACES, DTYPES, ENVS, OPTIMIZERS, RecordConfig, load_config_file, parse_losses, resolve
@@ -164,8 +164,8 @@ def _tensorboard_dir(plans: list[P.PlannedRun]) -> Path:
 def _headline(summary: dict | None) -> str:
     if not summary:
         return ""
-    final_eval = summary.get("final_eval") or {}
-    for name in ("eval/true_reward", "eval/kl_to_optimum", "eval/pref_accuracy"):
+    final_eval = summary.get(schema.SUMMARY_FINAL_EVAL) or {}
+    for name in (schema.EVAL_TRUE_REWARD, schema.EVAL_KL_TO_OPTIMUM, schema.EVAL_PREF_ACCURACY):
         value = final_eval.get(name)
         if value is not None:
             return f"{name} {value:.4g}" if isinstance(value, (int, float)) else f"{name} {value}"
@@ -267,15 +267,13 @@ def _recheck(run: P.PlannedRun) -> None:
 def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
     import json
 
-    from ..runs import schema
-
     print(f"gradlens record: {len(plans)} run(s) in {seconds:.1f} s")
     width = max(len(str(run.path)) for run in plans)
     for run, result in results:
         summary_path = run.path / schema.SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-        status = summary.get("status", "?") if summary else "incomplete"
-        steps = summary.get("steps_logged", "?") if summary else "?"
+        status = summary.get(schema.SUMMARY_STATUS, "?") if summary else "incomplete"
+        steps = summary.get(schema.SUMMARY_STEPS_LOGGED, "?") if summary else "?"
         print(f"  {str(run.path):<{width}}  {run.cfg.loss:<8}  {status:<9}  {steps} steps  {_headline(summary)}".rstrip())
     print("Each run directory holds config.json, steps.csv, layers.csv, evals.csv, summary.json,")
     print("checkpoints/ and the TensorBoard event files.")
