@@ -119,12 +119,14 @@ def test_resume_of_a_complete_run_changes_nothing(tmp_path, capsys):
     assert pd.read_csv(out / schema.STEPS)[schema.STEP].tolist() == [0, 1, 2]
 
 
-def test_overwrite_replaces_the_run(tmp_path):
+def test_overwrite_replaces_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["record", *JOB, "--steps", "3", "--out", str(out)]) == 0
-    (out / "stray.txt").write_text("x")
+    (out / "stray.txt").write_text("x")  # not a run file: --overwrite refuses and deletes nothing
+    assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 2
+    assert "stray.txt" in capsys.readouterr().err and load_run(out).steps[schema.STEP].tolist() == [0, 1, 2]
+    (out / "stray.txt").unlink()
     assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "stray.txt").exists()
     assert load_run(out).steps[schema.STEP].tolist() == [0, 1]
 
 

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..pairs import join_pairs
+
 from .data import PreferenceData, PreferenceRecord
 
 
@@ -157,6 +159,6 @@ def collate_sequences(
 
 def collate_pairs(pairs: Sequence[TokenPair], pad_token_id: int, device: torch.device | str = "cpu") -> TokenBatch:
     """[prompt+chosen rows; prompt+rejected rows], right-padded (TRL's layout)."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    prompts = join_pairs([p.prompt_ids for p in pairs], [p.prompt_ids for p in pairs])
+    completions = join_pairs([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
     return collate_sequences(prompts, completions, pad_token_id, device)
