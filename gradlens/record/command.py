@@ -27,7 +27,7 @@ SMALL_ENVS = ("tabular", "tiny-gpt2")
 
 EPILOG = """\
 examples:
-  gradlens record                                   # DPO then Balanced-DPO on tiny-gpt2 (about a minute on a laptop CPU)
+  gradlens record                                   # DPO then Balanced-DPO on tiny-gpt2 (timings: docs/performance.md)
   gradlens record --env tabular --loss dpo,balanced,adadpo --steps 500
   gradlens record --env user --model ./my-model --data prefs.jsonl --loss balanced --out runs/mine
   gradlens record --out runs/mine --resume         # continue from the last checkpoint
