@@ -366,18 +366,19 @@ def step_time(grid: dict, figures: Path) -> pd.DataFrame:
                 "norm-balanced, per layer": ("norm_balanced", {"balance_scope": "per_layer"})}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in variants}
     rec = GradientRecorder(model)
+    params = dict(model.named_parameters())
     groups = {"chosen": slice(0, 16), "rejected": slice(16, 32)}
     for rep in range(grid["timing_reps"] + 2):
         for name, (loss, options) in variants.items():
             method = get_reweighting(loss)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with rec.capture(groups=groups, keep=("chosen", "rejected") if method.rebalance else ()) as cap:
+            with rec.capture(groups=groups, keep_pieces=method.rebalance is not None) as cap:
                 logps, _ = env.logps(model, batch)
                 preference_loss(logps[:16], logps[16:], ref[:16], ref[16:], beta=0.1, method=loss, options=options).loss.backward()
             cap.norm("chosen"), cap.norm("rejected")
             if method.rebalance:
-                method.rebalance(cap, **options)
+                method.rebalance(cap, params, **options)
             optimizer.step()
             if rep >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - t0)

@@ -12,9 +12,9 @@ are taken per parameter tensor instead of over the whole model.
 
 It needs **no extra backward pass**: the pieces are the ones a
 ``GradientRecorder`` capture already computes to report ‖g_c‖ and ‖g_r‖; the
-capture only has to keep them (``rec.capture(..., keep=("chosen", "rejected"))``,
-one model-sized buffer per kept group) instead of freeing them. The rewrite
-then costs a few passes over the gradient.
+capture only has to keep them (``rec.capture(..., keep_pieces=True)``, one
+parameter-sized buffer per group) instead of freeing them. The rewrite then costs
+a few passes over the gradient.
 
 A piece with zero or non-finite norm leaves that scope's gradient as it is
 (there is nothing to balance, and a non-finite step is skipped by the loop).
@@ -23,7 +23,7 @@ A piece with zero or non-finite norm leaves that scope's gradient as it is
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -69,12 +69,15 @@ def _write(param: torch.nn.Parameter, update: torch.Tensor) -> None:
     param.grad = update.to(dtype)
 
 
-def rebalance_capture(cap, *, balance_scope: str = "global", groups: tuple[str, str] = ("chosen", "rejected")) -> dict[str, float]:
-    """``rebalance_pieces`` on the pieces a finished capture kept (``keep=groups``).
+def rebalance_capture(
+    cap, params: Mapping[str, torch.nn.Parameter], *, balance_scope: str = "global", groups: tuple[str, str] = ("chosen", "rejected")
+) -> dict[str, float]:
+    """``rebalance_pieces`` on the pieces a finished capture kept (``keep_pieces=True``).
 
-    Parameters the capture could not split (``cap.unattributed``) are refused: their
-    gradient reached them by a path the hooks did not see, so no balanced update
-    exists for them.
+    ``params`` maps the recorder's parameter names to the parameters
+    (``dict(model.named_parameters())``). Parameters the capture could not split
+    (``cap.unattributed``) are refused: their gradient reached them by a path the
+    hooks did not see, so no balanced update exists for them.
     """
     if cap.unattributed:
         raise ValueError(
@@ -82,5 +85,5 @@ def rebalance_capture(cap, *, balance_scope: str = "global", groups: tuple[str, 
             "could not be split (a path no module hook saw); use a loss without a parameter-space step"
         )
     chosen, rejected = cap.pieces(groups[0]), cap.pieces(groups[1])
-    pieces = [(param, piece, rejected[name][1]) for name, (param, piece) in chosen.items()]
+    pieces = [(params[name], piece, rejected[name]) for name, piece in chosen.items()]
     return rebalance_pieces(pieces, scope=balance_scope)

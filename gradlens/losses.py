@@ -241,6 +241,12 @@ class PreferenceLossOutput:
     log_pw_over_pl: torch.Tensor
     nonfinite: bool
 
+    def _accuracy(self) -> float:
+        """Share of pairs with r_chosen > r_rejected; NaN when a reward is NaN (a comparison with NaN is no answer)."""
+        if bool(torch.isnan(self.chosen_rewards).any() or torch.isnan(self.rejected_rewards).any()):
+            return float("nan")
+        return (self.chosen_rewards > self.rejected_rewards).float().mean().item()
+
     def metrics(self) -> dict[str, float]:
         """Batch means under TRL's names (plus gradlens's own)."""
         return {
@@ -248,7 +254,7 @@ class PreferenceLossOutput:
             names.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
             names.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
             names.REWARDS_MARGINS: self.margins.mean().item(),
-            names.REWARDS_ACCURACIES: (self.chosen_rewards > self.rejected_rewards).float().mean().item(),
+            names.REWARDS_ACCURACIES: self._accuracy(),
             names.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
             names.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
             names.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
