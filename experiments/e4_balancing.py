@@ -1,8 +1,10 @@
 """E4 -- does *any* balancing help? A family of weightings and parameter-space balancing, tuned fairly.
 
-    nice python experiments/e4_balancing.py              # both parts (see FULL for the sizes)
+    nice python experiments/e4_balancing.py                  # both parts (see FULL for the sizes)
     nice python experiments/e4_balancing.py --part tabular   # or --part gpt2: run the parts side by side
-    python experiments/e4_balancing.py --smoke           # a few very short runs, for the tests
+    nice python experiments/e4_balancing.py --part gpt2 --shard 0/2 &   # record in parallel processes,
+    nice python experiments/e4_balancing.py --part gpt2 --shard 1/2     # then rerun without --shard
+    python experiments/e4_balancing.py --smoke               # a few very short runs, for the tests
 
 Methods (all registered in ``gradlens.losses.REWEIGHTINGS``, so ``gradlens record`` runs them too):
 
@@ -56,6 +58,8 @@ import common
 FIGURES = [
     "figures/e4_tabular.png",
     "figures/e4_gpt2.png",
+    "figures/e4_tabular_summary.md",
+    "figures/e4_gpt2_summary.md",
     "figures/e4_tabular_stats.csv",
     "figures/e4_tabular_stats.md",
     "figures/e4_tabular_stats_readable.md",
@@ -87,7 +91,7 @@ PARTS = {
     "gpt2": dict(env="tiny-gpt2", methods=tuple(METHODS), optimizer="adamw"),
 }
 FULL = {
-    "tabular": dict(betas=(0.1, 0.5), lrs=(0.01, 0.03, 0.1), tune_seeds=(100, 101, 102), seeds=tuple(range(10)), steps=300, eval_every=10),
+    "tabular": dict(betas=(0.1, 0.5), lrs=(0.003, 0.01, 0.03, 0.1), tune_seeds=(100, 101, 102), seeds=tuple(range(10)), steps=300, eval_every=10),
     "gpt2": dict(betas=(0.1,), lrs=(3e-4, 1e-3, 3e-3), tune_seeds=(100, 101), seeds=tuple(range(10)), steps=120, eval_every=10,
                  sft_steps=None, timing_reps=15),
 }  # fmt: skip
@@ -98,7 +102,6 @@ SMOKE = {
 # Below these the difference is reported as negligible (units of the metric).
 MIN_EFFECT = {
     "beta_kl_to_optimum_final": 0.01,  # nats of the regularised objective: ~5 % of DPO's gap at β = 0.1
-    "kl_to_optimum_final": 0.05,  # nats
     "true_reward_at_kl": 0.02,  # ~ a third of the seed SD of DPO's reward in E2
     "loss_spikes_to_kl": 1.0,  # spikes
     "grad_norm_spikes_to_kl": 1.0,
@@ -153,10 +156,12 @@ def record_one(args, part: str, envs: Envs, method: str, beta: float, lr: float,
 
 
 def record_all(args, part: str, grid: dict, jobs: list[tuple]) -> list[dict]:
-    """Record ``jobs`` (method, beta, lr, seed); with ``--shard K/N`` only every N-th, then wait for the other shards."""
+    """Record ``jobs`` (method, beta, lr, seed); with ``--shard K/N`` only the K-th of every N seeds, then wait for the other shards."""
     envs = Envs(part, grid)
     k, n = args.shard
-    trained = {job for job in jobs[k::n] if not record_one(args, part, envs, *job)["kept"]}
+    seeds = sorted({job[3] for job in jobs})
+    mine = [job for job in jobs if seeds.index(job[3]) % n == k]  # whole seeds per shard: one SFT warm start each
+    trained = {job for job in mine if not record_one(args, part, envs, *job)["kept"]}
     while not all(common.is_done(run_dir(args.out, part, beta, method, lr, seed), grid["steps"]) for method, beta, lr, seed in jobs):
         time.sleep(10)  # another shard is still recording its share
     return [dict(part=part, method=m, beta=b, lr=lr, seed=s, path=run_dir(args.out, part, b, m, lr, s),
@@ -346,6 +351,19 @@ def readable(frame: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
+def summary_table(per_run: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """Per beta and method: the chosen lr, n, and mean ± sd over test seeds of each metric."""
+    rows = []
+    for (beta, method), g in per_run.groupby(["beta", "method"], sort=False):
+        row = {"β": f"{beta:g}", "method": METHODS[method][0], "lr": f"{g['lr'].iloc[0]:g}", "n": len(g)}
+        for metric in metrics:
+            x = g[metric].to_numpy(float)
+            ok = np.isfinite(x)
+            row[metric] = f"{x[ok].mean():.3g} ± {x[ok].std(ddof=1):.2g}" + (f" (n={ok.sum()})" if ok.sum() < len(x) else "") if ok.sum() > 1 else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # ---- step time -----------------------------------------------------------------------------------
 
 
@@ -393,13 +411,19 @@ def step_time(grid: dict, figures: Path) -> pd.DataFrame:
 # ---- figures -------------------------------------------------------------------------------------
 
 
+# One colour per method in every E4 figure. DPO and Balanced-DPO keep the colours gradlens's
+# figures give them everywhere (Okabe-Ito blue and vermillion); AdaDPO's green is left unused.
+COLOURS = {
+    "dpo": "#0072B2", "tau0.25": "#CC79A7", "tau0.5": "#E69F00", "balanced": "#D55E00", "balanced-tm": "#56B4E9",
+    "norm": "#000000", "norm-layer": "#888888",
+}  # fmt: skip
+
+
 def _colour(method: str) -> str:
-    from gradlens.plot.style import color_for
-
-    return color_for(list(METHODS).index(method))
+    return COLOURS[method]
 
 
-def fig_tabular(per_run: pd.DataFrame, index: list[dict], stats: pd.DataFrame, figures: Path) -> Path:
+def fig_tabular(per_run: pd.DataFrame, index: list[dict], figures: Path) -> Path:
     """Left: β·KL(π‖π*) over training (median over test seeds); right: final β·KL per method, each seed and the mean."""
     from gradlens.plot.style import apply_style, plt
 
@@ -480,12 +504,16 @@ def run_part(args, part: str, grid: dict) -> None:
         return  # the analysis runs once, in an invocation without --shard (every run is then kept)
     if part == "tabular":
         per_run = tabular_measures(index, grid)
-        stats = stats_table(per_run, ("beta_kl_to_optimum_final", "kl_to_optimum_final"))
-        fig_tabular(per_run, index, stats, args.figures)
+        stats = stats_table(per_run, ("beta_kl_to_optimum_final",))
+        summary = summary_table(per_run, ("beta_kl_to_optimum_final", "beta_kl_to_optimum_initial", "kl_to_optimum_final",
+                                          "ood_mass_final", "optimum_ood_mass"))
+        fig_tabular(per_run, index, args.figures)
         extra = {}
     else:
         per_run, target = gpt2_measures(index)
         stats = stats_table(per_run, ("true_reward_at_kl", "loss_spikes_to_kl", "grad_norm_spikes_to_kl"))
+        summary = summary_table(per_run, ("true_reward_at_kl", "step_at_kl", "loss_spikes_to_kl", "grad_norm_spikes_to_kl",
+                                          "true_reward_final", "kl_to_ref_final", "nonfinite_steps"))
         fig_gpt2(per_run, index, target, args.figures)
         timing = step_time(grid, args.figures)
         extra = {"matched_kl": target, "step_time_ratio": dict(zip(timing.method, timing.ratio_to_dpo.round(3)))}
@@ -494,6 +522,7 @@ def run_part(args, part: str, grid: dict) -> None:
     from gradlens.plot.report import to_markdown
 
     (args.figures / f"e4_{part}_stats_readable.md").write_text(to_markdown(readable(stats)))
+    (args.figures / f"e4_{part}_summary.md").write_text(to_markdown(summary))
     timer.lap(f"{part}: analysis")
     all_index = tune_index + index
     counts = common.run_counts(all_index)
@@ -502,29 +531,28 @@ def run_part(args, part: str, grid: dict) -> None:
         timer.write(runtime, **counts, smoke=args.smoke, grid={k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()}, **extra)
 
 
+def _flags(parser) -> None:
+    parser.add_argument("--part", choices=("all", *PARTS), default="all", help="record and analyse one part only")
+    parser.add_argument(
+        "--shard", default="0/1", metavar="K/N",
+        help="record the K-th (0-based) of every N seeds and skip the analysis; start N processes, then rerun without --shard",
+    )  # fmt: skip
+
+
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--part", choices=("all", *PARTS), default="all")
-    parser.add_argument("--shard", default="0/1", metavar="K/N", help="record every N-th run starting at K (parallel processes)")
-    known, rest = parser.parse_known_args()
-    import sys
-
-    sys.argv = [sys.argv[0], *rest]
-    args = common.parse_args(__doc__, "e4")
-    args.shard = tuple(int(v) for v in known.shard.split("/"))
+    args = common.parse_args(__doc__, "e4", extra=_flags)
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise SystemExit(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    args.shard = (int(k), int(n))
     common.quiet_threads()
     sizes = SMOKE if args.smoke else FULL
-    parts = list(PARTS) if known.part == "all" else [known.part]
+    parts = list(PARTS) if args.part == "all" else [args.part]
     for part in parts:
         run_part(args, part, sizes[part])
     if args.shard[1] > 1:
         return
-    names = [n for part in parts for n in (f"e4_{part}_stats.csv", f"e4_{part}_stats_readable.md", f"e4_{part}_tuning.csv",
-                                          f"e4_{'tabular' if part == 'tabular' else 'gpt2'}.png", f"e4_{part}_runtime.json")]  # fmt: skip
-    if "gpt2" in parts:
-        names.append("e4_step_time.md")
+    names = [f for f in FIGURES if any(f"e4_{part}" in f for part in parts) or ("step_time" in f and "gpt2" in parts)]
     common.check_outputs(args.figures, names)
     print(f"E4 done ({', '.join(parts)}); results in {args.figures}")
 
