@@ -31,6 +31,8 @@ What it does, all through gradlens's API (``gradlens.langevin``):
      steps where k_theory <= 5e4), and at the best h.
    Log-log slopes of k against d (per eps) and 1/eps (per d) are fitted where a
    series has at least 3 computable cells, then averaged.
+   The cells are kept in OUT/sweep_cells.csv and reused by a re-run (``--recompute-sweep``
+   recomputes them), as finished KL-vs-k runs are.
 3. Figures with ``gradlens.plot.style``; the standard ``gradlens plot`` report over
    the KL-vs-k runs goes to experiments/runs/e3/plot/ (not committed).
 
@@ -103,10 +105,24 @@ def kl_runs(args, grid) -> list[dict]:
             label = f"{name}, h={h:.3g}" + (" (Theorem 1)" if is_theorem else "")
             spec = RunSpec(dim=grid["dim"], step=h, eps=EPS_RUN, steps=steps, particles=0, max_rows=grid["max_rows"], label=label, **fields)
             path = args.out / "kl_vs_k" / f"{name.replace(' ', '_').replace('=', '')}-h{h:.3g}"
-            summary = run_langevin(spec, path, overwrite=True, tensorboard=False, echo=lambda s: None)
+            summary = _finished_summary(path, steps)
+            if summary is None:
+                summary = run_langevin(spec, path, overwrite=True, tensorboard=False, echo=lambda s: None)
             index.append(dict(target=name, h=h, theorem_h=is_theorem, path=path, summary=summary))
             print(f"{label}: {summary['steps']} steps, KL {summary['kl0']:.3g} -> {summary['kl_final']:.3g}", flush=True)
     return index
+
+
+def _finished_summary(path: Path, steps: int) -> dict | None:
+    """The summary of a run this script already finished with the same number of steps (else None): kept, not redone."""
+    from gradlens.runs import load_run
+
+    try:
+        run = load_run(path)
+        summary = run.summary
+    except Exception:  # missing or unfinished: run it again
+        return None
+    return summary if summary and summary.get("steps") == steps else None
 
 
 def run_table(index: list[dict]) -> pd.DataFrame:
@@ -145,6 +161,17 @@ def run_table(index: list[dict]) -> pd.DataFrame:
 
 
 def sweeps(args, grid) -> pd.DataFrame:
+    """Every (target, d, eps) cell, or the cells a finished run of this grid left in OUT/sweep_cells.csv."""
+    cache = args.out / f"sweep_cells{'_smoke' if args.smoke else ''}.csv"
+    if cache.is_file() and not args.recompute_sweep:
+        print(f"sweep cells kept from {cache} (--recompute-sweep recomputes them)", flush=True)
+        return pd.read_csv(cache)
+    cells = compute_sweeps(args, grid)
+    cells.to_csv(cache, index=False)
+    return cells
+
+
+def compute_sweeps(args, grid) -> pd.DataFrame:
     """Every (target, d, eps) cell; the built-in sweep where it applies, the same API calls otherwise."""
     from gradlens.langevin import columns as C
     from gradlens.langevin.runner import SweepSpec, run_sweep
@@ -373,7 +400,8 @@ def standard_report(args) -> None:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__, "e3")
+    args = common.parse_args(__doc__, "e3", extra=lambda p: p.add_argument(
+        "--recompute-sweep", action="store_true", help="recompute the (d, eps) cells even when OUT/sweep_cells.csv holds them"))
     common.quiet_threads()
     grid = SMOKE if args.smoke else FULL
     timer = common.Timer()

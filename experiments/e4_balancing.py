@@ -157,6 +157,10 @@ def record_one(args, part: str, envs: Envs, method: str, beta: float, lr: float,
 
 def record_all(args, part: str, grid: dict, jobs: list[tuple]) -> list[dict]:
     """Record ``jobs`` (method, beta, lr, seed); with ``--shard K/N`` only the K-th of every N seeds, then wait for the other shards."""
+    if args.finished_only:  # analyse what is there; a missing run is left out (and counted in n)
+        done = [job for job in jobs if common.is_done(run_dir(args.out, part, job[1], job[0], job[2], job[3]), grid["steps"])]
+        print(f"[{part}] --finished-only: {len(done)} of {len(jobs)} runs finished", flush=True)
+        return [dict(part=part, method=m, beta=b, lr=lr, seed=s, path=run_dir(args.out, part, b, m, lr, s), kept=True) for m, b, lr, s in done]
     envs = Envs(part, grid)
     k, n = args.shard
     seeds = sorted({job[3] for job in jobs})
@@ -526,9 +530,10 @@ def run_part(args, part: str, grid: dict) -> None:
     timer.lap(f"{part}: analysis")
     all_index = tune_index + index
     counts = common.run_counts(all_index)
-    runtime = args.figures / f"e4_{part}_runtime.json"
-    if counts["runs_trained_now"] or not runtime.exists():
-        timer.write(runtime, **counts, smoke=args.smoke, grid={k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()}, **extra)
+    # total_s is this invocation's; with --shard the recording happened in other processes, and
+    # sum_of_run_wall_times_s (each run's own summary.json) is what the runs cost.
+    timer.write(args.figures / f"e4_{part}_runtime.json", **counts, smoke=args.smoke,
+                grid={k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()}, **extra)  # fmt: skip
 
 
 def _flags(parser) -> None:
@@ -537,6 +542,7 @@ def _flags(parser) -> None:
         "--shard", default="0/1", metavar="K/N",
         help="record the K-th (0-based) of every N seeds and skip the analysis; start N processes, then rerun without --shard",
     )  # fmt: skip
+    parser.add_argument("--finished-only", action="store_true", help="record nothing; analyse the runs that finished (a cut-short run)")
 
 
 def main() -> None:
