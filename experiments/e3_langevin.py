@@ -106,9 +106,10 @@ def kl_runs(args, grid) -> list[dict]:
             spec = RunSpec(dim=grid["dim"], step=h, eps=EPS_RUN, steps=steps, particles=0, max_rows=grid["max_rows"], label=label, **fields)
             path = args.out / "kl_vs_k" / f"{name.replace(' ', '_').replace('=', '')}-h{h:.3g}"
             summary = _finished_summary(path, steps)
-            if summary is None:
+            kept = summary is not None
+            if not kept:
                 summary = run_langevin(spec, path, overwrite=True, tensorboard=False, echo=lambda s: None)
-            index.append(dict(target=name, h=h, theorem_h=is_theorem, path=path, summary=summary))
+            index.append(dict(target=name, h=h, theorem_h=is_theorem, path=path, summary=summary, kept=kept))
             print(f"{label}: {summary['steps']} steps, KL {summary['kl0']:.3g} -> {summary['kl_final']:.3g}", flush=True)
     return index
 
@@ -163,7 +164,8 @@ def run_table(index: list[dict]) -> pd.DataFrame:
 def sweeps(args, grid) -> pd.DataFrame:
     """Every (target, d, eps) cell, or the cells a finished run of this grid left in OUT/sweep_cells.csv."""
     cache = args.out / f"sweep_cells{'_smoke' if args.smoke else ''}.csv"
-    if cache.is_file() and not args.recompute_sweep:
+    args.sweep_cells_kept = cache.is_file() and not args.recompute_sweep
+    if args.sweep_cells_kept:
         print(f"sweep cells kept from {cache} (--recompute-sweep recomputes them)", flush=True)
         return pd.read_csv(cache)
     cells = compute_sweeps(args, grid)
@@ -418,7 +420,9 @@ def main() -> None:
     fig_dissipation(index, args.figures)
     standard_report(args)
     timer.lap("figures")
-    timer.write(args.figures / "e3_langevin_runtime.json", smoke=args.smoke)
+    kept = sum(bool(item.get("kept")) for item in index)
+    timer.write(args.figures / "e3_langevin_runtime.json", smoke=args.smoke, kl_vs_k_runs_kept_from_before=kept,
+                kl_vs_k_runs=len(index), sweep_cells_kept_from_before=args.sweep_cells_kept)  # fmt: skip
     common.check_outputs(args.figures, FIGURES)
     print(f"E3 done; results in {args.figures}")
 
