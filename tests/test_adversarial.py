@@ -366,9 +366,20 @@ def test_read_only_out_is_one_message(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, tmp_path, ["record", *JOB, "--steps", "2", "--out", str(ro / "run")], 2, str(ro / "run"), "Permission denied")
+        refused(capsys, tmp_path, ["record", *JOB, "--steps", "2", "--out", str(ro / "run")], 2, f"{ro / 'run'}: cannot create", "Permission denied")
     finally:
         ro.chmod(0o755)
+
+
+def test_unwritable_out_is_one_message_even_as_root(tmp_path, capsys, monkeypatch):
+    from gradlens.runs import lock
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(lock.os, "open", read_only)
+    refused(capsys, tmp_path, ["record", *JOB, "--steps", "2", "--out", str(tmp_path / "run")], 2,
+            f"{tmp_path / 'run'}: cannot create or lock the run directory: Permission denied")
 
 
 def test_out_below_a_file_is_refused(tmp_path, capsys):

@@ -239,7 +239,10 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     lock = RunLock(run.path) if job.dist.is_main else None
     try:
         if lock is not None:
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as exc:  # a read-only or full file system: nothing was written yet
+                raise ValueError(f"{run.path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
             _recheck(run)
             if run.action in (P.NEW, P.OVERWRITE):
                 prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
