@@ -426,7 +426,8 @@ def test_langevin_user_potential_raising_anything_is_one_message(tmp_path, capsy
     (["--eps", "1e-300"], "--eps 1e-300: must be a KL target from"),
     (["--dim", "1000000", "--steps", "2"], "GiB for its arrays"),
     (["--knn-k", "0", "--step", "0.01"], "--knn-k must be at least 1"),
-], ids=["tiny-eps", "huge-dim", "knn-k-0"])
+    (["--max-rows", "0", "--step", "0.01"], "--max-rows must be at least 2"),
+], ids=["tiny-eps", "huge-dim", "knn-k-0", "max-rows-0"])
 def test_langevin_flags(tmp_path, capsys, flags, problem):
     refused(capsys, tmp_path, [*LANGEVIN, *flags, "--out", str(tmp_path / "r")], 2, problem)
 
@@ -441,6 +442,11 @@ def test_langevin_mean_file(tmp_path, capsys, kind):
     np.savetxt(tmp_path / "cov.txt", np.eye(2))
     argv = [*LANGEVIN, "--dim", "2", "--mean", str(mean), "--cov", str(tmp_path / "cov.txt"), "--step", "0.01", "--out", str(tmp_path / "r")]
     refused(capsys, tmp_path, argv, 2, f"{mean}:", "complex" if kind == "complex" else "cannot read")
+
+
+def test_langevin_knn_error_after_the_directory_exists_leaves_nothing(tmp_path, capsys):
+    refused(capsys, tmp_path, [*LANGEVIN, "--dim", "2", "--step", "0.01", "--steps", "5", "--particles", "3", "--knn-every", "1",
+                               "--out", str(tmp_path / "r")], 2, "k-NN KL with k=5 needs more than 5 particles")
 
 
 def test_langevin_error_after_the_directory_exists_leaves_nothing(tmp_path, capsys, monkeypatch):
