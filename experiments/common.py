@@ -133,7 +133,7 @@ def shrink_png(path: Path) -> None:
 
 
 class Timer:
-    """Wall time of each phase, written beside the results (runtimes in the README come from here)."""
+    """Wall time of each phase, written beside the results (runtimes in docs/results.md come from here)."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
