@@ -27,9 +27,6 @@ BALANCE_SPACES = ("sequence", "token_mean")
 # `gradlens record` with no arguments: both methods, one after the other.
 DEFAULT_LOSSES = ("dpo", "balanced")
 
-# Fields a resumed run may change; everything else must match the saved run.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
-
 
 @dataclass(frozen=True)
 class RecordConfig:
@@ -266,6 +263,8 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     for name in ("eval_every", "checkpoint_every", "sft_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {cfg.seed}")
     if cfg.grad_accum > cfg.batch_size:
         raise ValueError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}: a micro-batch needs at least one pair")
     if cfg.max_length < 2:
@@ -300,30 +299,12 @@ def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> l
 
 
 def config_from_saved(saved: Mapping[str, Any], where: str) -> RecordConfig:
-    """Rebuild the config stored in a run directory's config.json."""
-    known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
+    """Rebuild the config stored in a run directory's config.json (types checked as for --config)."""
+    known = {k: _check_type(k, v, where) for k, v in saved.items() if k in _FIELD_TYPES}
     try:
         return validate(RecordConfig(**known))
     except TypeError as exc:
         raise ValueError(f"{where}: saved config is not a gradlens record config: {exc}") from exc
-
-
-def apply_resume_overrides(saved: RecordConfig, requested: Mapping[str, Any], where: str) -> RecordConfig:
-    """A resumed run keeps its config; only RESUMABLE_CHANGES may differ."""
-    changes = {}
-    for name, value in requested.items():
-        if name in ("loss", "out"):
-            continue
-        if value == getattr(saved, name):
-            continue
-        if name not in RESUMABLE_CHANGES:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{where}: cannot change {flag} when resuming (the run was recorded with {getattr(saved, name)!r}, "
-                f"you asked for {value!r}); only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES))} may change"
-            )
-        changes[name] = value
-    return validate(replace(saved, **changes))
 
 
 def to_dict(cfg: RecordConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,33 @@ def _iter_jsonl(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         if not text.strip():
             continue
         try:
-            yield where, json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             problems.add(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            problems.add(where, "not usable JSON (nested too deeply)")
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
+            problems.add(where, f"not usable JSON ({exc})")
+            continue
+        yield where, value
 
 
 def _iter_csv(path: Path, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
     raw = path.read_bytes()
     text = _decode(raw, path, lambda offset: _line_of(raw, offset))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long prompt is a valid field; restored below
+    try:
+        yield from _csv_rows(path, text, problems, columns)
+    except csv.Error as exc:  # e.g. a NUL byte
+        raise ValueError(f"{path}: not a readable CSV file: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path, text: str, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -201,6 +221,14 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | None]:
     """-> (value, format 'standard'/'conversational', problem)."""
     if isinstance(value, bytes):  # binary Parquet columns
@@ -211,6 +239,8 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
     if isinstance(value, str):
         if not value.strip():
             return None, None, f"'{name}' is an empty string"
+        if not _is_utf8(value):
+            return None, None, f"'{name}' holds an unpaired surrogate (such as \\ud800), which is not text"
         return value, "standard", None
     if isinstance(value, list):
         if not value:
@@ -218,6 +248,8 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
         for i, message in enumerate(value):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 return None, None, f"'{name}' message {i} is not a {{'role': str, 'content': str}} object (got {message!r:.80})"
+        if not all(_is_utf8(m["role"]) and _is_utf8(m["content"]) for m in value):
+            return None, None, f"'{name}' messages hold an unpaired surrogate (such as \\ud800), which is not text"
         if not any(m["content"].strip() for m in value):
             return None, None, f"'{name}' messages have only empty content"
         return [{"role": m["role"], "content": m["content"]} for m in value], "conversational", None
@@ -291,13 +323,22 @@ def _check_record(obj: Any, nulls_are_missing: bool, columns: Columns = Columns(
 
 def _reader(path: Path):
     """The row iterator for ``path`` and whether a null means "missing" there."""
-    if is_saved_dataset(path):
-        return _iter_saved_dataset, True
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a link to a missing file)" if path.is_symlink() else ""
+        raise ValueError(f"{path}: preference data file not found{broken}") from None
+    except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
+        raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        if is_saved_dataset(path):
+            return _iter_saved_dataset, True
         raise ValueError(
             f"{path}: is a directory but not a saved dataset (no {' or '.join(DATASET_MARKERS)}); --data takes a "
             ".jsonl, .csv or .parquet file or a directory written by Dataset.save_to_disk"
         )
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device); --data takes a .jsonl, .csv or .parquet file")
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use one of {list(SUFFIXES)} or a saved dataset directory")
@@ -308,28 +349,29 @@ def _reader(path: Path):
 def load_preferences(path: str | Path, columns: Columns = Columns()) -> PreferenceData:
     """Read and validate a preference file or saved dataset; see the module docstring."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: preference data file not found")
     read, nulls_are_missing = _reader(path)
     problems = _Problems(path)
     records: list[PreferenceRecord] = []
     identical: list[str] = []
     implicit_prompts = 0
     first_of_format: dict[str, str] = {}  # 'standard'/'conversational' -> where first seen
-    for where, obj in read(path, problems, columns):
-        values, fmt, problem, implicit = _check_record(obj, nulls_are_missing, columns)
-        if problem is None and first_of_format and fmt not in first_of_format:
-            other, other_where = next(iter(first_of_format.items()))
-            problem = f"uses the {fmt} format but {other_where} uses the {other} format; one file must use one format"
-        if problem is not None:
-            problems.add(where, problem)
-            continue
-        first_of_format.setdefault(fmt, where)
-        implicit_prompts += implicit
-        if values["chosen"] == values["rejected"]:
-            identical.append(where)
-            continue
-        records.append(PreferenceRecord(values["prompt"], values["chosen"], values["rejected"], where))
+    try:
+        for where, obj in read(path, problems, columns):
+            values, fmt, problem, implicit = _check_record(obj, nulls_are_missing, columns)
+            if problem is None and first_of_format and fmt not in first_of_format:
+                other, other_where = next(iter(first_of_format.items()))
+                problem = f"uses the {fmt} format but {other_where} uses the {other} format; one file must use one format"
+            if problem is not None:
+                problems.add(where, problem)
+                continue
+            first_of_format.setdefault(fmt, where)
+            implicit_prompts += implicit
+            if values["chosen"] == values["rejected"]:
+                identical.append(where)
+                continue
+            records.append(PreferenceRecord(values["prompt"], values["chosen"], values["rejected"], where))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     problems.raise_if_any()
     if identical:
         shown = ", ".join(identical[:5]) + (", ..." if len(identical) > 5 else "")

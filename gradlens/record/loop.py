@@ -35,10 +35,12 @@ from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
 from ..runs import schema, write_json_atomic
 from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
+from . import resume as R
 from .config import RecordConfig, to_dict
 from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
+from .resume import ResumePoint
 
 STEP_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
@@ -62,6 +64,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device {name!r} is not a torch device ({exc})") from exc
+    if device.type == "meta":
+        raise ValueError("--device meta holds no data, so nothing can be trained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -220,19 +224,6 @@ class StepOutput:
     unattributed: dict[str, float]
 
 
-def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
-    """Keep config.json's settings current (e.g. a new --steps) and note the resume."""
-    import json
-
-    from ..runs.run_dir import environment_versions
-
-    path = run_dir / schema.CONFIG
-    header = json.loads(path.read_text(encoding="utf-8"))
-    header["config"] = config
-    header.setdefault("resumes", []).append({"from_step": start, "versions": environment_versions()})
-    write_json_atomic(path, header)
-
-
 def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = DistContext()) -> None:
     """Problems that only show once the data is loaded; raised before anything is written."""
     if cfg.batch_size > env.num_pairs():
@@ -248,14 +239,16 @@ def record_run(
     run_dir: Path,
     env: PreferenceEnv,
     *,
-    resume: bool = False,
+    resume: "bool | ResumePoint | None" = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
-    Under torchrun every rank calls this; only rank 0 (``dist.is_main``) writes.
+    ``resume``: a ``ResumePoint`` from ``resume.plan_resume`` (or True to plan it
+    here) continues the run from its last checkpoint. Under torchrun every rank
+    calls this; only rank 0 (``dist.is_main``) writes.
     """
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -271,17 +264,14 @@ def record_run(
     reference.requires_grad_(False)
     optimizer = build_optimizer(cfg, policy.parameters())
 
-    start, state = 0, {}
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is not None:
-            state = ckpt.load_checkpoint(found, policy, optimizer, device)
-            start = found.step
+    point = R.plan_resume(run_dir, cfg, R.saved_config(run_dir)) if resume is True else (resume or None)
+    resume = point is not None
+    start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
     if main:
         if resume:
-            _update_config_on_resume(run_dir, config, start)
+            R.begin(run_dir, point, config)  # the first write of a resumed run
         out = PreferenceRunLog(run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row)
     else:
         out = _NoLog()

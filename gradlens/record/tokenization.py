@@ -1,7 +1,7 @@
 """Preference pairs to token ids, the TRL way, and the [chosen; rejected] batch layout.
 
 * Prompt and completion are tokenised **separately** and their ids concatenated
-  (DESIGN.md §1). The prompt gets the tokenizer's special tokens (e.g. BOS) as
+  (docs/recording.md, Conventions). The prompt gets the tokenizer's special tokens (e.g. BOS) as
   ``tokenizer(prompt)`` adds them; the completion gets none, and EOS is appended
   to standard-format completions as TRL does.
 * Conversational data is rendered with the tokenizer's chat template: the

@@ -1,4 +1,4 @@
-"""Built-in training environments (DESIGN.md §4), one module each, and their factory."""
+"""Built-in training environments (described in docs/recording.md), one module each, and their factory."""
 
 from __future__ import annotations
 
