@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from gradlens.integrations.transformers import GradlensCallback, GradlensTrainerMixin, pair_row_groups
-from gradlens.runs import load_run
+from gradlens.runs import load_run, schema
 from models import VOCAB, sequence_logps, tiny_gpt2
 
 T, PROMPT, NUM_PAIRS = 7, 3, 6
@@ -88,6 +88,8 @@ def test_callback_records_the_users_pairwise_split(tmp_path):
     assert math.isclose(row["grad_norm"], trainer.state.log_history[0]["grad_norm"], rel_tol=1e-5)
     assert math.isclose(row["loss"], trainer.state.log_history[0]["loss"], rel_tol=1e-3)
     assert list(run.steps.step) == [0, 1] and run.summary["status"] == "complete"
+    assert tuple(run.summary) == schema.SUMMARY_KEYS  # the same writer and keys as `gradlens record`
+    assert run.summary["steps_logged"] == 2 and run.summary["unattributed_parameters"] == []
     assert math.isclose(run.layers[run.layers.step == 0].chosen_sq.sum(), row["grad_norm/chosen"] ** 2, rel_tol=1e-9)
 
 
