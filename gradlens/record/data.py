@@ -323,22 +323,13 @@ def _check_record(obj: Any, nulls_are_missing: bool, columns: Columns = Columns(
 
 def _reader(path: Path):
     """The row iterator for ``path`` and whether a null means "missing" there."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        broken = " (a link to a missing file)" if path.is_symlink() else ""
-        raise ValueError(f"{path}: preference data file not found{broken}") from None
-    except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
-        raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
-        if is_saved_dataset(path):
-            return _iter_saved_dataset, True
+    if is_saved_dataset(path):
+        return _iter_saved_dataset, True
+    if path.is_dir():
         raise ValueError(
             f"{path}: is a directory but not a saved dataset (no {' or '.join(DATASET_MARKERS)}); --data takes a "
             ".jsonl, .csv or .parquet file or a directory written by Dataset.save_to_disk"
         )
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: not a regular file (a pipe, socket or device); --data takes a .jsonl, .csv or .parquet file")
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use one of {list(SUFFIXES)} or a saved dataset directory")
@@ -349,6 +340,15 @@ def _reader(path: Path):
 def load_preferences(path: str | Path, columns: Columns = Columns()) -> PreferenceData:
     """Read and validate a preference file or saved dataset; see the module docstring."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a link to a missing file)" if path.is_symlink() else ""
+        raise ValueError(f"{path}: preference data file not found{broken}") from None
+    except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
+        raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device); --data takes a .jsonl, .csv or .parquet file")
     read, nulls_are_missing = _reader(path)
     problems = _Problems(path)
     records: list[PreferenceRecord] = []
