@@ -201,7 +201,8 @@ def _stalled_note(run: P.PlannedRun) -> str:
     losses = steps[schema.LOSS].dropna()
     if len(losses) < 2 or not abs(losses.iloc[-1] - losses.iloc[0]) <= STALLED_LOSS * abs(losses.iloc[0]):
         return ""
-    default = " (TRL's default, made for large models and long runs)" if run.cfg.lr == ENV_DEFAULTS["user"]["lr"] else ""
+    trl_default = run.cfg.env == "user" and run.cfg.lr == ENV_DEFAULTS["user"]["lr"]
+    default = " (TRL's default, made for large models and long runs)" if trl_default else ""
     return (
         f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
         f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
