@@ -41,6 +41,7 @@ COMPARED_METRICS = (
     "true_reward_final",
     "kl_to_ref_final",
     "pref_accuracy_final",
+    "train_pair_accuracy_final",
 )
 
 

@@ -127,7 +127,7 @@ class RunLog:
                 layers = cap.layer_table(*self.pair)
                 self.writer.log_layers(result.step, layers)
                 if self.tb is not None:
-                    self.tb.ratio_histograms(result.step, layers)
+                    self.tb.layer_ratios(result.step, layers)
         self.steps_logged += 1
         self.nonfinite_steps += row[schema.NONFINITE]
         self.last_row = row

@@ -316,7 +316,7 @@ TERMINAL_COLUMNS = [
     "ratio_median", "ratio_iqr", "ratio_final", "mean_log_ratio", "dominated_frac", "onset_step", "onset_runs",
     "cosine_median", "log_pw_over_pl_final", "chosen_logp_fall_frac", "chosen_logp_change", "rejected_logp_change",
     "loss_final", "loss_final_seed_sd", "loss_spikes", "grad_norm_spikes",
-    "kl_to_optimum_final", "true_reward_final", "kl_to_ref_final", "pref_accuracy_final", "imbalance_layers",
+    "kl_to_optimum_final", "true_reward_final", "kl_to_ref_final", "pref_accuracy_final", "train_pair_accuracy_final", "imbalance_layers",
 ]  # fmt: skip
 
 FIGURES: list[tuple[str, Callable]] = [

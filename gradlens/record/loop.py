@@ -32,7 +32,7 @@ from torch import nn
 from ..losses import PreferenceLossOutput, preference_loss
 from ..runs import RunWriter, schema, write_json_atomic
 from ..runs.tables import CsvTable
-from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
+from ..runs.tensorboard import EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
 from .config import RecordConfig, to_dict
 from .distributed import DistContext
@@ -45,19 +45,9 @@ ROWS_FILE = "rows.csv"
 ROW_COLUMNS = (schema.STEP, "pair", "side", "grad_norm")
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
 
-# The shared chosen-vs-rejected dashboard plus the reweighting and evaluation charts.
-RECORD_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT + [
-    (
-        "gradlens: evaluation",
-        [
-            ("true reward of samples", ["^eval/true_reward$"]),
-            ("KL to the reference / to the optimum", ["^eval/kl_to_ref$", "^eval/kl_to_optimum$"]),
-            ("held-out log-probs: chosen vs rejected", ["^eval/logps/chosen$", "^eval/logps/rejected$"]),
-            ("held-out preference accuracy", ["^eval/pref_accuracy$"]),
-            ("probability mass on responses in no pair (tabular)", ["^eval/ood_mass$"]),
-        ],
-    ),
-]
+# The shared chosen-vs-rejected dashboard plus the reweighting charts; the
+# evaluation charts are shown only for the metrics the environment logs.
+RECORD_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
 
 STATUS_COMPLETE = "complete"
 STATUS_NONFINITE = "nonfinite"
@@ -200,14 +190,14 @@ class RunOutputs:
             self.writer.truncate_after(start - 1)
             if self.rows is not None:
                 self.rows.keep_steps_upto(start - 1)
-        self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None)
+        self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None, optional_layout=EVAL_LAYOUT)
 
     def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
         self.writer.log_step(row)
         self.tb.scalars(step, row)
         if layers is not None:
             self.writer.log_layers(step, layers)
-            self.tb.ratio_histograms(step, layers)
+            self.tb.layer_ratios(step, layers)
         if per_row is not None:
             _log_per_row(self, step, per_row)
 

@@ -65,3 +65,7 @@ LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2
 REJECTED_SQ = "rejected_sq"
 DOT = "dot"
+
+# Evaluation metrics (evals.csv) with a meaning the readers rely on.
+EVAL_PREF_ACCURACY = "eval/pref_accuracy"              # implicit-reward accuracy on held-out pairs
+EVAL_TRAIN_PAIR_ACCURACY = "eval/train_pair_accuracy"  # the same, on training pairs (user env without --eval-data)
