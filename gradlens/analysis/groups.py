@@ -40,11 +40,15 @@ def config_value(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+# Keys whose values are names already: the label is the value alone ("dpo", not "loss=dpo").
+NAME_KEYS = ("loss", "label")
+
+
 def group_label(key: str, value: Any) -> str:
-    """``dpo`` when grouping by loss, ``beta=0.1`` for other keys."""
+    """``dpo`` when grouping by loss (or a Langevin run's label), ``beta=0.1`` for other keys."""
     if value is MISSING:
         return f"{key}=(missing)"
-    return str(value) if key == "loss" else f"{key}={value}"
+    return str(value) if key in NAME_KEYS else f"{key}={value}"
 
 
 def _order(value: Any) -> tuple:
