@@ -70,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     out.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
@@ -115,7 +116,7 @@ def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
     return resolved
 
 
-def _build_envs(plans: list[P.PlannedRun], say, dist) -> dict:
+def _build_envs(plans: list[P.PlannedRun], say, dist, progress: bool = False) -> dict:
     """One environment per distinct setup, built before any directory is written."""
     from .checkpoint import reference_path
     from .envs import ENV_FIELDS, build_env
@@ -129,7 +130,7 @@ def _build_envs(plans: list[P.PlannedRun], say, dist) -> dict:
         ref = reference_path(run.path) if run.action == P.RESUME and reference_path(run.path).is_file() else None
         key = (tuple(getattr(run.cfg, f) for f in ENV_FIELDS), ref)
         if key not in envs:
-            envs[key] = build_env(run.cfg, reference_weights=ref, log=say)
+            envs[key] = build_env(run.cfg, reference_weights=ref, log=say, progress=progress)
         check_compatible(run.cfg, envs[key], dist)
         envs[run.path] = envs[key]
     return envs
@@ -173,15 +174,12 @@ def _main(args: argparse.Namespace) -> int:
         say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
         plans = _plan(args)
         dist.barrier()  # every rank has planned before rank 0 creates a directory
-        return _run_plans(plans, say, quiet, t0, dist)
+        return _run_plans(plans, say, quiet, t0, dist, getattr(args, "tensorboard", True))
     finally:
         teardown(dist)
 
 
-def _run_plans(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
-    for run in plans:
-        if run.note:
-            say(f"note: {run.note}")
+def _run_plans(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist, tensorboard: bool = True) -> int:
     import torch
 
     threads = torch.get_num_threads()
@@ -190,13 +188,17 @@ def _run_plans(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> 
         # busy machine they make each step several times slower.
         torch.set_num_threads(1)
     try:
-        return _record_all(plans, say, quiet, t0, dist)
+        return _record_all(plans, say, quiet, t0, dist, tensorboard)
     finally:
         torch.set_num_threads(threads)
 
 
-def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
-    envs = _build_envs(plans, say, dist)
+def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist, tensorboard: bool = True) -> int:
+    envs = _build_envs(plans, say, dist, progress=not quiet)
+    # Only now that every input is validated: a note before an error would describe a job that never runs.
+    for run in plans:
+        if run.note:
+            say(f"note: {run.note}")
 
     from .loop import record_run
 
@@ -209,7 +211,7 @@ def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) ->
         if run.action in (P.NEW, P.OVERWRITE) and dist.is_main:
             prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
         dist.barrier()
-        result = record_run(run.cfg, run.path, envs[run.path], resume=run.action == P.RESUME, progress=not quiet, dist=dist)
+        result = record_run(run.cfg, run.path, envs[run.path], resume=run.action == P.RESUME, progress=not quiet, dist=dist, tensorboard=tensorboard)
         if not dist.is_main:
             continue
         if result.message:
@@ -220,21 +222,45 @@ def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) ->
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
 
 
+REPORT_WIDTH = 100  # the end-of-run summary fits a 100-column terminal
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be said: relative to the current directory when below it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _wrapped_command(words: list[str], width: int = REPORT_WIDTH) -> list[str]:
+    """A shell command split over lines of at most ``width`` columns with trailing backslashes."""
+    lines, line = [], "  " + words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) + 2 > width:
+            lines.append(line + " \\")
+            line = "      " + word
+        else:
+            line += " " + word
+    return lines + [line]
+
+
 def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
     import json
 
     from ..runs import schema
 
     print(f"gradlens record: {len(plans)} run(s) in {seconds:.1f} s")
-    width = max(len(str(run.path)) for run in plans)
     for run, result in results:
         summary_path = run.path / schema.SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         status = summary.get("status", "?") if summary else "incomplete"
         steps = summary.get("steps_logged", "?") if summary else "?"
-        print(f"  {str(run.path):<{width}}  {run.cfg.loss:<8}  {status:<9}  {steps} steps  {_headline(summary)}".rstrip())
+        detail = f"{run.cfg.loss}, {status}, {steps} steps" + (f", {_headline(summary)}" if _headline(summary) else "")
+        line = f"  {_shown(run.path)}: {detail}"
+        print(line if len(line) <= REPORT_WIDTH else f"  {_shown(run.path)}\n      {detail}")
     print("Each run directory holds config.json, steps.csv, layers.csv, evals.csv, summary.json,")
     print("checkpoints/ and the TensorBoard event files.")
     print("Next:")
-    print("  gradlens plot " + " ".join(shlex.quote(str(run.path)) for run in plans))
-    print(f"  tensorboard --logdir {shlex.quote(str(_tensorboard_dir(plans)))}")
+    print("\n".join(_wrapped_command(["gradlens", "plot", *(shlex.quote(_shown(run.path)) for run in plans)])))
+    print("\n".join(_wrapped_command(["tensorboard", "--logdir", shlex.quote(_shown(_tensorboard_dir(plans)))])))

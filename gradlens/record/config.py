@@ -101,32 +101,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     ``loss`` may be one name, a comma-separated string or a list: one run per loss.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".json"):
-        raise ValueError(f"{path}: config files must end in .toml or .json, not {path.suffix or '(no suffix)'!r}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
-    else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
-            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a table/object of settings")
+    from ..settings_file import read_settings_file
+
+    data = read_settings_file(path)
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = _normalise_key(str(key))

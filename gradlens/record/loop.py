@@ -183,14 +183,16 @@ def gather_outputs(outputs: list[PreferenceLossOutput], dist: DistContext) -> li
 class RunOutputs:
     """Owns one run's outputs: CSV tables, TensorBoard and the per-row table."""
 
-    def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool):
+    def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool, tensorboard: bool = True):
         self.writer = RunWriter(run_dir, config, kind=schema.KIND_PREFERENCE, resume=resume)
         self.rows = CsvTable(run_dir / ROWS_FILE, ROW_COLUMNS) if per_row else None
         if resume:
             self.writer.truncate_after(start - 1)
             if self.rows is not None:
                 self.rows.keep_steps_upto(start - 1)
-        self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None, optional_layout=EVAL_LAYOUT)
+        self.tb = TensorBoardLogger(
+            run_dir, RECORD_LAYOUT, purge_step=start if resume else None, optional_layout=EVAL_LAYOUT, enabled=tensorboard
+        )
 
     def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
         self.writer.log_step(row)
@@ -270,6 +272,7 @@ def record_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
+    tensorboard: bool = True,
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
@@ -299,7 +302,7 @@ def record_run(
             start = found.step
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
-    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
+    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row, tensorboard=tensorboard) if main else NoOutputs()
     if resume and main:
         _update_config_on_resume(run_dir, config, start)
         (run_dir / schema.SUMMARY).unlink(missing_ok=True)
@@ -449,4 +452,4 @@ def _log_per_row(out: RunOutputs, step: int, per_row) -> None:
         offset += 2 * b
     out.rows.append_many(rows)
     for side, parts in sides.items():
-        out.tb.writer.add_histogram(f"per_row/grad_norm_{side}", torch.cat(parts).numpy(), step)
+        out.tb.histogram(f"per_row/grad_norm_{side}", torch.cat(parts).numpy(), step)

@@ -107,7 +107,8 @@ class TensorBoardLogger:
     """Thin wrapper over ``torch.utils.tensorboard.SummaryWriter``.
 
     ``layout`` is always shown; ``optional_layout`` charts only when their tags
-    are logged (decided by the first row that has any of them)."""
+    are logged (decided by the first row that has any of them). ``enabled=False``
+    (``--no-tensorboard``) writes nothing and never imports TensorBoard."""
 
     def __init__(
         self,
@@ -116,7 +117,11 @@ class TensorBoardLogger:
         *,
         purge_step: int | None = None,
         optional_layout: Sequence = (),
+        enabled: bool = True,
     ):
+        self.enabled = enabled
+        if not enabled:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step makes TensorBoard hide events a resumed run logs again.
@@ -135,6 +140,8 @@ class TensorBoardLogger:
         self._layout_pending = False
 
     def scalars(self, step: int, values: Mapping[str, object]) -> None:
+        if not self.enabled:
+            return
         tags = set()
         for tag, value in values.items():
             if tag == schema.STEP or value is None or isinstance(value, str):
@@ -146,13 +153,23 @@ class TensorBoardLogger:
 
     def layer_ratios(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         """Per-layer ln rho as scalars, one chart per layer under ``layer_ln_ratio/``."""
+        if not self.enabled:
+            return
         for tag, value in layer_ln_ratios(layers).items():
             self.writer.add_scalar(tag, value, global_step=step)
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A distribution of many values (e.g. every row's own gradient norm at a step)."""
+        if self.enabled:
+            self.writer.add_histogram(tag, values, global_step=step)
+
     def flush(self) -> None:
-        self.writer.flush()
+        if self.enabled:
+            self.writer.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self._layout_pending:
             self._write_layout(set())
         self.writer.close()
