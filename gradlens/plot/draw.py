@@ -126,7 +126,7 @@ def _plain_number(value: float, _pos=None) -> str:
 
 
 def ratio_axis(ax, axis: str = "y") -> None:
-    """A log axis for ratios with plain ticks (0.5, 1, 2, 5, 10), never "3×10⁰" or "6×10⁻¹"."""
+    """A log axis (ratios, norms) with plain ticks (0.5, 1, 2, 5, 10), never "3×10⁰" or "6×10⁻¹"."""
     target = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))

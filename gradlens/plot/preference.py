@@ -126,7 +126,7 @@ def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str
                 linestyle=SIDE_LINESTYLES[part],
             )  # fmt: skip
         if log:
-            ax.set_yscale("log")
+            ratio_axis(ax)  # plain tick labels (0.5, 1, 2), never 6×10⁻¹
         ax.set_title(name)
         step_axis(ax)
         add_legend(ax)
@@ -162,7 +162,7 @@ def fig_ratio(groups: RunGroups, options: PlotOptions):
     _skip_if_empty(fig, drawn, schema.GRAD_RATIO)
     ratio_axis(ax)
     step_axis(ax)
-    ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (balanced)")
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (equal norms)")
     ax.set_ylabel("ρ = ‖g_rejected‖ / ‖g_chosen‖ (log scale)")
     add_legend(ax)
     finish(fig, "Gradient ratio ρ (above 1: the rejected term dominates)", _caption(groups, options))
