@@ -18,11 +18,12 @@ from ..runs import Run
 
 MISSING = object()
 
-# Config keys (last part of a dotted path) that never split a group: the seed is
+# Config keys (any part of a dotted path) that never split a group: the seed is
 # what a group pools over; the rest say where or how a run was stored, not what it computed.
 NEUTRAL_SETTINGS = frozenset(
     {
         "seed", "out", "device", "checkpoint_every", "output_dir", "logging_dir", "run_name", "label",
+        "env_info",  # what the environment reported about its data (differs by seed), not a setting
     }
 )  # fmt: skip
 MAX_VALUE_CHARS = 32
@@ -96,7 +97,7 @@ def differing_settings(runs: Iterable[Run], *, ignore: Iterable[str] = ()) -> di
     keys = list(dict.fromkeys(k for flat in flats for k in flat))
     out: dict[str, list[Any]] = {}
     for key in keys:
-        if key in skip or key.rsplit(".", 1)[-1] in NEUTRAL_SETTINGS:
+        if key in skip or any(part in NEUTRAL_SETTINGS for part in key.split(".")):
             continue
         values = [flat.get(key, MISSING) for flat in flats]
         distinct = list(dict.fromkeys(repr(v) for v in values))

@@ -7,9 +7,7 @@ The resolved config -- every field concrete -- is what a run directory stores.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
