@@ -34,7 +34,6 @@ e2_tiny_gpt2_runtime.json.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -294,14 +293,13 @@ def fig_logps(index: list[dict], figures: Path) -> Path:
 
 def standard_reports(args, index, figures: Path) -> None:
     """`gradlens plot` per beta (all standard figures, not committed); two of beta=0.1's are copied."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
     betas = sorted({i["beta"] for i in index})
     for beta in betas:
         out = args.out / f"plot-beta{beta:g}"
         paths = [str(args.out / f"beta{beta:g}" / method) for method in ("dpo", "balanced")]
-        ns = argparse.Namespace(paths=paths, out=str(out), format="png", group_by=None, smooth=5)
-        if command.main(ns) != 0:
+        if main(["plot", *paths, "--out", str(out), "--smooth", "5"]) != 0:
             raise SystemExit(f"gradlens plot failed for beta={beta:g}")
     chosen = HEATMAP_BETA if HEATMAP_BETA in betas else betas[0]
     for name in ("layer_heatmap", "ratio"):

@@ -38,7 +38,6 @@ dissipation error), e3_langevin_runtime.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -347,10 +346,9 @@ def fig_dissipation(index: list[dict], figures: Path) -> Path:
 
 def standard_report(args) -> None:
     """`gradlens plot` over every KL-vs-k run (all standard Langevin figures), for browsing; not committed."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
-    ns = argparse.Namespace(paths=[str(args.out / "kl_vs_k")], out=str(args.out / "plot"), format="png", group_by=None, smooth=1)
-    if command.main(ns) != 0:
+    if main(["plot", str(args.out / "kl_vs_k"), "--out", str(args.out / "plot"), "--smooth", "0"]) != 0:
         raise SystemExit("gradlens plot failed on the Langevin runs")
 
 
