@@ -66,6 +66,7 @@ class ParamState:
     dots: dict[tuple[str, str], float] = field(default_factory=dict)
     total_sq: float = 0.0
     unattributed: bool = False
+    pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # kept only with keep_pieces=True
 
     def add(self, bucket: str, t) -> None:
         if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
@@ -83,7 +84,14 @@ class Capture:
     """Collects one step's per-group gradients; query it after the ``with`` block."""
 
     def __init__(
-        self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False, distributed: str = "local"
+        self,
+        recorder: "GradientRecorder",
+        groups: RowGroups,
+        *,
+        per_row: bool = False,
+        verify: bool = False,
+        distributed: str = "local",
+        keep_pieces: bool = False,
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
@@ -92,6 +100,7 @@ class Capture:
         self.groups = groups
         self.per_row = per_row
         self.verify = verify
+        self.keep_pieces = keep_pieces
         self.complement = groups.partition and not verify
         self._params: dict[int, ParamState] = {}
         self._grad_was_none = recorder._params_without_grad()
@@ -137,7 +146,8 @@ class Capture:
                 f"module {path!r} sees a batch of {rows} rows along dim 0, but the groups cover {self.groups.num_rows} rows; "
                 "gradlens splits gradients along dim 0 (pass num_rows= if some rows belong to no group)"
             )
-        params = dict(use.module.named_parameters(recurse=False))
+        sharded = self._recorder.sharded  # FSDP2: pieces are keyed and kept sharded (gradients/fsdp.py)
+        params = sharded.own_params(use.module) if sharded else dict(use.module.named_parameters(recurse=False))
         low = any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None))
         names = self.groups.names
         explicit = names[:-1] if self.complement and rule.name not in RECOMPUTE_RULES else names
@@ -153,7 +163,7 @@ class Capture:
             st.low_precision |= low
             for g in explicit:
                 if not (self.complement and g == names[-1]):
-                    st.add(g, parts[g][local])
+                    st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
             value, scale = probes[local]
             st.probe_hooks = st.probe_hooks + value.detach()  # stays on device: no sync per use
             st.probe_scale = st.probe_scale + scale.detach()
@@ -214,12 +224,15 @@ class Capture:
         states = list(self._params.values())
         for st in states:
             self._resolve_total(st)
-        if self.distributed == "global":
-            from .distributed import all_reduce_states
+        if self._recorder.sharded is not None:  # FSDP2: totals, probe check and norms over shards
+            states = self._recorder.sharded.finish(self, states)
+        else:
+            if self.distributed == "global":
+                from .distributed import all_reduce_states
 
-            states = all_reduce_states(self, states)
-        for st in states:
-            self._split_norms(st)
+                states = all_reduce_states(self, states)
+            for st in states:
+                self._split_norms(st)
         unattributed = [st.name for st in states if st.unattributed]
         if unattributed:
             warnings.warn(
@@ -238,6 +251,8 @@ class Capture:
         if total is not None:
             st.groups["__total__"] = total
             st.unattributed = not self._probe_agrees(st, total)
+        elif st.uses:  # hooked uses, yet no gradient reached the parameter: never report a silent 0
+            st.unattributed = True
 
     def _split_norms(self, st: ParamState) -> None:
         total = st.groups.pop("__total__", None)
@@ -257,6 +272,14 @@ class Capture:
         for a, b in itertools.combinations(names, 2):
             va, vb = vectors[a], vectors[b]
             st.dots[(a, b)] = _dot(va, vb) if va is not None and vb is not None else 0.0
+        if self.keep_pieces:
+            grad = st.param.grad
+            for g, v in vectors.items():
+                if v is None:
+                    v = torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)
+                elif grad is not None and v.data_ptr() == grad.data_ptr():
+                    v = v.clone()  # never hand out p.grad's own storage
+                st.pieces[g] = v.view(st.param.shape)
         st.groups.clear()
 
     def _probe_agrees(self, st: ParamState, total: torch.Tensor) -> bool:
@@ -351,6 +374,21 @@ class Capture:
             entry["rejected_sq"] += st.sq.get(b, 0.0)
             entry["dot"] += st.dots.get(key, 0.0)
         return table
+
+    def pieces(self, group: str) -> dict[str, torch.Tensor]:
+        """Each attributed parameter's share of ``group``'s gradient: name -> tensor shaped like the parameter.
+
+        Only with ``capture(..., keep_pieces=True)``. Tensors are float32 (float64 for
+        float64 parameters), owned by the capture (``p.grad`` is never aliased). When the
+        groups cover every row, the pieces of all groups add up to ``p.grad`` (to
+        float32 rounding). Unattributed parameters (see ``unattributed``) have no pieces.
+        Names are those of ``model.named_parameters()`` (a tied parameter appears once).
+        """
+        self._require_finished()
+        self._check_group(group)
+        if not self.keep_pieces:
+            raise ValueError("pieces were not kept: use rec.capture(..., keep_pieces=True)")
+        return {st.name: st.pieces[group] for st in self._attributed() if group in st.pieces}
 
     def per_row_norms(self) -> torch.Tensor:
         """Norm of each row's own gradient (float64), rows of all backward calls in order."""

@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 
 from .capture import Capture
+from .fsdp import ShardedParams
 from .groups import GroupSpec, make_groups
+from .precision import autocast_state, no_autocast
 from torch.utils._pytree import tree_map
 
 from .rules import RECOMPUTE_RULES, Rule, Use, _tensor_leaves, rule_for
@@ -68,6 +70,8 @@ class GradientRecorder:
         self._names: dict[int, str] = {}
         self._owners: dict[int, list[str]] = {}
         self.rules: dict[str, Rule] = {}
+        # FSDP2-sharded parameters (gradients/fsdp.py), else None; raises for sharding it cannot split.
+        self.sharded: Optional[ShardedParams] = ShardedParams.detect(model)
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -134,12 +138,13 @@ class GradientRecorder:
             # The hook must not reference the output tensors it is registered on: their
             # grad_fn holds the hook, and that cycle through C++ is never collected.
             num_leaves = len(leaves)
+            amp = autocast_state()
 
             def on_grads(grads) -> None:
                 full = [None] * num_leaves
                 for i, g in zip(needs, grads):
                     full[i] = g
-                self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng), rule, path)
+                self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng, autocast=amp), rule, path)
 
             if len(needs) == 1:
                 leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
@@ -163,7 +168,8 @@ class GradientRecorder:
         p = next(use.module.parameters(recurse=False))
         use.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         use.recompute = self._paused_call
-        cap.add_use(use, rule, path)
+        with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
+            cap.add_use(use, rule, path)
 
     def _paused_call(self, fn):
         """Run ``fn`` (a rule re-running a module) with this recorder's hooks switched off."""
@@ -212,6 +218,7 @@ class GradientRecorder:
         per_row: bool = False,
         verify: bool = False,
         distributed: str | None = None,
+        keep_pieces: bool = False,
     ) -> Iterator[Capture]:
         """Record the backward calls made inside the block, split by row ``groups``.
 
@@ -225,6 +232,11 @@ class GradientRecorder:
         there) all-reduces the group pieces so the norms are those of the global,
         rank-averaged gradient, like ``p.grad``; ``"local"`` (default otherwise) skips
         the communication and reports this rank's own split.
+
+        ``keep_pieces=True`` keeps every group's gradient piece of every parameter after
+        the block (one parameter-sized float32 tensor per group), readable with
+        ``cap.pieces(group)``: e.g. to rescale the chosen and rejected gradients before
+        the optimizer step, without another backward.
         """
         if self._closed:
             raise RuntimeError("this GradientRecorder was closed; create a new one")
@@ -232,13 +244,32 @@ class GradientRecorder:
             raise RuntimeError("a capture is already open on this recorder; captures cannot nest")
         if distributed is None:
             distributed = "global" if _world_size() > 1 else "local"
-        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed)
+        self._check_parameters_unchanged()
+        if self.sharded is not None:
+            self.sharded.begin(distributed=distributed, per_row=per_row)
+        cap = Capture(
+            self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed, keep_pieces=keep_pieces
+        )
         self._capture = cap
         try:
             yield cap
         finally:
             self._capture = None
-        cap.finish()
+        with no_autocast():
+            cap.finish()
+
+    def _check_parameters_unchanged(self) -> None:
+        """Hooks sit on the parameters seen at attach time; a replaced parameter (e.g. by
+        ``fully_shard`` after attaching) would silently record nothing. Under FSDP2 the
+        module holds FSDP's unsharded copies between forward and backward: expected."""
+        if self.sharded is not None:
+            return
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in self._names:
+                raise RuntimeError(
+                    f"parameter {name!r} was replaced after the GradientRecorder was attached (e.g. by fully_shard or "
+                    "by loading new parameter objects); its gradient would be missed. Create the recorder after sharding"
+                )
 
     def close(self) -> None:
         """Remove every hook; the model is exactly as before."""

@@ -175,17 +175,34 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def check_out(out: Path) -> None:
+    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run."""
+    absolute = Path(os.path.abspath(out))
+    for place in (absolute, *absolute.parents):
+        if is_run_dir(place):
+            where = "is" if place == absolute else f"lies inside the run {place}, which"
+            raise ValueError(f"--out {out}: {where} a gradlens run directory; plot writes only outside runs (e.g. --out plots)")
+    if absolute.exists() and not absolute.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if absolute.is_dir():
+        inside = find_runs(absolute)
+        if inside:
+            raise ValueError(f"--out {out}: holds gradlens run(s) ({inside[0]}{' ...' if len(inside) > 1 else ''}); plot writes only outside runs")
+
+
 def main(args: argparse.Namespace) -> int:
+    _WARNINGS.clear()
+    paths = list(args.paths) or [DEFAULT_RUNS]
+    out = Path(args.out) if args.out else default_out(paths)
     try:
         formats = parse_formats(args.format)
+        check_out(out)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    _WARNINGS.clear()
     if args.smooth is not None and args.smooth < 0:
         _error(f"--smooth {args.smooth}: must be a whole number >= 0 (0 or 1: no smoothing)")
         return EXIT_USAGE
-    paths = list(args.paths) or [DEFAULT_RUNS]
     if not args.paths and not Path(DEFAULT_RUNS).is_dir():
         _error(f"no ./{DEFAULT_RUNS} directory here; record runs with `gradlens record` or pass run directories")
         return EXIT_NOTHING_PLOTTED
@@ -194,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            return _plot(paths, formats, args)
+            return _plot(paths, formats, out, args)
     finally:
         _report_warnings(caught)
 
@@ -231,7 +248,7 @@ def _print_comparison(comparison, ci: str) -> None:
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
-def _plot(paths: list[str], formats: list[str], args: argparse.Namespace) -> int:
+def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namespace) -> int:
     runs, problems = collect_runs(paths)
     readable, read_problems = _read_tables(runs)
     for problem in problems + read_problems:
@@ -258,11 +275,11 @@ def _plot(paths: list[str], formats: list[str], args: argparse.Namespace) -> int
     except ValueError as exc:
         _error(str(exc))
         return EXIT_NOTHING_PLOTTED
-    out = Path(args.out) if args.out else default_out(paths)
-    if out.exists() and not out.is_dir():
-        _error(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _error(f"--out {out}: cannot create it: {exc.strerror or exc}")
         return EXIT_USAGE
-    out.mkdir(parents=True, exist_ok=True)
     smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
     options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
 

@@ -81,6 +81,20 @@ EVAL_LAYOUT: Layout = [
     )
 ]
 
+# `gradlens record`'s evaluations (each environment fills the charts it has names for).
+EVAL_LAYOUT = [
+    (
+        "gradlens: evaluation",
+        [
+            ("true reward of samples", [f"^{schema.EVAL_TRUE_REWARD}$"]),
+            ("KL to the reference / to the optimum", [f"^{schema.EVAL_KL_TO_REF}$", f"^{schema.EVAL_KL_TO_OPTIMUM}$"]),
+            ("held-out log-probs: chosen vs rejected", [f"^{schema.EVAL_LOGPS_CHOSEN}$", f"^{schema.EVAL_LOGPS_REJECTED}$"]),
+            ("held-out preference accuracy", [f"^{schema.EVAL_PREF_ACCURACY}$"]),
+            ("probability mass on responses in no pair (tabular)", [f"^{schema.EVAL_OOD_MASS}$"]),
+        ],
+    ),
+]
+
 
 def filter_layout(layout: Layout, tags: set[str]) -> Layout:
     """``layout`` with only the charts that match at least one of ``tags``; empty categories dropped."""
@@ -107,8 +121,7 @@ class TensorBoardLogger:
     """Thin wrapper over ``torch.utils.tensorboard.SummaryWriter``.
 
     ``layout`` is always shown; ``optional_layout`` charts only when their tags
-    are logged (decided by the first row that has any of them). ``enabled=False``
-    (``--no-tensorboard``) writes nothing and never imports TensorBoard."""
+    are logged (decided by the first row that has any of them)."""
 
     def __init__(
         self,
@@ -117,11 +130,7 @@ class TensorBoardLogger:
         *,
         purge_step: int | None = None,
         optional_layout: Sequence = (),
-        enabled: bool = True,
     ):
-        self.enabled = enabled
-        if not enabled:
-            return
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step makes TensorBoard hide events a resumed run logs again.
@@ -140,8 +149,6 @@ class TensorBoardLogger:
         self._layout_pending = False
 
     def scalars(self, step: int, values: Mapping[str, object]) -> None:
-        if not self.enabled:
-            return
         tags = set()
         for tag, value in values.items():
             if tag == schema.STEP or value is None or isinstance(value, str):
@@ -153,23 +160,13 @@ class TensorBoardLogger:
 
     def layer_ratios(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         """Per-layer ln rho as scalars, one chart per layer under ``layer_ln_ratio/``."""
-        if not self.enabled:
-            return
         for tag, value in layer_ln_ratios(layers).items():
             self.writer.add_scalar(tag, value, global_step=step)
 
-    def histogram(self, tag: str, values, step: int) -> None:
-        """A distribution of many values (e.g. every row's own gradient norm at a step)."""
-        if self.enabled:
-            self.writer.add_histogram(tag, values, global_step=step)
-
     def flush(self) -> None:
-        if self.enabled:
-            self.writer.flush()
+        self.writer.flush()
 
     def close(self) -> None:
-        if not self.enabled:
-            return
         if self._layout_pending:
             self._write_layout(set())
         self.writer.close()
