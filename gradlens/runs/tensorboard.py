@@ -67,34 +67,19 @@ EVAL_LAYOUT: Layout = [
     (
         "gradlens: evaluation",
         [
-            ("true reward of samples", ["^eval/true_reward$"]),
-            ("KL to the reference", ["^eval/kl_to_ref$"]),
-            ("KL to the optimum pi*", ["^eval/kl_to_optimum$"]),
-            ("log p chosen (evaluation pairs)", ["^eval/logps/chosen$"]),
-            ("log p rejected (evaluation pairs)", ["^eval/logps/rejected$"]),
-            ("reward margin (evaluation pairs)", ["^eval/margin$"]),
-            ("preference accuracy (held-out pairs)", ["^eval/pref_accuracy$"]),
-            ("training-pair accuracy (no held-out data given)", ["^eval/train_pair_accuracy$"]),
-            ("probability mass on responses in no pair", ["^eval/ood_mass$"]),
-            ("mean sample length", ["^eval/sample_length$"]),
+            ("true reward of samples", [f"^{schema.EVAL_TRUE_REWARD}$"]),
+            ("KL to the reference", [f"^{schema.EVAL_KL_TO_REF}$"]),
+            ("KL to the optimum pi*", [f"^{schema.EVAL_KL_TO_OPTIMUM}$"]),
+            ("log p chosen (evaluation pairs)", [f"^{schema.EVAL_LOGPS_CHOSEN}$"]),
+            ("log p rejected (evaluation pairs)", [f"^{schema.EVAL_LOGPS_REJECTED}$"]),
+            ("reward margin (evaluation pairs)", [f"^{schema.EVAL_MARGIN}$"]),
+            ("preference accuracy (held-out pairs)", [f"^{schema.EVAL_PREF_ACCURACY}$"]),
+            ("training-pair accuracy (no held-out data given)", [f"^{schema.EVAL_TRAIN_PAIR_ACCURACY}$"]),
+            ("probability mass on responses in no pair", [f"^{schema.EVAL_OOD_MASS}$"]),
+            ("mean sample length", [f"^{schema.EVAL_SAMPLE_LENGTH}$"]),
         ],
     )
 ]
-
-# `gradlens record`'s evaluations (each environment fills the charts it has names for).
-EVAL_LAYOUT = [
-    (
-        "gradlens: evaluation",
-        [
-            ("true reward of samples", [f"^{schema.EVAL_TRUE_REWARD}$"]),
-            ("KL to the reference / to the optimum", [f"^{schema.EVAL_KL_TO_REF}$", f"^{schema.EVAL_KL_TO_OPTIMUM}$"]),
-            ("held-out log-probs: chosen vs rejected", [f"^{schema.EVAL_LOGPS_CHOSEN}$", f"^{schema.EVAL_LOGPS_REJECTED}$"]),
-            ("held-out preference accuracy", [f"^{schema.EVAL_PREF_ACCURACY}$"]),
-            ("probability mass on responses in no pair (tabular)", [f"^{schema.EVAL_OOD_MASS}$"]),
-        ],
-    ),
-]
-
 
 def filter_layout(layout: Layout, tags: set[str]) -> Layout:
     """``layout`` with only the charts that match at least one of ``tags``; empty categories dropped."""
