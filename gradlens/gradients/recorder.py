@@ -26,6 +26,7 @@ import torch.nn as nn
 from .capture import Capture
 from .fsdp import ShardedParams
 from .groups import GroupSpec, make_groups
+from .precision import autocast_state, no_autocast
 from torch.utils._pytree import tree_map
 
 from .rules import RECOMPUTE_RULES, Rule, Use, _tensor_leaves, rule_for
@@ -137,12 +138,13 @@ class GradientRecorder:
             # The hook must not reference the output tensors it is registered on: their
             # grad_fn holds the hook, and that cycle through C++ is never collected.
             num_leaves = len(leaves)
+            amp = autocast_state()
 
             def on_grads(grads) -> None:
                 full = [None] * num_leaves
                 for i, g in zip(needs, grads):
                     full[i] = g
-                self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng), rule, path)
+                self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng, autocast=amp), rule, path)
 
             if len(needs) == 1:
                 leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
@@ -166,7 +168,8 @@ class GradientRecorder:
         p = next(use.module.parameters(recurse=False))
         use.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         use.recompute = self._paused_call
-        cap.add_use(use, rule, path)
+        with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
+            cap.add_use(use, rule, path)
 
     def _paused_call(self, fn):
         """Run ``fn`` (a rule re-running a module) with this recorder's hooks switched off."""
@@ -252,7 +255,8 @@ class GradientRecorder:
             yield cap
         finally:
             self._capture = None
-        cap.finish()
+        with no_autocast():
+            cap.finish()
 
     def _check_parameters_unchanged(self) -> None:
         """Hooks sit on the parameters seen at attach time; a replaced parameter (e.g. by

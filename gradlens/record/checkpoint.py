@@ -9,6 +9,16 @@ mid-write leaves the previous checkpoint intact. Every file is checked
 run changes anything. ``checkpoints/reference/``
 holds the starting policy of environments whose warm-start is not
 bit-reproducible, so a resumed run uses exactly the same reference.
+
+A Hugging Face model's checkpoint also holds its ``config.json`` (and
+``generation_config.json``) and, when the environment has one, the tokenizer's
+files, so ``AutoModelForCausalLM.from_pretrained("RUN/checkpoints/step_N")``
+and ``AutoTokenizer.from_pretrained(...)`` load it as they are: the weights are
+the same ``model.safetensors`` (tied weights are stored once; ``from_pretrained``
+ties them again). Why ``step_N`` and not Trainer's ``checkpoint-N``: the number
+means the same (the state after N optimizer steps), but the run's history lives
+in the run directory's tables, not in a ``trainer_state.json``, and ``--resume``
+finds checkpoints by this name.
 """
 
 from __future__ import annotations
@@ -64,7 +74,25 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+def save_hf_files(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+    """The files besides ``model.safetensors`` that make ``directory`` loadable with ``from_pretrained``.
+
+    Nothing for a model that is not a Hugging Face ``PreTrainedModel`` (e.g. the tabular policy).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return
+    config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, tokenizer: Any = None
+) -> Path:
     from safetensors.torch import save_model
 
     root = checkpoints_dir(run_dir)
@@ -77,6 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+    save_hf_files(model, tmp, tokenizer)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -163,9 +192,11 @@ def read_optimizer_state(checkpoint: Checkpoint) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message is advice on how to load it anyway; keep only what was found.
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
-            f"{path}: refused: it holds Python objects other than tensors and plain values, which gradlens never unpickles ({first})"
+            f"{path}: refused: it holds Python objects other than tensors and plain values, which gradlens never "
+            f"unpickles{f' ({found})' if found else ''}; it was not written by gradlens"
         ) from None
     except Exception as exc:  # a truncated or overwritten zip raises RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -20,7 +20,7 @@ from typing import Any
 from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
 from . import plan as P
 from . import resume as R
-from .config import BALANCE_SPACES, DTYPES, ENVS, OPTIMIZERS, RecordConfig, load_config_file, parse_losses, resolve
+from .config import BALANCE_SPACES, DTYPES, ENV_DEFAULTS, ENVS, OPTIMIZERS, RecordConfig, load_config_file, parse_losses, resolve
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 SMALL_ENVS = ("tabular", "tiny-gpt2")
@@ -32,6 +32,7 @@ examples:
   gradlens record --env user --model ./my-model --data prefs.jsonl --loss balanced --out runs/mine
   gradlens record --out runs/mine --resume         # continue from the last checkpoint
   gradlens record --config job.toml --lr 1e-5      # flags override the file
+  gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
 """
 
 
@@ -42,14 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument("--env", choices=ENVS, default=s, help="built-in environment or your own model+data (default tiny-gpt2)")
     what.add_argument("--model", metavar="DIR", default=s, help="--env user: local Hugging Face model directory (never downloaded)")
-    what.add_argument("--data", metavar="FILE", default=s, help="--env user: preference pairs, .jsonl/.csv/.parquet, TRL standard or conversational format")
+    what.add_argument(
+        "--data", metavar="PATH", default=s,
+        help="--env user: preference pairs: .jsonl/.csv/.parquet or a Dataset.save_to_disk directory; TRL's standard, "
+        "conversational or implicit-prompt format",
+    )  # fmt: skip
     what.add_argument("--eval-data", metavar="FILE", default=s, help="--env user: held-out pairs for evaluations (default: the first 64 training pairs)")
+    what.add_argument("--prompt-column", metavar="NAME", default=s, help="--env user: the data's prompt column (default prompt; absent: implicit prompt)")
+    what.add_argument("--chosen-column", metavar="NAME", default=s, help="--env user: the data's chosen column (default chosen)")
+    what.add_argument("--rejected-column", metavar="NAME", default=s, help="--env user: the data's rejected column (default rejected)")
     what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help="dpo, balanced or adadpo; a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=s, help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6)")
+    opt.add_argument(
+        "--lr", type=float, default=s,
+        help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6 = TRL's DPOConfig default, "
+        "made for large models and long runs: it barely moves a small model in a few dozen steps; try 1e-5 to 1e-4 there)",
+    )  # fmt: skip
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="default adam (tabular) or adamw")
     opt.add_argument("--batch-size", type=int, default=s, help="preference pairs per optimizer step (default tabular 32, tiny-gpt2 16, user 8)")
     opt.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
@@ -68,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="DIR", default=s, help="run directory (one loss) or parent directory (several); default runs/ENV-LOSS-sSEED")
     out.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    out.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    out.add_argument(
+        "--config", metavar="FILE",
+        help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
+    )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
@@ -170,6 +185,27 @@ def _headline(summary: dict | None) -> str:
         if value is not None:
             return f"{name} {value:.4g}" if isinstance(value, (int, float)) else f"{name} {value}"
     return ""
+
+
+# The loss "has hardly moved" when its last value is within this fraction of its first.
+STALLED_LOSS = 0.01
+
+
+def _stalled_note(run: P.PlannedRun) -> str:
+    """A note when the loss barely moved: most often the learning rate (TRL's 1e-6 default) is too small."""
+    from ..runs import read_table
+
+    steps = read_table(run.path / schema.STEPS, quiet=True)
+    if schema.LOSS not in steps or len(steps) < 2:
+        return ""
+    losses = steps[schema.LOSS].dropna()
+    if len(losses) < 2 or not abs(losses.iloc[-1] - losses.iloc[0]) <= STALLED_LOSS * abs(losses.iloc[0]):
+        return ""
+    default = " (TRL's default, made for large models and long runs)" if run.cfg.lr == ENV_DEFAULTS["user"]["lr"] else ""
+    return (
+        f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
+        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -275,6 +311,10 @@ def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
         status = summary.get(schema.SUMMARY_STATUS, "?") if summary else "incomplete"
         steps = summary.get(schema.SUMMARY_STEPS_LOGGED, "?") if summary else "?"
         print(f"  {str(run.path):<{width}}  {run.cfg.loss:<8}  {status:<9}  {steps} steps  {_headline(summary)}".rstrip())
+    for run, result in results:
+        note = _stalled_note(run) if result is not None else ""
+        if note:
+            print(note)
     print("Each run directory holds config.json, steps.csv, layers.csv, evals.csv, summary.json,")
     print("checkpoints/ and the TensorBoard event files.")
     print("Next:")

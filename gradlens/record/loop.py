@@ -321,7 +321,8 @@ def record_run(
                 say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
             done = step + 1
             if main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-                ckpt.save_checkpoint(run_dir, done, policy, optimizer, {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()})
+                saved = {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()}
+                ckpt.save_checkpoint(run_dir, done, policy, optimizer, saved, tokenizer=env.tokenizer)
                 out.flush()
         else:
             step = cfg.steps

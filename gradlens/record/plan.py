@@ -51,6 +51,17 @@ def _occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or run_contents(path).started)
 
 
+def _check_creatable(path: Path) -> None:
+    """``path`` is a directory, or could be made one: its nearest existing ancestor is a directory."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: cannot be created, because {parent} is a file, not a directory")
+            return
+
+
 def _begun(path: Path) -> bool:
     """A writer got as far as its lock or config.json.tmp, then died."""
     return path.is_dir() and bool(run_contents(path).ours)
@@ -81,8 +92,7 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
     # --resume of a job: the runs that never started are started, once any run of the job exists.
     job_started = any(is_run_dir(p) for p in paths)
     for cfg, path in zip(configs, paths):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path}: exists and is not a directory")
+        _check_creatable(path)
         if resume:
             if is_run_dir(path):
                 plans.append(PlannedRun(cfg, path, RESUME))
