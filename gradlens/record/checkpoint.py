@@ -2,7 +2,9 @@
 
 ``checkpoints/step_N/`` holds the state after N optimizer steps (rows 0..N-1
 are logged): ``model.safetensors``, ``optimizer.pt`` (tensors and plain Python
-values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``.
+values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``;
+LoRA runs add ``adapter/`` (peft's ``adapter_model.safetensors`` and
+``adapter_config.json``).
 A checkpoint is written into a temporary directory and renamed, so a run killed
 mid-write leaves the previous checkpoint intact. ``checkpoints/reference/``
 holds the starting policy of environments whose warm-start is not
@@ -29,6 +31,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REFERENCE_DIR = "reference"
+ADAPTER_DIR = "adapter"
 KEEP_LAST = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -72,6 +75,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
+    if hasattr(model, "peft_config"):  # LoRA: also the adapter alone, loadable with peft.PeftModel.from_pretrained
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
     if final.exists():  # re-saving the same step after a resume
