@@ -32,6 +32,7 @@ examples:
   gradlens record --env user --model ./my-model --data prefs.jsonl --loss balanced --out runs/mine
   gradlens record --out runs/mine --resume         # continue from the last checkpoint
   gradlens record --config job.toml --lr 1e-5      # flags override the file
+  torchrun --nproc_per_node 4 -m gradlens record --env user --model ./my-model --data prefs.jsonl --fsdp
 """
 
 
@@ -78,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
+    dev.add_argument("--fsdp", action="store_true", default=s,
+                     help="--env user under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
 
 
 def _requested(args: argparse.Namespace) -> tuple[dict, dict]:

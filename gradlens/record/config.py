@@ -60,6 +60,7 @@ class RecordConfig:
     lora_alpha: float | None = None
     lora_target_modules: str = "all-linear"   # comma-separated module names, or peft's "all-linear"
     lora_dropout: float = 0.0          # stored in the adapter; `gradlens record` turns every dropout off
+    fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
     out: str | None = None
 
 
@@ -196,6 +197,8 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     if cfg.max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {cfg.max_length}")
     _validate_lora(cfg)
+    if cfg.fsdp and cfg.env != "user":
+        raise ValueError(f"--fsdp is for --env user (the {cfg.env} environment's model is too small to shard)")
     if cfg.env == "user":
         if not cfg.model or not cfg.data:
             raise ValueError("--env user needs --model DIR (a local Hugging Face model directory) and --data FILE (JSONL, CSV or Parquet)")

@@ -35,7 +35,7 @@ from ..runs.tables import CsvTable
 from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 from . import checkpoint as ckpt
 from .config import RecordConfig, to_dict
-from .distributed import DistContext
+from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
 
@@ -267,6 +267,8 @@ def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = D
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {env.num_pairs()} usable training pairs")
     if ctx.world > 1 and cfg.batch_size < ctx.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world} processes; each needs at least one pair")
+    if cfg.fsdp and ctx.world == 1:
+        raise ValueError("--fsdp shards the model over torchrun processes: run it as torchrun --nproc_per_node N -m gradlens record ...")
     if ctx.world > 1 and cfg.per_row:
         raise ValueError("--per-row is recorded in single-process runs only (per-row norms are per rank under torchrun)")
 
@@ -299,13 +301,17 @@ def record_run(
         disable_dropout(model)
         model.eval()  # no dropout anywhere: gradients are a deterministic function of the batch
     reference.requires_grad_(False)
+    sharded = cfg.fsdp and dist.world > 1  # --fsdp: FSDP2 replaces the parameters, so before the optimizer
+    if sharded:
+        checkpoints = ShardedCheckpoints(policy, dist)
+        dist.fully_shard(policy)
     optimizer = build_optimizer(cfg, policy.parameters())
 
     start, state = 0, {}
     if resume:
         found = ckpt.latest_checkpoint(run_dir)
         if found is not None:
-            state = ckpt.load_checkpoint(found, policy, optimizer, device)
+            state = (checkpoints.load if sharded else ckpt.load_checkpoint)(found, policy, optimizer, device)
             start = found.step
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
@@ -332,7 +338,7 @@ def record_run(
 
     def evaluate(at: int) -> None:
         nonlocal last_eval
-        if not main:
+        if not main and not sharded:  # a sharded forward needs every rank; rank 0 logs
             return
         row = {schema.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
         out.log_eval(at, row)
@@ -362,8 +368,12 @@ def record_run(
                     break
                 say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
             done = step + 1
-            if main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-                ckpt.save_checkpoint(run_dir, done, policy, optimizer, {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()})
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                saved = {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()}
+                if sharded:  # every rank gathers, rank 0 writes
+                    checkpoints.save(run_dir, done, policy, optimizer, saved)
+                elif main:
+                    ckpt.save_checkpoint(run_dir, done, policy, optimizer, saved)
                 out.flush()
         else:
             step = cfg.steps
