@@ -22,14 +22,13 @@ import torch.nn.functional as F
 
 import gradlens
 from gradlens.gradients import UnattributedGradientWarning
-from models import sequence_logps, tiny_gpt2, tiny_llama
+from models import sequence_logps
 from test_record_user import model_dir  # noqa: F401 (fixture: a tiny local GPT-2 and tokenizer)
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from fsdp_split import PAIRS, PROMPT, global_batch  # noqa: E402
+from fsdp_split import FAMILIES, PAIRS, PROMPT, global_batch  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_split.py"
-FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 TOL = 1e-5  # the bound; float64 runs agree to ~1e-12, float32 to ~1e-7
 
 
@@ -67,8 +66,11 @@ def single_process(family: str, dtype: torch.dtype):
     return cap, unsharded_bytes
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: tied wte/lm_head, Conv1D, LayerNorm; llama: RMSNorm (recompute rule)
+@pytest.mark.parametrize(
+    "family, dtype",
+    # gpt2: tied wte/lm_head, Conv1D, LayerNorm; llama: RMSNorm (recompute rule); odd-llama: padded shards
+    [("gpt2", "float32"), ("gpt2", "float64"), ("llama", "float32"), ("llama", "float64"), ("odd-llama", "float32")],
+)
 def test_fsdp2_global_split_equals_one_unsharded_process(fsdp_result, family, dtype):
     got = fsdp_result[f"{family}/{dtype}"]
     cap, _ = single_process(family, getattr(torch, dtype))
