@@ -78,25 +78,21 @@ def record(cfg, run_dir: Path, env=None, log=None):
 
 
 def is_done(run_dir: Path, steps: int) -> bool:
-    """The run ended (all ``steps``, or stopped on a non-finite loss): its summary.json says so."""
-    summary = Path(run_dir) / "summary.json"
-    if not summary.is_file():
-        return False
-    saved = json.loads(summary.read_text())
-    return saved.get("steps") == steps and saved.get("status") in ("complete", "nonfinite")
+    """The run ended at ``steps`` (complete, or stopped on a non-finite loss, which a rerun would repeat)."""
+    from gradlens.runs import run_status
+
+    return run_status(run_dir, steps) is not None
 
 
 def paired_ci(values: Sequence[float], baseline: Sequence[float], *, seed: int = 0) -> tuple[float, float, float]:
     """Mean of the per-seed differences and its 95 % bootstrap CI over seeds.
 
     Seeds are matched (same environment, data and order), so the difference is
-    taken per seed and those differences are resampled: gradlens's
-    ``bootstrap_diff_ci`` against a single zero does exactly that.
+    taken per seed and those differences are resampled (``paired=True``).
     """
     from gradlens.analysis import bootstrap_diff_ci
 
-    diff = np.asarray(values, float) - np.asarray(baseline, float)
-    return bootstrap_diff_ci(diff, [0.0], seed=seed)
+    return bootstrap_diff_ci(np.asarray(values, float), np.asarray(baseline, float), paired=True, seed=seed)
 
 
 def fmt_ci(diff: float, low: float, high: float, digits: int = 3) -> str:
@@ -135,7 +131,7 @@ def shrink_png(path: Path) -> None:
 
 
 class Timer:
-    """Wall time of each phase, written beside the results (runtimes in the README come from here)."""
+    """Wall time of each phase, written beside the results (runtimes in docs/results.md come from here)."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()

@@ -23,7 +23,7 @@ What it does, all through gradlens's API:
 Outputs (figures/): e1_tabular_trajectories.png, e1_tabular_grid.png,
 e1_tabular_summary.{csv,md} (one row per setting and method),
 e1_tabular_comparison.{csv,md} (method - DPO with CIs), e1_tabular_headline.md
-(the README table), e1_tabular_runtime.json.
+(the table in docs/results.md), e1_tabular_runtime.json.
 
 Runs go to experiments/runs/e1/ (recreated only when missing or incomplete, so an
 interrupted full run continues where it stopped).
@@ -31,7 +31,6 @@ interrupted full run continues where it stopped).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +161,7 @@ def _better(metric: str, low: float, high: float) -> str:
 
 
 def headline(comparison: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    """The README table: per setting, DPO's mean and each method's paired difference [95 % CI]."""
+    """The docs/results.md table: per setting, DPO's mean and each method's paired difference [95 % CI]."""
     rows = []
     for (opt, lr, beta), g in comparison.groupby(["optimizer", "lr", "beta"], sort=False):
         s = summary[(summary.optimizer == opt) & (summary.lr == lr) & (summary.beta == beta)].set_index("method")
@@ -246,13 +245,12 @@ def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
 
 def standard_report(args, grid) -> None:
     """`gradlens plot` on one setting (all its figures and tables), for browsing; not committed."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
     opt, lr = REPRESENTATIVE
     beta = 0.5 if 0.5 in grid["betas"] else grid["betas"][0]
     paths = [str(args.out / f"{opt}-lr{lr:g}" / f"beta{beta:g}" / loss) for loss in LOSSES]
-    ns = argparse.Namespace(paths=paths, out=str(args.out / f"plot-{opt}-lr{lr:g}-beta{beta:g}"), format="png", group_by=None, smooth=1)
-    if command.main(ns) != 0:
+    if main(["plot", *paths, "--out", str(args.out / f"plot-{opt}-lr{lr:g}-beta{beta:g}"), "--smooth", "0"]) != 0:
         raise SystemExit("gradlens plot failed on the representative setting")
 
 

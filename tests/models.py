@@ -77,3 +77,18 @@ def sequence_logps(model: nn.Module, ids: torch.Tensor, prompt_len: int) -> torc
 
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "custom": custom_lm}
+
+
+def reference_pieces(model: nn.Module, lp: torch.Tensor, w: torch.Tensor, groups: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Independent reference: group -> {parameter name -> gradient of Σ_{i in rows} w_i lp_i}.
+
+    One separate ``torch.autograd.grad`` pass per group over the same forward ``lp``
+    (rows are independent, so each pass is that group's exact gradient). Names follow
+    ``model.named_parameters()`` (a tied parameter appears once, under its first name).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {}
+    for group, rows in groups.items():
+        grads = torch.autograd.grad((lp[rows] * w[rows]).sum(), [p for _, p in named], retain_graph=True, allow_unused=True)
+        out[group] = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+    return out

@@ -66,6 +66,7 @@ class ParamState:
     dots: dict[tuple[str, str], float] = field(default_factory=dict)
     total_sq: float = 0.0
     unattributed: bool = False
+    pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # kept only with keep_pieces=True
 
     def add(self, bucket: str, t) -> None:
         if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
@@ -83,7 +84,14 @@ class Capture:
     """Collects one step's per-group gradients; query it after the ``with`` block."""
 
     def __init__(
-        self, recorder: "GradientRecorder", groups: RowGroups, *, per_row: bool = False, verify: bool = False, distributed: str = "local"
+        self,
+        recorder: "GradientRecorder",
+        groups: RowGroups,
+        *,
+        per_row: bool = False,
+        verify: bool = False,
+        distributed: str = "local",
+        keep_pieces: bool = False,
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
@@ -92,6 +100,7 @@ class Capture:
         self.groups = groups
         self.per_row = per_row
         self.verify = verify
+        self.keep_pieces = keep_pieces
         self.complement = groups.partition and not verify
         self._params: dict[int, ParamState] = {}
         self._grad_was_none = recorder._params_without_grad()
@@ -263,6 +272,14 @@ class Capture:
         for a, b in itertools.combinations(names, 2):
             va, vb = vectors[a], vectors[b]
             st.dots[(a, b)] = _dot(va, vb) if va is not None and vb is not None else 0.0
+        if self.keep_pieces:
+            grad = st.param.grad
+            for g, v in vectors.items():
+                if v is None:
+                    v = torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)
+                elif grad is not None and v.data_ptr() == grad.data_ptr():
+                    v = v.clone()  # never hand out p.grad's own storage
+                st.pieces[g] = v.view(st.param.shape)
         st.groups.clear()
 
     def _probe_agrees(self, st: ParamState, total: torch.Tensor) -> bool:
@@ -357,6 +374,21 @@ class Capture:
             entry["rejected_sq"] += st.sq.get(b, 0.0)
             entry["dot"] += st.dots.get(key, 0.0)
         return table
+
+    def pieces(self, group: str) -> dict[str, torch.Tensor]:
+        """Each attributed parameter's share of ``group``'s gradient: name -> tensor shaped like the parameter.
+
+        Only with ``capture(..., keep_pieces=True)``. Tensors are float32 (float64 for
+        float64 parameters), owned by the capture (``p.grad`` is never aliased). When the
+        groups cover every row, the pieces of all groups add up to ``p.grad`` (to
+        float32 rounding). Unattributed parameters (see ``unattributed``) have no pieces.
+        Names are those of ``model.named_parameters()`` (a tied parameter appears once).
+        """
+        self._require_finished()
+        self._check_group(group)
+        if not self.keep_pieces:
+            raise ValueError("pieces were not kept: use rec.capture(..., keep_pieces=True)")
+        return {st.name: st.pieces[group] for st in self._attributed() if group in st.pieces}
 
     def per_row_norms(self) -> torch.Tensor:
         """Norm of each row's own gradient (float64), rows of all backward calls in order."""

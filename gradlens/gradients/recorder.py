@@ -218,6 +218,7 @@ class GradientRecorder:
         per_row: bool = False,
         verify: bool = False,
         distributed: str | None = None,
+        keep_pieces: bool = False,
     ) -> Iterator[Capture]:
         """Record the backward calls made inside the block, split by row ``groups``.
 
@@ -231,6 +232,11 @@ class GradientRecorder:
         there) all-reduces the group pieces so the norms are those of the global,
         rank-averaged gradient, like ``p.grad``; ``"local"`` (default otherwise) skips
         the communication and reports this rank's own split.
+
+        ``keep_pieces=True`` keeps every group's gradient piece of every parameter after
+        the block (one parameter-sized float32 tensor per group), readable with
+        ``cap.pieces(group)``: e.g. to rescale the chosen and rejected gradients before
+        the optimizer step, without another backward.
         """
         if self._closed:
             raise RuntimeError("this GradientRecorder was closed; create a new one")
@@ -241,7 +247,9 @@ class GradientRecorder:
         self._check_parameters_unchanged()
         if self.sharded is not None:
             self.sharded.begin(distributed=distributed, per_row=per_row)
-        cap = Capture(self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed)
+        cap = Capture(
+            self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed, keep_pieces=keep_pieces
+        )
         self._capture = cap
         try:
             yield cap

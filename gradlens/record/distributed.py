@@ -138,8 +138,8 @@ class ShardedCheckpoints:
 
         return StateDictOptions(full_state_dict=True, **kwargs)
 
-    def save(self, run_dir: Path, step: int, policy: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Collective: every rank gathers, rank 0 writes."""
+    def save(self, run_dir: Path, step: int, policy: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], **kwargs) -> None:
+        """Collective: every rank gathers, rank 0 writes (``kwargs`` go to ``checkpoint.save_checkpoint``)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         from . import checkpoint as ckpt
@@ -149,20 +149,32 @@ class ShardedCheckpoints:
         optim = get_optimizer_state_dict(policy, optimizer, options=options)
         if self.ctx.is_main:
             self.mirror.load_state_dict(weights)
-            ckpt.save_checkpoint(run_dir, step, self.mirror, _SavedOptimizer(optim), state)
+            ckpt.save_checkpoint(run_dir, step, self.mirror, _SavedOptimizer(optim), state, **kwargs)
         self.ctx.barrier()
 
-    def load(self, checkpoint, policy: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    def restore(self, point, policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+        """Like ``resume.restore``: (first step to run, saved state); every rank loads the full files and keeps its shard."""
         from safetensors.torch import load_model
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         from . import checkpoint as ckpt
 
-        load_model(self.mirror, str(checkpoint.path / ckpt.MODEL_FILE), device="cpu")
-        set_model_state_dict(policy, self.mirror.state_dict(), options=self._options())
-        optim = torch.load(checkpoint.path / ckpt.OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(policy, optimizer, optim, options=self._options())
-        return json.loads((checkpoint.path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
+        if point.checkpoint is None:
+            return 0, {}
+        path = point.checkpoint.path / ckpt.MODEL_FILE
+        try:
+            load_model(self.mirror, str(path), device="cpu")
+            set_model_state_dict(policy, self.mirror.state_dict(), options=self._options())
+        except Exception as exc:  # noqa: BLE001 - safetensors' errors are not ValueErrors
+            raise ckpt.CheckpointError(f"{path}: cannot be loaded into the sharded model ({exc})") from None
+        try:
+            set_optimizer_state_dict(policy, optimizer, point.optimizer_state, options=self._options())
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(
+                f"{point.checkpoint.path / ckpt.OPTIMIZER_FILE}: does not fit this run's sharded optimizer ({exc}); "
+                "was the run recorded with --fsdp?"
+            ) from None
+        return point.start, point.state
 
 
 def model_device(model: nn.Module) -> torch.device:
