@@ -56,8 +56,10 @@ def test_tiny_gpt2_two_losses_and_next_commands(tmp_path, capsys):
     assert main([*TINY, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     dpo, balanced = out / "tiny-gpt2-dpo-s0", out / "tiny-gpt2-balanced-s0"
-    assert f"gradlens plot {dpo} {balanced}" in captured.out
-    assert f"tensorboard --logdir {out}" in captured.out
+    unwrapped = captured.out.replace(" \\\n      ", " ")  # long commands continue on the next line
+    assert f"gradlens plot {dpo} {balanced}" in unwrapped
+    assert f"tensorboard --logdir {out}" in unwrapped
+    assert "tiny-gpt2 SFT warm-start: step" in captured.err  # the warm-start is not 20 s of silence
     assert "tiny-gpt2 dpo: step" in captured.err and "|g_c|=" in captured.err and "|g_r|=" in captured.err  # progress bar
     for path in (dpo, balanced):
         run = load_run(path)

@@ -85,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
     )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
@@ -139,6 +140,7 @@ class Job:
     dist: Any  # DistContext
     quiet: bool
     t0: float = field(default_factory=time.perf_counter)
+    tensorboard: bool = True
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -159,7 +161,7 @@ def _build_envs(job: Job) -> dict:
         ref = reference_path(run.path) if run.action == P.RESUME and reference_path(run.path).is_file() else None
         key = (tuple(getattr(run.cfg, f) for f in ENV_FIELDS), ref)
         if key not in envs:
-            envs[key] = build_env(run.cfg, reference_weights=ref, log=job.say)
+            envs[key] = build_env(run.cfg, reference_weights=ref, log=job.say, progress=not job.quiet)
         check_compatible(run.cfg, envs[key], job.dist)
         if run.resume is not None:
             R.check_weights_fit(run.resume, envs[key].policy)
@@ -227,7 +229,8 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dist = setup(getattr(args, "device", None) or "auto")
     try:
-        job = Job(_plan(args), dist, quiet=getattr(args, "quiet", False) or not dist.is_main, t0=t0)
+        quiet = getattr(args, "quiet", False) or not dist.is_main
+        job = Job(_plan(args), dist, quiet=quiet, t0=t0, tensorboard=getattr(args, "tensorboard", True))
         dist.barrier()  # every rank has planned before rank 0 creates a directory
         return _run_plans(job)
     finally:
@@ -235,9 +238,6 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _run_plans(job: Job) -> int:
-    for run in job.plans:
-        if run.note:
-            job.say(f"note: {run.note}")
     import torch
 
     threads = torch.get_num_threads()
@@ -253,6 +253,10 @@ def _run_plans(job: Job) -> int:
 
 def _record_all(job: Job) -> int:
     envs = _build_envs(job)
+    # Only now that every input is validated: a note before an error would describe a job that never runs.
+    for run in job.plans:
+        if run.note:
+            job.say(f"note: {run.note}")
     results = []
     for run in job.plans:
         if run.action == P.DONE:
@@ -276,12 +280,15 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     lock = RunLock(run.path) if job.dist.is_main else None
     try:
         if lock is not None:
-            lock.acquire()
+            try:
+                lock.acquire()
+            except OSError as exc:  # a read-only or full file system: nothing was written yet
+                raise ValueError(f"{run.path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
             _recheck(run)
             if run.action in (P.NEW, P.OVERWRITE):
                 prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
         job.dist.barrier()
-        return record_run(run.cfg, run.path, env, resume=run.resume, progress=not job.quiet, dist=job.dist)
+        return record_run(run.cfg, run.path, env, resume=run.resume, progress=not job.quiet, dist=job.dist, tensorboard=job.tensorboard)
     finally:
         if lock is not None:
             lock.release()
@@ -301,23 +308,49 @@ def _recheck(run: P.PlannedRun) -> None:
             raise ValueError(f"{run.path}: another process changed this run while this job was starting; it was left unchanged")
 
 
+REPORT_WIDTH = 100  # the end-of-run summary fits a 100-column terminal
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be said: relative to the current directory when below it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _wrapped_command(words: list[str], width: int = REPORT_WIDTH) -> list[str]:
+    """A shell command split over lines of at most ``width`` columns with trailing backslashes."""
+    lines, line = [], "  " + words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) + 2 > width:
+            lines.append(line + " \\")
+            line = "      " + word
+        else:
+            line += " " + word
+    return lines + [line]
+
+
 def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
     import json
+    import textwrap
 
     print(f"gradlens record: {len(plans)} run(s) in {seconds:.1f} s")
-    width = max(len(str(run.path)) for run in plans)
     for run, result in results:
         summary_path = run.path / schema.SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         status = summary.get(schema.SUMMARY_STATUS, "?") if summary else "incomplete"
         steps = summary.get(schema.SUMMARY_STEPS_LOGGED, "?") if summary else "?"
-        print(f"  {str(run.path):<{width}}  {run.cfg.loss:<8}  {status:<9}  {steps} steps  {_headline(summary)}".rstrip())
+        headline = _headline(summary)
+        detail = f"{run.cfg.loss}, {status}, {steps} steps" + (f", {headline}" if headline else "")
+        line = f"  {_shown(run.path)}: {detail}"
+        print(line if len(line) <= REPORT_WIDTH else f"  {_shown(run.path)}\n      {detail}")
     for run, result in results:
         note = _stalled_note(run) if result is not None else ""
         if note:
-            print(note)
+            print(textwrap.fill(note, REPORT_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False))
     print("Each run directory holds config.json, steps.csv, layers.csv, evals.csv, summary.json,")
     print("checkpoints/ and the TensorBoard event files.")
     print("Next:")
-    print("  gradlens plot " + " ".join(shlex.quote(str(run.path)) for run in plans))
-    print(f"  tensorboard --logdir {shlex.quote(str(_tensorboard_dir(plans)))}")
+    print("\n".join(_wrapped_command(["gradlens", "plot", *(shlex.quote(_shown(run.path)) for run in plans)])))
+    print("\n".join(_wrapped_command(["tensorboard", "--logdir", shlex.quote(_shown(_tensorboard_dir(plans)))])))

@@ -10,9 +10,7 @@ The resolved config -- every field concrete -- is what a run directory stores.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -129,42 +127,6 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _parse_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)  # safe_load builds plain data only, never Python objects
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ValueError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
-
-
-def _parse_file(path: Path) -> Any:
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".json", ".yaml", ".yml"):
-        raise ValueError(f"{path}: config files must end in .toml, .json, .yaml or .yml, not {path.suffix or '(no suffix)'!r}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
-    if suffix in (".yaml", ".yml"):
-        return _parse_yaml(text, path)
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-
-
 def _from_trl_names(data: dict, path: Path) -> dict:
     """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
     out, ignored = {}, []
@@ -199,12 +161,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     ``loss`` may be one name, a comma-separated string or a list: one run per loss.
     """
+    from ..settings_file import read_settings_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
-    data = _parse_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a table/object of settings")
+    data = read_settings_file(path)
     out: dict[str, Any] = {}
     for name, value in _from_trl_names(data, path).items():
         if name == "loss":

@@ -243,6 +243,7 @@ def record_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
+    tensorboard: bool = True,
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
@@ -272,7 +273,9 @@ def record_run(
     if main:
         if resume:
             R.begin(run_dir, point, config)  # the first write of a resumed run
-        out = PreferenceRunLog(run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row)
+        out = PreferenceRunLog(
+            run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row, tensorboard=tensorboard
+        )
     else:
         out = _NoLog()
     if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():

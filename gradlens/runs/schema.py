@@ -26,12 +26,7 @@ LAYERS = "layers.csv"
 EVALS = "evals.csv"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-ROWS = "rows.csv"          # --per-row: one row per (step, pair, side)
 LOCK = ".gradlens.lock"    # the writer lock (runs/lock.py); present only while a writer runs or after a kill
-
-# summary.json "status" of a preference run (Langevin summaries have none: written only at the end).
-STATUS_COMPLETE = "complete"
-STATUS_NONFINITE = "nonfinite"   # stopped at a non-finite loss or gradient
 
 KIND_PREFERENCE = "preference"
 KIND_LANGEVIN = "langevin"
@@ -92,6 +87,7 @@ ROW_COLUMNS = (STEP, ROW_PAIR, ROW_SIDE, ROW_GRAD_NORM)
 EVAL_LOGPS_CHOSEN = "eval/logps/chosen"        # held-out mean log p(chosen)
 EVAL_LOGPS_REJECTED = "eval/logps/rejected"
 EVAL_PREF_ACCURACY = "eval/pref_accuracy"      # share of held-out pairs with a positive implicit-reward margin
+EVAL_TRAIN_PAIR_ACCURACY = "eval/train_pair_accuracy"  # the same on training pairs (user env without --eval-data)
 EVAL_MARGIN = "eval/margin"                    # mean implicit-reward margin
 EVAL_DPO_LOSS = "eval/dpo_loss"
 EVAL_TRUE_REWARD = "eval/true_reward"          # ground-truth reward of samples (built-in environments)

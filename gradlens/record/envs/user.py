@@ -6,7 +6,8 @@ directory in TRL's standard, conversational or implicit-prompt format (see ``gra
 (``gradlens.record.tokenization``). Evaluations use ``--eval-data`` when given,
 otherwise a fixed subset (the first ``EVAL_SUBSET`` pairs) of the training data,
 and report the policy's log-probs of chosen and rejected, the preference accuracy
-of the implicit reward, its mean margin and the DPO loss.
+of the implicit reward, its mean margin and the DPO loss. Without ``--eval-data``
+the accuracy is logged as ``eval/train_pair_accuracy``, never as held-out accuracy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ..config import ENV_DEFAULTS, RecordConfig
 from ..data import Columns, load_preferences
 from ..tokenization import collate_pairs, tokenize_preferences
+from ...runs.schema import EVAL_PREF_ACCURACY, EVAL_TRAIN_PAIR_ACCURACY
 from .base import TokenPairsEnv, pair_margins
 
 EVAL_SUBSET = 64
@@ -110,6 +112,7 @@ class UserEnv(TokenPairsEnv):
                 UserWarning,
                 stacklevel=2,
             )
+        self.eval_on_training_pairs = eval_data is None
         if eval_data is not None:
             self.eval_pairs = tokenize_preferences(self.tokenizer, eval_data, self.max_length).pairs
             self._info["eval_source"] = str(eval_data.path)
@@ -122,7 +125,11 @@ class UserEnv(TokenPairsEnv):
     def evaluate(self, policy: nn.Module, reference: nn.Module, *, beta: float, device: torch.device) -> dict[str, float]:
         step = self.eval_batch
         batches = [collate_pairs(self.eval_pairs[i : i + step], self.pad_token_id, device) for i in range(0, len(self.eval_pairs), step)]
-        return pair_margins(self.logps, policy, reference, batches, beta)
+        metrics = pair_margins(self.logps, policy, reference, batches, beta)
+        if self.eval_on_training_pairs:
+            # Accuracy on pairs the policy trains on is not held-out accuracy: name it so.
+            metrics[EVAL_TRAIN_PAIR_ACCURACY] = metrics.pop(EVAL_PREF_ACCURACY)
+        return metrics
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
