@@ -44,7 +44,6 @@ dissipation error), e3_langevin_runtime.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def run_table(index: list[dict]) -> pd.DataFrame:
     """Per run: KL at the start and end, the stationary bias, measured k to eps, whether Vempala-Wibisono's
     bound (alpha = m) holds at every logged k where it applies (h <= m/(4L²)), and how far the one-step KL
     decrement is from h x Fisher."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.runs import load_run
 
     rows = []
@@ -175,7 +174,7 @@ def sweeps(args, grid) -> pd.DataFrame:
 
 def compute_sweeps(args, grid) -> pd.DataFrame:
     """Every (target, d, eps) cell; the built-in sweep where it applies, the same API calls otherwise."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.langevin.runner import SweepSpec, run_sweep
     from gradlens.runs import load_run
 
@@ -196,7 +195,7 @@ def compute_sweeps(args, grid) -> pd.DataFrame:
 def shifted_gaussian_cells(grid) -> list[dict]:
     """N(1, I) from N(0, I): Theorem 1's (h, k), exact KL at k, exact k at Theorem 1's h and at the best h."""
     from gradlens.langevin import GaussianTarget, GaussianTrack, best_h_for_eps, theorem1
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for d in grid["dims"]:
@@ -216,7 +215,7 @@ def shifted_gaussian_cells(grid) -> list[dict]:
 def weakly_convex_cells(grid) -> list[dict]:
     """log cosh x in d dims: Theorem 2's (h, k); exact k at that h when k_theory is small enough; the best h."""
     from gradlens.langevin import ProductTarget, best_h_for_eps, smallest_k_to_eps, theorem2_for, track_for
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for d in grid["dims"]:
@@ -249,7 +248,7 @@ def _slope(x, y, min_points: int = 3) -> float:
 
 def slope_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Log-log slope of iterations against d (fitted per eps, then averaged) and against 1/eps (per d)."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for target in SWEEP_TARGETS:
@@ -283,7 +282,7 @@ def _mean(values) -> float:
 def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
     """Exact KL against k per h; Cheng-Bartlett's Theorem 1 as the point (k, ε) at its h; Vempala-Wibisono
     (α = m) dashed, only for the runs whose h is in its range h <= m/(4L²); stationary biases dotted."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.langevin import theorem1
     from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
@@ -325,7 +324,7 @@ def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
 
 
 def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.plot.style import apply_style, color_for, plt
 
     apply_style()
@@ -360,7 +359,7 @@ def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
 def fig_dissipation(index: list[dict], figures: Path) -> Path:
     """The exact one-step KL decrement against h x relative Fisher information, one panel per target
     (gradlens plot draws the same check with every run in one panel; 16 runs need panels)."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
@@ -394,10 +393,9 @@ def fig_dissipation(index: list[dict], figures: Path) -> Path:
 
 def standard_report(args) -> None:
     """`gradlens plot` over every KL-vs-k run (all standard Langevin figures), for browsing; not committed."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
-    ns = argparse.Namespace(paths=[str(args.out / "kl_vs_k")], out=str(args.out / "plot"), format="png", group_by=None, smooth=1)
-    if command.main(ns) != 0:
+    if main(["plot", str(args.out / "kl_vs_k"), "--out", str(args.out / "plot"), "--smooth", "0"]) != 0:
         raise SystemExit("gradlens plot failed on the Langevin runs")
 
 

@@ -1,7 +1,7 @@
 """One Langevin run, or a sweep over (d, eps), written as a gradlens run directory.
 
 A run directory of kind "langevin" holds config.json (``config.mode`` = "run" or
-"sweep"), steps.csv, TensorBoard events and summary.json (column names: ``columns.py``).
+"sweep"), steps.csv, TensorBoard events and summary.json (column names: ``gradlens/runs/langevin_schema.py``).
 
 * mode "run": one row of steps.csv per logged iteration k. Every iteration is
   logged when there are at most ``max_rows``; otherwise a log-spaced plus evenly
@@ -24,7 +24,7 @@ import numpy as np
 from ..runs import RunWriter, prepare_run_dir
 from ..numerics import loglog_slope
 from ..runs import schema
-from . import columns as C
+from ..runs import langevin_schema as C
 from .exact import track_for
 from .knn import METHOD as KNN_METHOD
 from .knn import knn_kl

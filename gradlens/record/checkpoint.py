@@ -2,13 +2,25 @@
 
 ``checkpoints/step_N/`` holds the state after N optimizer steps (rows 0..N-1
 are logged): ``model.safetensors``, ``optimizer.pt`` (tensors and plain Python
-values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``.
+values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``;
+LoRA runs add ``adapter/`` (peft's ``adapter_model.safetensors`` and
+``adapter_config.json``).
 A checkpoint is written into a temporary directory and renamed, so a run killed
 mid-write leaves the previous checkpoint intact. Every file is checked
 (``read_state``, ``check_weights``, ``read_optimizer_state``) before a resumed
 run changes anything. ``checkpoints/reference/``
 holds the starting policy of environments whose warm-start is not
 bit-reproducible, so a resumed run uses exactly the same reference.
+
+A Hugging Face model's checkpoint also holds its ``config.json`` (and
+``generation_config.json``) and, when the environment has one, the tokenizer's
+files, so ``AutoModelForCausalLM.from_pretrained("RUN/checkpoints/step_N")``
+and ``AutoTokenizer.from_pretrained(...)`` load it as they are: the weights are
+the same ``model.safetensors`` (tied weights are stored once; ``from_pretrained``
+ties them again). Why ``step_N`` and not Trainer's ``checkpoint-N``: the number
+means the same (the state after N optimizer steps), but the run's history lives
+in the run directory's tables, not in a ``trainer_state.json``, and ``--resume``
+finds checkpoints by this name.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REFERENCE_DIR = "reference"
+ADAPTER_DIR = "adapter"
 KEEP_LAST = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -64,7 +77,25 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+def save_hf_files(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+    """The files besides ``model.safetensors`` that make ``directory`` loadable with ``from_pretrained``.
+
+    Nothing for a model that is not a Hugging Face ``PreTrainedModel`` (e.g. the tabular policy).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return
+    config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, tokenizer: Any = None
+) -> Path:
     from safetensors.torch import save_model
 
     root = checkpoints_dir(run_dir)
@@ -75,8 +106,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
+    if hasattr(model, "peft_config"):  # LoRA: also the adapter alone, loadable with peft.PeftModel.from_pretrained
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+    save_hf_files(model, tmp, tokenizer)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -30,6 +30,7 @@ class PreferenceEnv(ABC):
     save_reference: bool = True
 
     policy: nn.Module
+    tokenizer: Any = None  # a Hugging Face tokenizer, saved with each checkpoint when there is one
 
     @abstractmethod
     def num_pairs(self) -> int: ...
