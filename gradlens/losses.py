@@ -122,9 +122,6 @@ class Reweighting:
     options: tuple[Option, ...] = ()
     rebalance: Callable | None = None
 
-    def option_defaults(self) -> dict[str, object]:
-        return {o.name: o.default for o in self.options}
-
     def resolve_options(self, given: Mapping[str, object]) -> dict[str, object]:
         """Defaults overridden by ``given``; an option the method does not have is an error."""
         known = {o.name: o for o in self.options}
