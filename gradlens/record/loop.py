@@ -400,7 +400,8 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
     first = len(chunks[0])
-    with recorder.capture(groups={"chosen": slice(0, first), "rejected": slice(first, 2 * first)}, per_row=cfg.per_row) as cap:
+    groups = {"chosen": slice(0, first), "rejected": slice(first, 2 * first)}
+    with recorder.capture(groups=groups, per_row=cfg.per_row, accumulate=len(chunks) > 1) as cap:
         for k, chunk in enumerate(chunks):
             b = len(chunk)
             cap.set_groups({"chosen": slice(0, b), "rejected": slice(b, 2 * b)})
