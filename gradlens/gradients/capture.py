@@ -39,7 +39,7 @@ import torch
 
 from .groups import GroupSpec, RowGroups, make_groups
 from .params import ParamIndex
-from .rules import IndexedRows, Rule, Use, probe_dense
+from .rules import IndexedRows, Rule, Use
 
 
 class UnattributedGradientWarning(UserWarning):
@@ -83,9 +83,10 @@ class ParamState:
 
     def add(self, bucket: str, t) -> None:
         if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
-            if bucket not in self.groups:
-                self.groups[bucket] = torch.zeros(self.param.shape, dtype=self.dtype, device=t.values.device)
-            self.groups[bucket].index_add_(0, t.index, t.values)
+            if bucket in self.groups:
+                self.groups[bucket].index_add_(0, t.index, t.values)
+            else:
+                self.groups[bucket] = t.dense().to(self.dtype)
             return
         if bucket in self.groups:
             self.groups[bucket] += t.detach()
@@ -168,10 +169,15 @@ class Capture:
         low = any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None))
         names = self.groups.names
         stored = names[:-1] if self.complement else names
-        computed = names if (rule.recompute or totals or not self.complement) else stored
-        parts = {g: rule.contribution(use, lambda x, g=g: self.groups.select(g, x)) for g in computed}
+        select = {g: (lambda x, g=g: self.groups.select(g, x)) for g in names}
+        fused = totals and self.complement and rule.add_contribution is not None
+        computed = stored if fused or not (rule.recompute or totals or not self.complement) else names
+        parts = {g: rule.contribution(use, select[g]) for g in computed}
         full = None
-        if totals:
+        if fused:  # full = (stored groups) + last group, one fused product: no temporary for the last group
+            base = parts[stored[0]] if len(stored) == 1 else _sum_parts(parts, stored)
+            full = rule.add_contribution(use, select[names[-1]], base)
+        elif totals:
             full = _sum_parts(parts, names) if self.groups.partition else rule.contribution(use, lambda x: x)
         elif rule.recompute and self.groups.partition:
             full = _sum_parts(parts, names)  # groups add up to all rows: the probe needs no extra pass
@@ -199,25 +205,29 @@ class Capture:
         st.backwards += 1
         if self.streaming and st.backwards > 1:
             raise RuntimeError(f"parameter {st.name!r}: {_ACCUMULATE_MESSAGE}")
-        self._check_attribution(st, grad)
-        if self.streaming:
-            self._take_norms(st, grad.detach())
-        elif id(p) not in self._grad_was_none:
+        probe = self._to_probe(st, grad)
+        if self.streaming:  # norms and probes in one pass over the gradient
+            self._add_probes(st, probe, self._take_norms(st, grad.detach(), probe))
+            return
+        self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.params.probe_vectors(p))[1])
+        if id(p) not in self._grad_was_none:
             st.total = grad.detach().to(st.dtype, copy=True) if st.total is None else st.total.add_(grad.detach())
         else:
             st.total_is_grad = True  # read p.grad once at the end instead of copying every piece
 
-    def _check_attribution(self, st: ParamState, grad: torch.Tensor) -> None:
-        """Probe this backward's real gradient against its uses, unless it is, by identity,
-        the one gradient a split layer returned (autograd hands that very tensor on)."""
+    def _to_probe(self, st: ParamState, grad: torch.Tensor) -> list[torch.Tensor]:
+        """Tensors whose probes this backward still needs: none when the real gradient is, by
+        identity, the one gradient a split layer returned (autograd hands that very tensor on);
+        else the split layers' gradients, then the real gradient."""
         outputs, st.split_outputs = st.split_outputs, []
         observed, st.observed_uses = st.observed_uses, 0
         if not observed and len(outputs) == 1 and _same_tensor(outputs[0], grad):
-            return
-        vectors = self.params.probe_vectors(st.param)
-        for t in outputs:
-            st.add_probe(*probe_dense(t, vectors), real=False)
-        st.add_probe(*probe_dense(grad.detach().to(st.dtype), vectors), real=True)
+            return []
+        return outputs + [grad.detach()]
+
+    def _add_probes(self, st: ParamState, tensors: list[torch.Tensor], results: list) -> None:
+        for i, (value, scale) in enumerate(results):
+            st.add_probe(value, scale, real=i == len(tensors) - 1)
 
     # ---- per-row norms -----------------------------------------------------------------------
 
@@ -257,13 +267,13 @@ class Capture:
 
     # ---- norms -------------------------------------------------------------------------------
 
-    def _take_norms(self, st: ParamState, total: torch.Tensor) -> None:
-        """Squared norms and dots of every group (and the total) of one parameter, on the device;
-        frees its pieces (or keeps them, with ``keep_pieces``)."""
+    def _take_norms(self, st: ParamState, total: torch.Tensor, probe: list[torch.Tensor] = ()) -> list:
+        """Squared norms and dots of every group (and the total) of one parameter, on the device,
+        and the probes of ``probe``; frees its pieces (or keeps them, with ``keep_pieces``)."""
         names = self.groups.names
         explicit = [st.groups.pop(g, None) for g in (names[:-1] if self.complement else names)]
         st.groups.clear()
-        st.stats = _gram_stats(total.to(st.dtype), explicit, self.complement)
+        st.stats, probes = _stats_pass(total, explicit, self.complement, list(probe), self.params.probe_vectors(st.param))
         if self.keep_pieces:
             zero = lambda: torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)  # noqa: E731
             pieces = [zero() if t is None else t for t in explicit]
@@ -273,6 +283,7 @@ class Capture:
                     last -= t
                 pieces.append(last)
             st.pieces = dict(zip(names, (t.view(st.param.shape) for t in pieces)))
+        return probes
 
     # ---- after backward ----------------------------------------------------------------------
 
@@ -465,30 +476,52 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-def _gram_stats(total: torch.Tensor, explicit: list, complement: bool) -> torch.Tensor:
-    """[‖total‖², then the Gram matrix of the groups (squares, then pairs i < j)], in one chunked pass.
+def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: list, vectors: tuple) -> tuple:
+    """One pass over a parameter's gradient, in row blocks that stay in cache:
 
-    Groups are the explicit pieces (None: zero) and, with ``complement``, the
-    total minus them. Chunks keep every temporary small (no gradient-sized copy).
+    - stats: [‖total‖², the groups' squared norms, their dots (pairs i < j)], where the
+      groups are the ``explicit`` pieces (None: zero) and, with ``complement``, the total
+      minus them;
+    - the rank-1 probe (value, magnitude scale) of every tensor in ``probe``.
+
+    No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
     """
-    t = total.reshape(-1)
-    flats = [None if e is None else _dense(e).reshape(-1) for e in explicit]
+    dtype = next((e.dtype for e in explicit if e is not None), torch.float64 if total.dtype == torch.float64 else torch.float32)
+    rows = total.shape[0] if total.dim() >= 1 else 1
+    cols = total.numel() // max(rows, 1)
+    view = lambda t: _dense(t).reshape(rows, cols)  # noqa: E731
+    t2 = view(total)
+    flats = [None if e is None else view(e) for e in explicit]
+    probed = [view(p) for p in probe]
+    v, z = (vectors[0], vectors[1]) if len(vectors) == 2 else (None, vectors[0])
     k = len(flats) + complement
-    gram = torch.zeros(k, k, dtype=t.dtype, device=t.device)
-    total_sq = torch.zeros((), dtype=t.dtype, device=t.device)
-    for start in range(0, t.numel(), CHUNK):
-        tc = t[start : start + CHUNK]
-        rows = [torch.zeros_like(tc) if f is None else f[start : start + CHUNK] for f in flats]
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    acc = torch.zeros(1 + k + len(pairs), dtype=dtype, device=total.device)
+    found = torch.zeros(len(probed), 2, dtype=dtype, device=total.device)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        tc = t2[r0 : r0 + step].to(dtype)
+        blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step] for f in flats]
         if complement:
-            rest = tc.clone()
-            for r in rows:
-                rest -= r
-            rows.append(rest)
-        m = torch.stack(rows)  # (k, chunk)
-        gram += m @ m.T
-        total_sq += tc @ tc
-    upper = torch.triu_indices(k, k, 1, device=t.device)
-    return torch.cat([total_sq[None], gram.diagonal(), gram[upper[0], upper[1]]])
+            rest = tc - blocks[0] if blocks else tc.clone()
+            for b in blocks[1:]:
+                rest -= b
+            blocks.append(rest)
+        flat = [b.reshape(-1) for b in blocks]
+        values = [tc.reshape(-1) @ tc.reshape(-1)] + [b @ b for b in flat] + [flat[i] @ flat[j] for i, j in pairs]
+        acc += torch.stack(values)
+        for n, p in enumerate(probed):
+            block = p[r0 : r0 + step].to(dtype)
+            if v is None:  # 1-D parameter: ⟨z, t⟩
+                found[n] += torch.stack(_pair(block.reshape(-1), z[r0 : r0 + step]))
+            else:
+                vb = v[r0 : r0 + step]
+                found[n] += torch.stack([vb @ block @ z, vb.abs() @ block.abs() @ z.abs()])
+    return acc, [(found[n, 0], found[n, 1]) for n in range(len(probed))]
+
+
+def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x @ y, x.abs() @ y.abs()
 
 
 def _probe_agrees(st: ParamState, hooks: float, hooks_scale: float, real: float, real_scale: float) -> bool:

@@ -76,7 +76,8 @@ class IndexedRows:
     shape: torch.Size
 
     def dense(self) -> torch.Tensor:
-        return torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).index_add_(0, self.index, self.values)
+        # the kernel autograd itself uses for embeddings (much faster than zeros + index_add_)
+        return torch.ops.aten.embedding_dense_backward(self.values, self.index, self.shape[0], -1, False).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ class Rule:
     # (module, output gradient) -> input gradient, for a one-input module with an
     # exact formula; lets the recorder split the layer's own backward (see above).
     grad_input: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    # (use, rows, base) -> {param: base[param] + contribution}, as one fused operation
+    # (``addmm``), so that the split's full gradient needs no extra temporary.
+    add_contribution: Optional[Callable[[Use, RowSelector, dict], dict[str, torch.Tensor]]] = None
 
 
 _BY_TYPE: dict[type, Rule] = {}
@@ -219,10 +223,20 @@ def _linear() -> Rule:
             out["bias"] = g.sum(1).pow(2).sum(1)
         return out
 
+    def add_contribution(use: Use, rows: RowSelector, base: dict) -> dict[str, torch.Tensor]:
+        m = use.module
+        g = _flat(rows(use.grad()), m.out_features, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = torch.addmm(base["weight"], g.T, _flat(rows(use.input()), m.in_features, use.dtype))
+        if "bias" in use.wanted:
+            out["bias"] = base["bias"] + g.sum(0)
+        return out
+
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g @ m.weight
 
-    return Rule("linear", contribution, probe, per_row_sq, grad_input=grad_input)
+    return Rule("linear", contribution, probe, per_row_sq, grad_input=grad_input, add_contribution=add_contribution)
 
 
 # ---- transformers Conv1D (GPT-2): y = x W + b, W is (in, out) -------------------------------
@@ -265,10 +279,20 @@ def _conv1d() -> Rule:
             out["bias"] = g.sum(1).pow(2).sum(1)
         return out
 
+    def add_contribution(use: Use, rows: RowSelector, base: dict) -> dict[str, torch.Tensor]:
+        w = use.module.weight
+        g = _flat(rows(use.grad()), w.shape[1], use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = torch.addmm(base["weight"], _flat(rows(use.input()), w.shape[0], use.dtype).T, g)
+        if "bias" in use.wanted:
+            out["bias"] = base["bias"] + g.sum(0)
+        return out
+
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g @ m.weight.T
 
-    return Rule("conv1d", contribution, probe, per_row_sq, grad_input=grad_input)
+    return Rule("conv1d", contribution, probe, per_row_sq, grad_input=grad_input, add_contribution=add_contribution)
 
 
 # ---- nn.Embedding: rows of W indexed by token ids --------------------------------------------
