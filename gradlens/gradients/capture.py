@@ -482,7 +482,10 @@ def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: li
     - stats: [‖total‖², the groups' squared norms, their dots (pairs i < j)], where the
       groups are the ``explicit`` pieces (None: zero) and, with ``complement``, the total
       minus them;
-    - the rank-1 probe (value, magnitude scale) of every tensor in ``probe``.
+    - the rank-1 probe (value, scale) of every tensor in ``probe``. The scale is
+      ‖t‖·‖v‖·‖z‖/√(numel): for random Gaussian v, z, rounding errors E in t move the probe
+      by about ‖E‖, so it bounds them with a wide margin, and a missing gradient M is
+      caught once ‖M‖ exceeds the rounding tolerance times ‖t‖.
 
     No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
     """
@@ -497,7 +500,7 @@ def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: li
     k = len(flats) + complement
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     acc = torch.zeros(1 + k + len(pairs), dtype=dtype, device=total.device)
-    found = torch.zeros(len(probed), 2, dtype=dtype, device=total.device)
+    found = torch.zeros(len(probed), 2, dtype=dtype, device=total.device)  # (value, ‖t‖²)
     step = max(1, CHUNK // max(cols, 1))
     for r0 in range(0, rows, step):
         tc = t2[r0 : r0 + step].to(dtype)
@@ -512,16 +515,11 @@ def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: li
         acc += torch.stack(values)
         for n, p in enumerate(probed):
             block = p[r0 : r0 + step].to(dtype)
-            if v is None:  # 1-D parameter: ⟨z, t⟩
-                found[n] += torch.stack(_pair(block.reshape(-1), z[r0 : r0 + step]))
-            else:
-                vb = v[r0 : r0 + step]
-                found[n] += torch.stack([vb @ block @ z, vb.abs() @ block.abs() @ z.abs()])
-    return acc, [(found[n, 0], found[n, 1]) for n in range(len(probed))]
-
-
-def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x @ y, x.abs() @ y.abs()
+            value = block.reshape(-1) @ z[r0 : r0 + step] if v is None else v[r0 : r0 + step] @ block @ z
+            flat = block.reshape(-1)
+            found[n] += torch.stack([value, flat @ flat])
+    size = (v.norm() if v is not None else 1.0) * z.norm() / max(total.numel(), 1) ** 0.5
+    return acc, [(found[n, 0], found[n, 1].sqrt() * size) for n in range(len(probed))]
 
 
 def _probe_agrees(st: ParamState, hooks: float, hooks_scale: float, real: float, real_scale: float) -> bool:
