@@ -78,12 +78,10 @@ def record(cfg, run_dir: Path, env=None, log=None):
 
 
 def is_done(run_dir: Path, steps: int) -> bool:
-    """The run ended (all ``steps``, or stopped on a non-finite loss): its summary.json says so."""
-    summary = Path(run_dir) / "summary.json"
-    if not summary.is_file():
-        return False
-    saved = json.loads(summary.read_text())
-    return saved.get("steps") == steps and saved.get("status") in ("complete", "nonfinite")
+    """The run ended at ``steps`` (complete, or stopped on a non-finite loss, which a rerun would repeat)."""
+    from gradlens.runs import run_status
+
+    return run_status(run_dir, steps) is not None
 
 
 def paired_ci(values: Sequence[float], baseline: Sequence[float], *, seed: int = 0) -> tuple[float, float, float]:
@@ -135,7 +133,7 @@ def shrink_png(path: Path) -> None:
 
 
 class Timer:
-    """Wall time of each phase, written beside the results (runtimes in the README come from here)."""
+    """Wall time of each phase, written beside the results (runtimes in docs/results.md come from here)."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()

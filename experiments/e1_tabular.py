@@ -23,7 +23,7 @@ What it does, all through gradlens's API:
 Outputs (figures/): e1_tabular_trajectories.png, e1_tabular_grid.png,
 e1_tabular_summary.{csv,md} (one row per setting and method),
 e1_tabular_comparison.{csv,md} (method - DPO with CIs), e1_tabular_headline.md
-(the README table), e1_tabular_runtime.json.
+(the table in docs/results.md), e1_tabular_runtime.json.
 
 Runs go to experiments/runs/e1/ (recreated only when missing or incomplete, so an
 interrupted full run continues where it stopped).
@@ -162,7 +162,7 @@ def _better(metric: str, low: float, high: float) -> str:
 
 
 def headline(comparison: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    """The README table: per setting, DPO's mean and each method's paired difference [95 % CI]."""
+    """The docs/results.md table: per setting, DPO's mean and each method's paired difference [95 % CI]."""
     rows = []
     for (opt, lr, beta), g in comparison.groupby(["optimizer", "lr", "beta"], sort=False):
         s = summary[(summary.optimizer == opt) & (summary.lr == lr) & (summary.beta == beta)].set_index("method")

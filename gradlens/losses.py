@@ -124,6 +124,12 @@ class PreferenceLossOutput:
     log_pw_over_pl: torch.Tensor
     nonfinite: bool
 
+    def _accuracy(self) -> float:
+        """Share of pairs with r_chosen > r_rejected; NaN when a reward is NaN (a comparison with NaN is no answer)."""
+        if bool(torch.isnan(self.chosen_rewards).any() or torch.isnan(self.rejected_rewards).any()):
+            return float("nan")
+        return (self.chosen_rewards > self.rejected_rewards).float().mean().item()
+
     def metrics(self) -> dict[str, float]:
         """Batch means under TRL's names (plus gradlens's own)."""
         from .runs import schema
@@ -133,7 +139,7 @@ class PreferenceLossOutput:
             schema.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
             schema.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
             schema.REWARDS_MARGINS: self.margins.mean().item(),
-            schema.REWARDS_ACCURACIES: (self.chosen_rewards > self.rejected_rewards).float().mean().item(),
+            schema.REWARDS_ACCURACIES: self._accuracy(),
             schema.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
             schema.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
             schema.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),

@@ -1,5 +1,5 @@
 """The experiment scripts (experiments/e*.py) run end to end in --smoke mode, and
-every committed result the README names exists in figures/.
+every committed result the README and docs/results.md name exists in figures/.
 
 Each script declares its outputs in a module-level ``FIGURES`` list (paths under
 figures/); it is read with ``ast`` so the scripts are never imported here.
@@ -49,16 +49,23 @@ def test_smoke_run_writes_its_outputs(script, tmp_path):
         assert written.is_file() and written.stat().st_size > 0, f"{script} --smoke did not write {written.name}"
 
 
-def readme_figure_paths() -> list[str]:
-    """Paths under figures/ named in README.md's Results section (none while it has no such section)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^## Results\b(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
-    return sorted(set(FIGURE_PATH.findall(match.group(1)))) if match else []
+RESULTS_PAGES = ["README.md", "docs/results.md"]
 
 
-def test_every_figure_named_in_the_readme_is_committed():
-    # Until the README carries the Results section, check what the scripts declare instead.
-    named = readme_figure_paths() or sorted({p for s in SCRIPTS for p in declared_outputs(s)})
-    assert named, "neither README.md nor the experiment scripts name any figure"
+def named_figure_paths(page: str) -> list[str]:
+    """Paths under figures/ that a results page names (docs/figures links to the repository's figures/)."""
+    return sorted(set(FIGURE_PATH.findall((REPO / page).read_text(encoding="utf-8"))))
+
+
+@pytest.mark.parametrize("page", RESULTS_PAGES)
+def test_every_figure_a_results_page_names_is_committed(page):
+    named = named_figure_paths(page)
+    assert named, f"{page} names no file under figures/: its results are gone"
     missing = [p for p in named if not (REPO / p).is_file()]
-    assert not missing, f"named but not in figures/ (run the experiment scripts): {missing}"
+    assert not missing, f"{page} names files not in figures/ (run the experiment scripts): {missing}"
+
+
+def test_every_declared_output_is_committed():
+    declared = sorted({p for s in SCRIPTS for p in declared_outputs(s)})
+    missing = [p for p in declared if not (REPO / p).is_file()]
+    assert not missing, f"declared by the experiment scripts but not in figures/: {missing}"

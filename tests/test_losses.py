@@ -1,4 +1,4 @@
-"""The DPO-family losses against the closed forms of DESIGN.md §2."""
+"""The DPO-family losses against their closed forms (docs/recording.md, Losses)."""
 
 from __future__ import annotations
 

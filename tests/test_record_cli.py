@@ -148,7 +148,7 @@ def test_training_steps_do_not_accumulate_tensors():
     from gradlens import GradientRecorder
     from gradlens.record.config import resolve
     from gradlens.record.envs import build_env
-    from gradlens.record.loop import PairOrder, ReferenceLogps, _train_step, build_optimizer
+    from gradlens.record.loop import PairOrder, ReferenceLogps, StepContext, _train_step, build_optimizer
 
     cfg = resolve({}, {"env": "tiny-gpt2", "loss": ("balanced",), "sft_steps": 0, "batch_size": 4, "per_row": True})[0]
     env = build_env(cfg, log=lambda _: None)
@@ -156,10 +156,11 @@ def test_training_steps_do_not_accumulate_tensors():
     optimizer = build_optimizer(cfg, policy.parameters())
     recorder = GradientRecorder(policy)
     refs, order = ReferenceLogps(env, reference, torch.device("cpu")), PairOrder(env.num_pairs(), 4, 0, True)
+    ctx = StepContext(cfg, policy, env, recorder, refs, order, optimizer, torch.device("cpu"))
 
     def live_tensors(first, last):
         for step in range(first, last):
-            _train_step(cfg, step, policy, env, recorder, refs, order, optimizer, torch.device("cpu"))
+            _train_step(ctx, step)
         gc.collect()
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 

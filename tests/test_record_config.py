@@ -44,12 +44,14 @@ def test_json_config_and_loss_list(tmp_path):
 @pytest.mark.parametrize(
     "text, suffix, expected",
     [
-        ('env = "tabular"\nlearning_rate = 1\n', ".toml", "unknown setting 'learning_rate'"),
+        ('env = "tabular"\nlearnig_rate = 1\n', ".toml", "unknown setting 'learnig_rate'"),
         ('steps = "many"\n', ".toml", "'steps' must be an integer"),
         ('{"beta": true}', ".json", "'beta' must be a number"),
         ('{"steps": 3,', ".json", "line 1: not valid JSON"),
         ('env = \n', ".toml", "not valid TOML"),
-        ("steps: 3", ".yaml", "config files must end in .toml or .json"),
+        ("steps = 3", ".ini", "config files must end in .toml, .json, .yaml or .yml"),
+        ("steps: [3\n", ".yaml", "line 2: not valid YAML"),
+        ("batch_size: 4\nper_device_train_batch_size: 2\n", ".yml", "set either batch_size"),
     ],
 )
 def test_bad_config_file(tmp_path, capsys, text, suffix, expected):

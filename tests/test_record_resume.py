@@ -119,12 +119,14 @@ def test_resume_of_a_complete_run_changes_nothing(tmp_path, capsys):
     assert pd.read_csv(out / schema.STEPS)[schema.STEP].tolist() == [0, 1, 2]
 
 
-def test_overwrite_replaces_the_run(tmp_path):
+def test_overwrite_replaces_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["record", *JOB, "--steps", "3", "--out", str(out)]) == 0
-    (out / "stray.txt").write_text("x")
+    (out / "stray.txt").write_text("x")  # not a run file: --overwrite refuses and deletes nothing
+    assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 2
+    assert "stray.txt" in capsys.readouterr().err and load_run(out).steps[schema.STEP].tolist() == [0, 1, 2]
+    (out / "stray.txt").unlink()
     assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "stray.txt").exists()
     assert load_run(out).steps[schema.STEP].tolist() == [0, 1]
 
 
@@ -145,3 +147,37 @@ def test_resume_cannot_shorten_below_the_last_checkpoint(tmp_path, capsys):
     assert main(["record", *JOB, "--steps", "4", "--out", str(out), "--resume"]) == 2
     assert "--steps 4 is below the last checkpoint (step 6)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_default_two_loss_job_killed_in_its_first_run_is_finished_by_resume(tmp_path):
+    """`gradlens record --out B` (DPO, then Balanced-DPO) killed during the DPO run:
+    --resume finishes DPO from its checkpoint, then records the run that never started."""
+    parent = tmp_path / "B"
+    steps, every = 40, 10
+    argv = ["--env", "tabular", "--quiet", "--steps", str(steps), "--checkpoint-every", str(every), "--out", str(parent)]
+    first = parent / "tabular-dpo-s0"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradlens", "record", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while _complete_rows(first / schema.STEPS) < every + 5:
+            if proc.poll() is not None:
+                pytest.fail(f"the job ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the first run wrote too few rows within 60 s")
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert not (parent / "tabular-balanced-s0").exists() and not (first / schema.SUMMARY).exists()
+
+    assert main(["record", *argv, "--resume"]) == 0
+    full = tmp_path / "full"
+    assert main(["record", *argv[:-1], str(full)]) == 0
+    for name in ("tabular-dpo-s0", "tabular-balanced-s0"):
+        assert load_run(parent / name).complete
+        _assert_same_logs(parent / name, full / name)
+    assert load_run(first).summary["resumed_from_step"] >= every

@@ -192,3 +192,149 @@ def test_eval_data_file_is_used_for_evaluations(model_dir, tmp_path):
     info = json.loads((out / "config.json").read_text())["config"]["env_info"]
     assert info["eval_source"] == str(heldout)
     assert set(pd.read_csv(out / "evals.csv")["eval/pref_accuracy"]) <= {0.0, 0.5, 1.0}  # two held-out pairs
+
+
+# ---------------------------------------------------------------- TRL's formats, names and checkpoints
+
+FAST = ("--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "0", "--no-shuffle", "--device", "cpu")
+COMPARED = ["loss", "grad_norm", "grad_norm/chosen", "grad_norm/rejected", "grad/dot", "rewards/margins"]
+
+
+def _implicit(row: dict) -> dict:
+    """TRL's implicit-prompt format: the prompt is the shared start of chosen and rejected."""
+    return {"chosen": row["prompt"] + " " + row["chosen"], "rejected": row["prompt"] + " " + row["rejected"]}
+
+
+@pytest.fixture(scope="module")
+def reference_run(model_dir, tmp_path_factory):
+    """The standard-format JSONL run every other spelling of the same data must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    assert _record(model_dir, _write_jsonl(root / "prefs.jsonl", STANDARD), root / "run", *FAST) == 0
+    return _steps(root / "run")
+
+
+def _same_run(out, reference):
+    steps = _steps(out)
+    assert steps["step"].tolist() == reference["step"].tolist()
+    for column in COMPARED:  # same pairs, same tokens, same model: bit-identical rows
+        assert steps[column].tolist() == reference[column].tolist(), column
+
+
+def test_extract_prompt_matches_trl():
+    from trl.data_utils import extract_prompt as trl_extract
+
+    from gradlens.record.data import extract_prompt
+
+    examples = [_implicit(r) for r in STANDARD] + [
+        {"chosen": "abc", "rejected": "abcd"},  # one is a prefix of the other (TRL's loop runs out)
+        {"chosen": "say: yes", "rejected": "say: no"},
+        {
+            "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}],
+        },
+    ]
+    for example in examples:
+        want = trl_extract(example)
+        assert dict(zip(("prompt", "chosen", "rejected"), extract_prompt(example["chosen"], example["rejected"]))) == want
+
+
+def test_implicit_prompt_jsonl_trains_like_trl_extracted_prompts(model_dir, tmp_path):
+    """The reference is TRL's own extract_prompt, written out as an explicit-prompt file.
+
+    (Pairs 1 and 2 show why: their completions start with the same word, which TRL puts in the prompt.)
+    """
+    from trl.data_utils import extract_prompt as trl_extract
+
+    implicit = [_implicit(r) for r in STANDARD]
+    assert _record(model_dir, _write_jsonl(tmp_path / "explicit.jsonl", [trl_extract(r) for r in implicit]), tmp_path / "ref", *FAST) == 0
+    assert _record(model_dir, _write_jsonl(tmp_path / "implicit.jsonl", implicit), tmp_path / "run", *FAST) == 0
+    _same_run(tmp_path / "run", _steps(tmp_path / "ref"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["env_info"]["implicit_prompts"] == len(STANDARD)
+
+
+def test_implicit_prompt_without_a_shared_start_names_the_line(model_dir, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "bad.jsonl", [_implicit(r) for r in STANDARD] + [{"chosen": "yes", "rejected": "no"}])
+    assert _record(model_dir, data, tmp_path / "run", *FAST) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 7: no 'prompt' field, and 'chosen' and 'rejected' do not start with a shared prompt" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_saved_dataset_directory_with_other_column_names(model_dir, tmp_path, reference_run):
+    datasets = pytest.importorskip("datasets")
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in STANDARD]
+    datasets.Dataset.from_list(renamed).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(renamed)}).save_to_disk(str(tmp_path / "dsdict"))
+    flags = ("--prompt-column", "question", "--chosen-column", "good", "--rejected-column", "bad")
+    for name in ("ds", "dsdict"):
+        assert _record(model_dir, tmp_path / name, tmp_path / f"run-{name}", *FAST, *flags) == 0
+        _same_run(tmp_path / f"run-{name}", reference_run)
+
+
+def test_column_flags_name_the_missing_column(model_dir, tmp_path, capsys):
+    data = tmp_path / "prefs.csv"
+    pd.DataFrame(STANDARD).to_csv(data, index=False)
+    assert _record(model_dir, data, tmp_path / "run", *FAST, "--chosen-column", "good") == 2
+    assert f"{data}: line 1 (header): missing column(s) ['good']" in capsys.readouterr().err
+
+
+def test_trl_recipe_yaml_loads_as_it_is(model_dir, tmp_path, reference_run):
+    """A TRL DPO recipe's YAML (TRL's names; TRL-only settings are named in a warning, not refused)."""
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(
+        f"# TRL recipe\nmodel_name_or_path: {model_dir}\ndataset_name: {data}\nlearning_rate: 1.0e-3\n"
+        "per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: 2\nbeta: 0.1\n"
+        "num_train_epochs: 1\nbf16: false\ngradient_checkpointing: true\nlogging_steps: 1\n"
+        f"output_dir: {tmp_path / 'run'}\nloss: dpo\n",
+        encoding="utf-8",
+    )
+    with pytest.warns(UserWarning, match="ignored: num_train_epochs, bf16, gradient_checkpointing, logging_steps"):
+        rc = main(["record", "--config", str(recipe), "--quiet", "--eval-every", "0", "--no-shuffle", "--device", "cpu"])
+    assert rc == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (config["env"], config["lr"], config["batch_size"], config["grad_accum"]) == ("user", 1e-3, 4, 2)
+    steps = _steps(tmp_path / "run")
+    for column in COMPARED:  # two micro-batches of 2 pairs: the same step as one of 4 (to float rounding)
+        assert steps[column].tolist() == pytest.approx(reference_run[column].tolist(), rel=1e-5, abs=1e-7), column
+
+
+def test_bad_yaml_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nlr: [1e-3\n", encoding="utf-8")
+    assert main(["record", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 3: not valid YAML" in err and "Traceback" not in err
+
+
+def test_checkpoints_load_with_from_pretrained(model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    out = tmp_path / "run"
+    assert _record(model_dir, data, out, *FAST) == 0
+    checkpoint = out / "checkpoints" / "step_2"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    saved = load_file(str(checkpoint / "model.safetensors"))  # what --resume reloads
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+    start = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).state_dict()
+    assert not all(torch.equal(start[name], tensor) for name, tensor in saved.items())  # it did train
+    assert tokenizer("the cat sat")["input_ids"] == AutoTokenizer.from_pretrained(model_dir)("the cat sat")["input_ids"]
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again on load
+
+
+def test_default_lr_is_explained_when_the_loss_hardly_moves(model_dir, tmp_path, capsys):
+    from gradlens.record.command import add_arguments
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    assert _record(model_dir, data, tmp_path / "run", "--steps", "2", "--batch-size", "4", "--eval-every", "0") == 0
+    out = capsys.readouterr().out
+    assert "the loss hardly moved in 2 steps" in out and "--lr 1e-06 (TRL's default" in out
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "1e-6 = TRL's DPOConfig default" in " ".join(parser.format_help().split())

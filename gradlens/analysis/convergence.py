@@ -12,11 +12,12 @@ import pandas as pd
 from ..runs import schema
 from .finite import as_float_array, column, first_finite, last_finite
 
-PREF_ACCURACY = "eval/pref_accuracy"
-KL_TO_OPTIMUM = "eval/kl_to_optimum"
-OOD_MASS = "eval/ood_mass"
-TRUE_REWARD = "eval/true_reward"
-KL_TO_REF = "eval/kl_to_ref"
+# Short names for the evals.csv columns used here (defined in the run schema).
+PREF_ACCURACY = schema.EVAL_PREF_ACCURACY
+KL_TO_OPTIMUM = schema.EVAL_KL_TO_OPTIMUM
+OOD_MASS = schema.EVAL_OOD_MASS
+TRUE_REWARD = schema.EVAL_TRUE_REWARD
+KL_TO_REF = schema.EVAL_KL_TO_REF
 
 
 def steps_to_level(evals: pd.DataFrame, level: float, column_name: str = PREF_ACCURACY) -> int | None:

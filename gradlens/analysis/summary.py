@@ -77,7 +77,10 @@ def run_metrics(
     if _has(steps, schema.LOGPS_REJECTED):
         out["rejected_logp_change"] = likelihood_displacement(steps, schema.LOGPS_REJECTED)["net_change"]
     if _has(steps, schema.LOSS):
-        out["loss_final"] = last_finite(steps[schema.LOSS])
+        # The last logged loss, finite or not: a run whose loss went to inf ends at inf.
+        loss = column(steps, schema.LOSS)
+        out["loss_final"] = float(loss[-1])
+        out["loss_nonfinite"] = int((~np.isfinite(loss)).sum())
     out.update(stability(steps, spike_k))
     if evals is not None and not evals.empty and schema.STEP in evals.columns:
         out.update(kl_to_optimum_stats(evals))

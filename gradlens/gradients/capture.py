@@ -32,7 +32,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import pandas as pd
 import torch
@@ -40,6 +40,9 @@ import torch
 from .groups import GroupSpec, RowGroups, make_groups
 from .params import ParamIndex
 from .rules import IndexedRows, Rule, Use
+
+if TYPE_CHECKING:
+    from .fsdp import ShardedParams
 
 
 class UnattributedGradientWarning(UserWarning):
@@ -112,11 +115,13 @@ class Capture:
         accumulate: bool = False,
         distributed: str = "local",
         keep_pieces: bool = False,
+        sharded: Optional["ShardedParams"] = None,
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
         self.distributed = distributed
         self.params = params
+        self.sharded = sharded  # FSDP2: pieces are keyed and kept sharded (gradients/fsdp.py)
         self.groups = groups
         self.per_row = per_row
         self.verify = verify
@@ -165,8 +170,11 @@ class Capture:
                 f"module {path!r} sees a batch of {rows} rows along dim 0, but the groups cover {self.groups.num_rows} rows; "
                 "gradlens splits gradients along dim 0 (pass num_rows= if some rows belong to no group)"
             )
-        params = dict(use.module.named_parameters(recurse=False))
-        low = any(isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None))
+        sharded = self.sharded
+        params = sharded.own_params(use.module) if sharded else dict(use.module.named_parameters(recurse=False))
+        low = bool(use.autocast) or any(
+            isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None)
+        )  # the forward ran under autocast, or on bf16/fp16 tensors
         names = self.groups.names
         stored = names[:-1] if self.complement else names
         select = {g: (lambda x, g=g: self.groups.select(g, x)) for g in names}
@@ -188,7 +196,7 @@ class Capture:
             st.uses += 1
             st.low_precision |= low
             for g in stored:
-                st.add(g, parts[g][local])
+                st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
             if full is not None:
                 st.split_outputs.append(full[local])  # probed in add_total only if needed
             else:
@@ -209,7 +217,8 @@ class Capture:
         if self.streaming:  # norms and probes in one pass over the gradient
             self._add_probes(st, probe, self._take_norms(st, grad.detach(), probe))
             return
-        self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.params.probe_vectors(p))[1])
+        if probe:
+            self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.params.probe_vectors(p))[1])
         if id(p) not in self._grad_was_none:
             st.total = grad.detach().to(st.dtype, copy=True) if st.total is None else st.total.add_(grad.detach())
         else:
@@ -273,7 +282,8 @@ class Capture:
         names = self.groups.names
         explicit = [st.groups.pop(g, None) for g in (names[:-1] if self.complement else names)]
         st.groups.clear()
-        st.stats, probes = _stats_pass(total, explicit, self.complement, list(probe), self.params.probe_vectors(st.param))
+        vectors = self.params.probe_vectors(st.param) if probe else None
+        st.stats, probes = _stats_pass(total, explicit, self.complement, list(probe), vectors)
         if self.keep_pieces:
             zero = lambda: torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)  # noqa: E731
             pieces = [zero() if t is None else t for t in explicit]
@@ -293,6 +303,21 @@ class Capture:
         self._finished = True
         self._close_row_segment()
         states = list(self._params.values())
+        if self.sharded is not None:  # FSDP2: totals, probe check and norms over shards
+            states = self.sharded.finish(self, states)
+        else:
+            states = self._finish_unsharded(states)
+        unattributed = [st.name for st in states if st.unattributed]
+        if unattributed:
+            warnings.warn(
+                f"gradient of {unattributed} reached them through a path no module hook saw (e.g. a fused kernel reading "
+                "the weight directly); they are reported as 'unattributed' in per_layer() and left out of the "
+                "chosen/rejected totals",
+                UnattributedGradientWarning,
+                stacklevel=3,
+            )
+
+    def _finish_unsharded(self, states: list[ParamState]) -> list[ParamState]:
         self._decide_attribution(states)
         if not self.streaming:
             if self.distributed == "global":
@@ -305,15 +330,7 @@ class Capture:
                 if total is not None:
                     self._take_norms(st, total)
         self._read_norms(states)
-        unattributed = [st.name for st in states if st.unattributed]
-        if unattributed:
-            warnings.warn(
-                f"gradient of {unattributed} reached them through a path no module hook saw (e.g. a fused kernel reading "
-                "the weight directly); they are reported as 'unattributed' in per_layer() and left out of the "
-                "chosen/rejected totals",
-                UnattributedGradientWarning,
-                stacklevel=3,
-            )
+        return states
 
     def _decide_attribution(self, states: list[ParamState]) -> None:
         """Compare every parameter's probe sums (one host sync for all of them)."""
@@ -326,6 +343,8 @@ class Capture:
         for st in states:
             if st.uses == 0 and st.backwards:  # a gradient but no hooked use at all
                 st.unattributed = True
+            elif st.uses and not st.backwards and not st.total_is_grad:
+                st.unattributed = True  # hooked uses, yet no gradient reached the parameter: never report a silent 0
 
     def _read_norms(self, states: list[ParamState]) -> None:
         """Move every parameter's norms to the host at once."""
@@ -340,8 +359,6 @@ class Capture:
             st.sq = dict(zip(names, row[1 : 1 + len(names)]))
             st.dots = dict(zip(pairs, row[1 + len(names) :]))
             st.stats = None
-            if st.uses == 0:
-                st.unattributed = st.total_sq != 0.0
 
     # ---- queries -----------------------------------------------------------------------------
 
@@ -496,7 +513,7 @@ def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: li
     t2 = view(total)
     flats = [None if e is None else view(e) for e in explicit]
     probed = [view(p) for p in probe]
-    v, z = (vectors[0], vectors[1]) if len(vectors) == 2 else (None, vectors[0])
+    v, z = (None, None) if not probe else (vectors[0], vectors[1]) if len(vectors) == 2 else (None, vectors[0])
     k = len(flats) + complement
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     acc = torch.zeros(1 + k + len(pairs), dtype=dtype, device=total.device)
@@ -518,6 +535,8 @@ def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: li
             value = block.reshape(-1) @ z[r0 : r0 + step] if v is None else v[r0 : r0 + step] @ block @ z
             flat = block.reshape(-1)
             found[n] += torch.stack([value, flat @ flat])
+    if not probe:
+        return acc, []
     size = (v.norm() if v is not None else 1.0) * z.norm() / max(total.numel(), 1) ** 0.5
     return acc, [(found[n, 0], found[n, 1].sqrt() * size) for n in range(len(probed))]
 

@@ -40,6 +40,10 @@ class ParamIndex:
         modules = [o.rsplit(".", 1)[0] if "." in o else "" for o in owners]
         return self._names.get(id(p), owners[0] if owners else "?"), modules
 
+    def knows(self, p: nn.Parameter) -> bool:
+        """Whether ``p`` is a parameter the model had when the recorder attached."""
+        return id(p) in self._names
+
     def is_shared(self, p: nn.Parameter) -> bool:
         return len(self._owners.get(id(p), ())) > 1
 

@@ -37,8 +37,10 @@ from torch.utils._pytree import tree_map
 
 from . import route
 from .capture import Capture
+from .fsdp import ShardedParams
 from .groups import GroupSpec, make_groups
 from .params import ParamIndex, world_size
+from .precision import autocast_state, no_autocast
 from .rules import Rule, Use, rule_for, tensor_leaves, validate
 
 
@@ -74,7 +76,10 @@ class GradientRecorder:
         validate(model)
         self.model = model
         self.params = ParamIndex(model, probe_seed=probe_seed)
-        self.split_backward = split_backward
+        # FSDP2-sharded parameters (gradients/fsdp.py), else None; raises for sharding it cannot split.
+        self.sharded: Optional[ShardedParams] = ShardedParams.detect(model)
+        # FSDP2 swaps in unsharded copies around each use: keep its own backward there.
+        self.split_backward = split_backward and self.sharded is None
         self._capture: Optional[Capture] = None
         self._paused = 0
         self._closed = False
@@ -128,7 +133,7 @@ class GradientRecorder:
                 # parameter gradient is unchanged.
                 output = result = output.expand(n, *output.shape[1:])
                 args, kwargs = tree_map(lambda x: _expand_rows(x, n), (args, kwargs))
-            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng)
+            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast=autocast_state())
             if self.split_backward and route.can_route(rule, module, args, kwargs, output):
                 return route.route(output, args[0], module, use, rule, lambda u: self._weight_grads(u, rule, path))
             self._observe(output, use, rule, path)
@@ -153,7 +158,8 @@ class GradientRecorder:
             cap = self._capture
             if cap is not None and not self._closed:
                 use.recompute = self._paused_call
-                cap.add_use(use, rule, path)
+                with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
+                    cap.add_use(use, rule, path)
 
         if len(needs) == 1:
             leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
@@ -163,14 +169,16 @@ class GradientRecorder:
     def _weight_grads(self, use: Use, rule: Rule, path: str) -> dict[str, torch.Tensor]:
         """A split layer's full parameter gradients: the capture's sum of group pieces, if one is open."""
         cap = self._capture
-        if cap is None or self._closed:
-            return rule.contribution(use, lambda x: x)
-        return cap.add_use(use, rule, path, totals=True)
+        with no_autocast():  # split layers only run where no autocast was on at forward
+            if cap is None or self._closed:
+                return rule.contribution(use, lambda x: x)
+            return cap.add_use(use, rule, path, totals=True)
 
     def _param_hook(self, p: torch.nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
             if self._capture is not None and not self._closed:
-                self._capture.add_total(p, grad)
+                with no_autocast():  # norms and probes in float32 even when backward runs inside autocast
+                    self._capture.add_total(p, grad)
 
         return hook
 
@@ -226,16 +234,33 @@ class GradientRecorder:
             raise RuntimeError("a capture is already open on this recorder; captures cannot nest")
         if distributed is None:
             distributed = "global" if world_size() > 1 else "local"
+        self._check_parameters_unchanged()
+        if self.sharded is not None:
+            self.sharded.begin(distributed=distributed, per_row=per_row)
         cap = Capture(
             self.params, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
-            distributed=distributed, keep_pieces=keep_pieces,
+            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,
         )
         self._capture = cap
         try:
             yield cap
         finally:
             self._capture = None
-        cap.finish()
+        with no_autocast():
+            cap.finish()
+
+    def _check_parameters_unchanged(self) -> None:
+        """Hooks sit on the parameters seen at attach time; a replaced parameter (e.g. by
+        ``fully_shard`` after attaching) would silently record nothing. Under FSDP2 the
+        module holds FSDP's unsharded copies between forward and backward: expected."""
+        if self.sharded is not None:
+            return
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not self.params.knows(p):
+                raise RuntimeError(
+                    f"parameter {name!r} was replaced after the GradientRecorder was attached (e.g. by fully_shard or "
+                    "by loading new parameter objects); its gradient would be missed. Create the recorder after sharding"
+                )
 
     def close(self) -> None:
         """Remove every hook; the model is exactly as before."""

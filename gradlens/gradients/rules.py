@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .precision import AutocastState, autocast_as
+
 RowSelector = Callable[[torch.Tensor], torch.Tensor]
 Probes = dict[str, tuple[torch.Tensor, ...]]  # param name -> (v,) for 1-D, (v, z) for 2-D
 # A probe result: (value, scale); scale bounds the magnitudes summed, for a rounding tolerance.
@@ -59,6 +61,7 @@ class Use:
     rng_state: Optional[tuple] = None  # (cpu_state, (cuda_device, cuda_state) | None) before forward
     recompute: Optional[Callable] = None  # set by the recorder: runs fn with its own hooks paused
     cache: Optional[dict] = None  # recompute rules keep their re-run forward here
+    autocast: AutocastState = ()  # autocast contexts enabled during the forward (replayed by recompute rules)
 
     def input(self, i: int = 0) -> torch.Tensor:
         return self.args[i]
@@ -388,7 +391,7 @@ def _recomputed(use: Use):
 
         def run():
             cuda = use.rng_state[1] if use.rng_state is not None else None
-            with torch.enable_grad(), torch.random.fork_rng(devices=[cuda[0]] if cuda else []):
+            with torch.enable_grad(), torch.random.fork_rng(devices=[cuda[0]] if cuda else []), autocast_as(use.autocast):
                 if use.rng_state is not None:
                     torch.random.set_rng_state(use.rng_state[0])
                     if cuda:

@@ -1,8 +1,10 @@
-"""Turn finished trainer steps into the gradlens run directory and TensorBoard.
+"""Turn finished trainer steps into rows of the gradlens run directory.
 
-Rows use the column names of ``gradlens.runs.format`` (the contract read by
-``gradlens plot``). Every optimizer step gets a steps.csv row; on steps that were
-not recorded (``record_every > 1``) the gradient columns are NaN.
+The rows go to ``gradlens.runs.preference_log.PreferenceRunLog``, the same writer
+``gradlens record`` uses, under the names of ``gradlens.runs.schema``. Every
+optimizer step gets a steps.csv row; on steps that were not recorded
+(``record_every > 1``) the gradient columns are NaN. ``trainer_logs`` is the same
+row as the Trainer's own log stream sees it.
 """
 
 from __future__ import annotations
@@ -10,28 +12,26 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..losses import PreferenceLossOutput
 from ..gradients import Capture
-from ..runs import RunWriter, schema, prepare_run_dir
-from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
+from ..losses import PreferenceLossOutput
+from ..pairs import CHOSEN, REJECTED
+from ..runs import prepare_run_dir, schema
+from ..runs.preference_log import PreferenceRunLog
 from .stepper import StepResult
 
-GRADIENT_COLUMNS = (schema.GRAD_NORM, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, schema.GRAD_DOT, schema.GRAD_COSINE, schema.GRAD_RATIO)
+GRADIENT_COLUMNS = schema.GRADIENT_COLUMNS
 # Same order as `gradlens record`, so runs from both compare column for column.
 PREFERENCE_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
-GROUPS_COLUMNS = (schema.STEP, schema.LOSS, schema.LR, *GRADIENT_COLUMNS, schema.NONFINITE)
-
-TRAINER_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
+GROUPS_COLUMNS = schema.GROUPS_STEP_COLUMNS
 
 
 def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = ()) -> dict[str, float]:
     """The split's columns for ``pair`` = (chosen-like group, rejected-like group); NaN without a capture."""
-    extra = {f"{schema.GRAD_NORM}/{g}": math.nan for g in extra_groups}
+    extra = {schema.group_norm_column(g): math.nan for g in extra_groups}
     if cap is None:
         return {**{c: math.nan for c in GRADIENT_COLUMNS}, **extra}
     a, b = pair
@@ -43,7 +43,7 @@ def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups
         schema.GRAD_NORM: cap.norm(), schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
         schema.GRAD_DOT: cap.dot(a, b), schema.GRAD_COSINE: cap.cosine(a, b), schema.GRAD_RATIO: cap.ratio(b, a),
     }  # fmt: skip
-    out.update({f"{schema.GRAD_NORM}/{g}": cap.norm(g) for g in extra_groups})
+    out.update({schema.group_norm_column(g): cap.norm(g) for g in extra_groups})
     return out
 
 
@@ -76,6 +76,18 @@ def preference_metrics(result: StepResult) -> dict[str, float]:
     }
 
 
+def trainer_logs(row: Mapping[str, Any], *, recorded: bool = True) -> dict[str, float]:
+    """A steps.csv row under the names of the Trainer's log stream (``schema.TRAINER_NAMES``: ``lr`` is
+    ``learning_rate`` there). On a step that was not recorded, the gradient columns are left out: they
+    are NaN because nothing was measured, not because a gradient was non-finite."""
+    split = set(GRADIENT_COLUMNS) | {c for c in row if c.startswith(schema.GRAD_NORM + "/")}
+    return {
+        schema.TRAINER_NAMES.get(c, c): float(v)
+        for c, v in row.items()
+        if c != schema.STEP and (recorded or c not in split)
+    }
+
+
 class RunLog:
     """One run directory (+ TensorBoard) fed by finished trainer steps. Only rank 0 creates one."""
 
@@ -85,7 +97,7 @@ class RunLog:
         config: Mapping[str, Any],
         *,
         columns: Sequence[str],
-        pair: tuple[str, str] = ("chosen", "rejected"),
+        pair: tuple[str, str] = (CHOSEN, REJECTED),
         extra_groups: Sequence[str] = (),
         layers_every: int = 1,
         tensorboard: bool = True,
@@ -95,20 +107,12 @@ class RunLog:
         """``resume_at=s``: continue the run directory of a trainer resumed at step s (rows >= s are dropped)."""
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
-        resume = resume_at is not None and (Path(path) / schema.CONFIG).is_file()
+        resume = resume_at is not None and (os.path.isfile(os.path.join(path, schema.CONFIG)))
         self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
-        self.writer = RunWriter(self.path, config, kind=schema.KIND_PREFERENCE, resume=resume)
-        if resume:
-            self.writer.truncate_after(resume_at - 1)
-            (self.path / schema.SUMMARY).unlink(missing_ok=True)
-        purge = resume_at if resume else None
-        self.tb = TensorBoardLogger(self.path, TRAINER_LAYOUT, purge_step=purge) if tensorboard else None
-        self.columns = list(columns) + [f"{schema.GRAD_NORM}/{g}" for g in extra_groups]
+        columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
+        self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
+        self.resumed_from = resume_at if resume else None
         self.pair, self.extra_groups, self.layers_every = pair, tuple(extra_groups), layers_every
-        self.steps_logged = 0
-        self.nonfinite_steps = 0
-        self.unattributed: dict[str, float] = {}
-        self.last_row: dict[str, Any] = {}
         self._t0 = time.perf_counter()
 
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
@@ -117,37 +121,13 @@ class RunLog:
         row.update(gradient_columns(cap, self.pair, self.extra_groups))
         finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
         row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
-        row = {c: row.get(c, math.nan) for c in self.columns}
-        self.writer.log_step(row)
-        if self.tb is not None:
-            self.tb.scalars(result.step, row)
-        if cap is not None:
-            self.unattributed.update(cap.unattributed)
-            if result.step % self.layers_every == 0:
-                layers = cap.layer_table(*self.pair)
-                self.writer.log_layers(result.step, layers)
-                if self.tb is not None:
-                    self.tb.ratio_histograms(result.step, layers)
-        self.steps_logged += 1
-        self.nonfinite_steps += row[schema.NONFINITE]
-        self.last_row = row
-        return row
+        layers = cap.layer_table(*self.pair) if cap is not None and result.step % self.layers_every == 0 else None
+        return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
-    def finish(self, *, status: str = "complete", steps: int | None = None, message: str = "") -> None:
-        self.writer.write_summary({
-            "status": status,
-            "message": message,
-            "steps": steps,
-            "steps_logged": self.steps_logged,
-            "nonfinite_steps": self.nonfinite_steps,
-            "unattributed_parameters": sorted(self.unattributed),
-            "wall_time_s": time.perf_counter() - self._t0,
-            "final": self.last_row,
-        })  # fmt: skip
-        self.close()
+    def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:
+        self.out.finish(
+            status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0, resumed_from_step=self.resumed_from
+        )
 
     def close(self) -> None:
-        self.writer.close()
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        self.out.close()

@@ -31,15 +31,14 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .run_log import GROUPS_COLUMNS, RunLog, preference_metrics
+from ..pairs import CHOSEN, REJECTED, pair_groups
+from .run_log import GROUPS_COLUMNS, RunLog, preference_metrics, trainer_logs
 from .stepper import StepCapture
 
 ROW_GROUPS_KEY = "row_groups"
 
-
-def pair_row_groups(num_pairs: int) -> dict[str, slice]:
-    """Row groups of a ``[chosen; rejected]`` batch of ``num_pairs`` pairs (TRL's layout)."""
-    return {"chosen": slice(0, num_pairs), "rejected": slice(num_pairs, 2 * num_pairs)}
+# Row groups of a ``[chosen; rejected]`` batch of b pairs (TRL's layout): ``pair_row_groups(b)``.
+pair_row_groups = pair_groups
 
 
 class GradlensCallback(TrainerCallback):
@@ -55,6 +54,13 @@ class GradlensCallback(TrainerCallback):
     an existing run directory from the checkpoint's step; ``overwrite=True`` replaces it.
     Only the main process writes; every process records (the hooks must run on all).
     The split is of the step's accumulated gradient before the trainer clips it.
+
+    On logging steps the Trainer's own logs (``trainer.state.log_history`` and every
+    ``report_to`` integration: TensorBoard, W&B, trackio, ...) also get the split of
+    the last recorded step (``grad_norm/chosen``, ``grad_norm/rejected``, ``grad/dot``,
+    ``grad/cosine``, ``grad/ratio``, ``weights/*`` and the other steps.csv columns), like
+    the Trainer's own ``grad_norm``, which is also the last step's. Keys the Trainer
+    logs itself (``loss``, ``grad_norm``, ``learning_rate``) keep the Trainer's values.
     """
 
     def __init__(
@@ -62,7 +68,7 @@ class GradlensCallback(TrainerCallback):
         run_dir: str | os.PathLike,
         *,
         config: Optional[Mapping[str, Any]] = None,
-        pair: tuple[str, str] = ("chosen", "rejected"),
+        pair: tuple[str, str] = (CHOSEN, REJECTED),
         extra_groups: Sequence[str] = (),
         record_every: int = 1,
         layers_every: int = 1,
@@ -83,6 +89,7 @@ class GradlensCallback(TrainerCallback):
         self.stepper: Optional[StepCapture] = None
         self.log: Optional[RunLog] = None
         self._lr = math.nan
+        self._trainer_logs: dict[str, float] = {}  # the last step's row, for the next Trainer log
 
     # ---- trainer events ----------------------------------------------------------------------
 
@@ -115,7 +122,15 @@ class GradlensCallback(TrainerCallback):
                 )
             return
         if self.log is not None:
-            self.log.write_step(result, lr=self._lr, metrics=preference_metrics(result))
+            row = self.log.write_step(result, lr=self._lr, metrics=preference_metrics(result))
+            recorded = trainer_logs(row, recorded=result.capture is not None)
+            # An unrecorded step keeps the last recorded split (Trainer logs the latest measured values).
+            self._trainer_logs = {**self._trainer_logs, **recorded}
+
+    def pop_trainer_logs(self) -> dict[str, float]:
+        """What the next training log line gains (``GradlensTrainerMixin.log`` calls this); then cleared."""
+        logs, self._trainer_logs = self._trainer_logs, {}
+        return logs
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.log is not None:
@@ -192,6 +207,14 @@ class GradlensTrainerMixin:
         # Trainer sets sync_gradients on the step's last micro-batch (and on an epoch's short tail).
         stepper.end_micro_batch(loss, last=bool(self.accelerator.sync_gradients))
         return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training log lines (they carry ``loss``) gain the last recorded step's split; eval lines do not."""
+        callback = self.gradlens_callback
+        if callback is not None and "loss" in logs:
+            for name, value in callback.pop_trainer_logs().items():
+                logs.setdefault(name, value)  # the Trainer's own loss, grad_norm, learning_rate win
+        return super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if ROW_GROUPS_KEY in inputs:

@@ -79,7 +79,8 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from ..losses import REWEIGHTINGS, preference_loss  # noqa: E402
 from .run_log import PREFERENCE_COLUMNS  # noqa: E402
 from .stepper import StepCapture  # noqa: E402
-from .transformers import GradlensCallback, GradlensTrainerMixin, pair_row_groups  # noqa: E402
+from ..pairs import pair_groups, split_pairs  # noqa: E402
+from .transformers import GradlensCallback, GradlensTrainerMixin  # noqa: E402
 from .trl_head import DEFAULT_CHUNK_ELEMENTS, ForwardLog, RecordingHead, tap_forward  # noqa: E402
 
 # DPOTrainer's fused-head outputs (see DPOTrainer.__init__).
@@ -149,10 +150,8 @@ class GradlensDPOMixin(GradlensTrainerMixin):
     # ---- gradlens hooks ----------------------------------------------------------------------
 
     def gradlens_row_groups(self, inputs: dict) -> dict[str, slice]:
-        rows = int(inputs["input_ids"].shape[0])
-        if rows % 2:
-            raise ValueError(f"a DPO batch must hold [chosen; rejected] rows, got an odd number of rows ({rows})")
-        return pair_row_groups(rows // 2)
+        chosen, _ = split_pairs(inputs["input_ids"])  # raises on an odd number of rows
+        return pair_groups(int(chosen.shape[0]))
 
     def train(self, *args, **kwargs):
         for callback in self.callback_handler.callbacks:
@@ -208,7 +207,7 @@ class GradlensDPOMixin(GradlensTrainerMixin):
             return per_token.sum(dim=1)
         position = shift_mask.cumsum(dim=1)
         lengths = shift_mask.sum(dim=1).long()
-        shared = torch.minimum(*lengths.chunk(2, dim=0))
+        shared = torch.minimum(*split_pairs(lengths))
         shared = torch.cat([shared, shared], dim=0).to(per_token.device).unsqueeze(1)
         shared_mask = (position > 0) & (position <= shared)
         return (per_token * shared_mask).sum(dim=1) + self.ld_alpha * (per_token * (position > shared)).sum(dim=1)
@@ -224,9 +223,9 @@ class GradlensDPOMixin(GradlensTrainerMixin):
             ref = [out for grad, out in calls if not grad]
             if len(ref) != 1:
                 raise RuntimeError(f"expected one reference forward in DPOTrainer.compute_loss, saw {len(ref)}")
-            ref_chosen, ref_rejected = self._sequence_logps(ref[0].log_probs, completion_mask).chunk(2, dim=0)
-        chosen, rejected = logps.chunk(2, dim=0)
-        lengths_c, lengths_r = completion_mask.sum(dim=1).chunk(2, dim=0)
+            ref_chosen, ref_rejected = split_pairs(self._sequence_logps(ref[0].log_probs, completion_mask))
+        chosen, rejected = split_pairs(logps)
+        lengths_c, lengths_r = split_pairs(completion_mask.sum(dim=1))
         values = (chosen, rejected, ref_chosen, ref_rejected, lengths_c, lengths_r)
         return self._preference(*values), tuple(v.detach() for v in values)
 

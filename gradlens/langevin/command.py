@@ -12,15 +12,20 @@ top-level dispatcher already used ``langevin`` to choose this module.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
+from ..runs import RunLock, check_overwritable, run_contents, schema
+from ..runs.run_dir import clear_run_files
 from .targets import POTENTIALS_1D
 
 ACTIONS = ("run", "sweep")
 DEFAULT_ROOT = Path("runs") / "langevin"
 EXIT_USAGE = 2
+MIN_EPS = 1e-12  # smaller KL targets make Theorem 1's iteration count overflow
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +108,84 @@ def _default_out(name: str) -> Path:
     return path
 
 
+# Bytes per float64 and how many (particles x d) and (d x d) arrays a run holds at once
+# (particles, gradients, noise, a copy; covariance, precision, eigenvectors, temporaries).
+_F64, _PARTICLE_ARRAYS, _MATRIX_ARRAYS = 8, 4, 6
+
+
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_memory(args: argparse.Namespace) -> None:
+    """Refuse a run whose largest arrays alone need more memory than the machine has free."""
+    d = args.dim
+    particles = args.particles if args.particles >= 0 else 1000
+    need = _PARTICLE_ARRAYS * particles * d * _F64
+    if args.target == "gaussian":
+        need += _MATRIX_ARRAYS * d * d * _F64
+    free = _available_memory()
+    if free is not None and need > free:
+        raise ValueError(
+            f"--dim {d} with {particles} particles needs about {need / 2**30:.1f} GiB for its arrays, "
+            f"but this machine has {free / 2**30:.1f} GiB free; lower --dim or --particles (0 turns particles off)"
+        )
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.dim < 1:
+        raise ValueError(f"--dim must be at least 1, got {args.dim}")
+    if args.knn_k < 1:
+        raise ValueError(f"--knn-k must be at least 1, got {args.knn_k}")
+    for flag, value in (("--steps", args.steps), ("--knn-every", args.knn_every)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be 0 or more, got {value}")
+    if args.eps is not None:
+        for eps in _floats(args.eps, "--eps"):
+            if not (MIN_EPS <= eps < math.inf):
+                raise ValueError(f"--eps {eps:g}: must be a KL target from {MIN_EPS:g} up (below it the iteration counts overflow)")
+    check_memory(args)
+
+
+def _write_guarded(out: Path, overwrite: bool, write) -> None:
+    """``write()`` under the run directory's writer lock; an error before the first row leaves nothing.
+
+    The checks ``prepare_run_dir`` makes later are made here first, so a refusal
+    creates nothing. A directory this call started is removed again when the run
+    fails before logging a row (the files are all its own); a run that logged rows
+    keeps them.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    started = out.is_dir() and run_contents(out).started
+    if started and not overwrite:
+        raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")
+    if started:
+        check_overwritable(out)
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise ValueError(f"{out}: cannot create the run directory: {exc.strerror or exc}") from None
+    try:
+        write()
+    except Exception:
+        steps = out / schema.STEPS
+        if steps.is_file() and steps.read_bytes().count(b"\n") > 1:
+            raise
+        contents = run_contents(out)
+        if not contents.foreign:
+            clear_run_files(out, contents)
+        raise
+    finally:
+        lock.release()
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
 def _run(args: argparse.Namespace) -> None:
     from .runner import RunSpec, run_langevin
 
@@ -121,7 +204,7 @@ def _run(args: argparse.Namespace) -> None:
     )
     name = f"{args.target}-d{args.dim}" + (f"-{args.phi}" if args.target == "product" else "")
     out = Path(args.out) if args.out else _default_out(name)
-    run_langevin(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard)
+    _write_guarded(out, args.overwrite, lambda: run_langevin(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard))
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -135,13 +218,22 @@ def _sweep(args: argparse.Namespace) -> None:
         best_h=not args.no_best_h, max_work=args.max_work, label=args.label,
     )
     out = Path(args.out) if args.out else _default_out(f"sweep-{args.target}")
-    run_sweep(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard)
+    _write_guarded(out, args.overwrite, lambda: run_sweep(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard))
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        _check_flags(args)
         (_sweep if args.action == "sweep" else _run)(args)
     except ValueError as exc:
         print(f"gradlens langevin: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (OverflowError, MemoryError) as exc:
+        print(f"gradlens langevin: error: these settings need more than can be computed ({type(exc).__name__}: {exc}); "
+              "use a larger --eps, a smaller --dim or fewer --steps", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gradlens langevin: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0

@@ -45,9 +45,14 @@ def load_array(path: str | os.PathLike, what: str) -> np.ndarray:
             text = path.read_text(encoding="utf-8")
             delimiter = "," if "," in text else None
             arr = np.loadtxt(path, delimiter=delimiter, dtype=np.float64, ndmin=1)
-    except ValueError as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
-    arr = np.asarray(arr, dtype=np.float64)
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read {what}: {exc}") from None
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{path}: {what} has complex entries; a real-valued array is needed")
+    try:
+        arr = np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {what} is not numeric ({arr.dtype} entries: {exc})") from None
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0].tolist()
         raise ValueError(f"{path}: {what} has a non-finite entry at index {bad}")
@@ -331,6 +336,8 @@ class UserTarget:
             raise ValueError(
                 f"potential {self.spec}: must return (U, grad U) for a batch; calling it failed: {exc}"
             ) from exc
+        except Exception as exc:  # noqa: BLE001 - whatever the user's code raises is a problem with the input
+            raise ValueError(f"potential {self.spec}: raised {type(exc).__name__}: {exc}") from exc
         U = np.asarray(U, dtype=np.float64).reshape(-1)
         grad = np.asarray(grad, dtype=np.float64)
         n = x.shape[0]

@@ -9,11 +9,12 @@ non-zero only when nothing could be plotted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from ..runs import Run, RunFormatError, find_runs, load_run
+from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run
 from .registry import PlotOptions, get_plotter
 
 FORMATS = ("png", "svg", "pdf")
@@ -129,9 +130,25 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def check_out(out: Path) -> None:
+    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run."""
+    absolute = Path(os.path.abspath(out))
+    for place in (absolute, *absolute.parents):
+        if is_run_dir(place):
+            where = "is" if place == absolute else f"lies inside the run {place}, which"
+            raise ValueError(f"--out {out}: {where} a gradlens run directory; plot writes only outside runs (e.g. --out figures)")
+    if absolute.exists() and not absolute.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if absolute.is_dir():
+        inside = find_runs(absolute)
+        if inside:
+            raise ValueError(f"--out {out}: holds gradlens run(s) ({inside[0]}{' ...' if len(inside) > 1 else ''}); plot writes only outside runs")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         formats = parse_formats(args.format)
+        check_out(Path(args.out))
     except ValueError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -181,10 +198,11 @@ def _plot(paths: list[str], formats: list[str], args: argparse.Namespace) -> int
         _error(str(exc))
         return EXIT_NOTHING_PLOTTED
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        _error(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _error(f"--out {out}: cannot create it: {exc.strerror or exc}")
         return EXIT_USAGE
-    out.mkdir(parents=True, exist_ok=True)
     options = PlotOptions(out=out, formats=formats, smooth=args.smooth, group_by=group_by)
 
     try:

@@ -13,25 +13,26 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from ..runs import is_run_dir, prepare_run_dir
+from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
 from . import plan as P
-from .config import (
-    BALANCE_SPACES, DTYPES, ENVS, OPTIMIZERS, RecordConfig, apply_resume_overrides, config_from_saved,
-    load_config_file, parse_losses, resolve,
-)
+from . import resume as R
+from .config import BALANCE_SPACES, DTYPES, ENV_DEFAULTS, ENVS, OPTIMIZERS, RecordConfig, load_config_file, parse_losses, resolve
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 SMALL_ENVS = ("tabular", "tiny-gpt2")
 
 EPILOG = """\
 examples:
-  gradlens record                                   # DPO then Balanced-DPO on tiny-gpt2 (about a minute on a laptop CPU)
+  gradlens record                                   # DPO then Balanced-DPO on tiny-gpt2 (timings: docs/performance.md)
   gradlens record --env tabular --loss dpo,balanced,adadpo --steps 500
   gradlens record --env user --model ./my-model --data prefs.jsonl --loss balanced --out runs/mine
   gradlens record --out runs/mine --resume         # continue from the last checkpoint
   gradlens record --config job.toml --lr 1e-5      # flags override the file
+  gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
 """
 
 
@@ -42,14 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument("--env", choices=ENVS, default=s, help="built-in environment or your own model+data (default tiny-gpt2)")
     what.add_argument("--model", metavar="DIR", default=s, help="--env user: local Hugging Face model directory (never downloaded)")
-    what.add_argument("--data", metavar="FILE", default=s, help="--env user: preference pairs, .jsonl/.csv/.parquet, TRL standard or conversational format")
+    what.add_argument(
+        "--data", metavar="PATH", default=s,
+        help="--env user: preference pairs: .jsonl/.csv/.parquet or a Dataset.save_to_disk directory; TRL's standard, "
+        "conversational or implicit-prompt format",
+    )  # fmt: skip
     what.add_argument("--eval-data", metavar="FILE", default=s, help="--env user: held-out pairs for evaluations (default: the first 64 training pairs)")
+    what.add_argument("--prompt-column", metavar="NAME", default=s, help="--env user: the data's prompt column (default prompt; absent: implicit prompt)")
+    what.add_argument("--chosen-column", metavar="NAME", default=s, help="--env user: the data's chosen column (default chosen)")
+    what.add_argument("--rejected-column", metavar="NAME", default=s, help="--env user: the data's rejected column (default rejected)")
     what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help="dpo, balanced or adadpo; a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=s, help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6)")
+    opt.add_argument(
+        "--lr", type=float, default=s,
+        help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6 = TRL's DPOConfig default, "
+        "made for large models and long runs: it barely moves a small model in a few dozen steps; try 1e-5 to 1e-4 there)",
+    )  # fmt: skip
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="default adam (tabular) or adamw")
     opt.add_argument("--batch-size", type=int, default=s, help="preference pairs per optimizer step (default tabular 32, tiny-gpt2 16, user 8)")
     opt.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
@@ -68,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="DIR", default=s, help="run directory (one loss) or parent directory (several); default runs/ENV-LOSS-sSEED")
     out.add_argument("--resume", action="store_true", help="continue an existing run from its last checkpoint")
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    out.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    out.add_argument(
+        "--config", metavar="FILE",
+        help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
+    )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
@@ -85,52 +100,69 @@ def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
+    """Every run's directory and action, resumes checked in full; nothing written."""
     file_values, flags = _requested(args)
-    configs = resolve(file_values, flags)
     explicit = {**file_values, **flags}
-    out = configs[0].out
+    out = explicit.get("out")
     if args.resume and out is not None and is_run_dir(out):
         # `--out RUN --resume`: that one run, whatever the default loss list says.
-        if len(configs) > 1 and "loss" in explicit:
+        losses = explicit.get("loss")
+        if losses is not None and len(losses) > 1:
             raise ValueError(f"{out} is a single run; --resume it without a list of losses")
-        configs = configs[:1]
+        saved = R.saved_config(Path(out))
+        if losses is not None and losses[0] != saved.loss:
+            raise ValueError(f"{out}: cannot change --loss when resuming (the run was recorded with {saved.loss!r}, you asked for {losses[0]!r})")
+        cfg = R.apply_resume_overrides(saved, {k: v for k, v in explicit.items() if k != "loss"}, str(out))
+        configs = [replace(cfg, out=str(out))]
+    else:
+        configs = resolve(file_values, flags)
     plans = P.plan_runs(configs, resume=args.resume, overwrite=args.overwrite)
-    resolved = []
-    for run in plans:
-        if run.action != P.RESUME:
-            resolved.append(run)
-            continue
-        import json
-
-        header = json.loads((run.path / "config.json").read_text(encoding="utf-8"))
-        saved = config_from_saved(header.get("config", {}), str(run.path / "config.json"))
-        cfg = apply_resume_overrides(saved, explicit, str(run.path))
-        from .checkpoint import latest_checkpoint
-
-        last = latest_checkpoint(run.path)
-        if last is not None and last.step > cfg.steps:
-            raise ValueError(f"{run.path}: --steps {cfg.steps} is below the last checkpoint (step {last.step}); a run cannot be shortened")
-        action = P.DONE if P.is_complete(run.path, cfg.steps) else P.RESUME
-        resolved.append(P.PlannedRun(cfg, run.path, action, run.note))
-    return resolved
+    return [_plan_resume(run, explicit) if run.action == P.RESUME else run for run in plans]
 
 
-def _build_envs(plans: list[P.PlannedRun], say, dist) -> dict:
+def _plan_resume(run: P.PlannedRun, explicit: dict) -> P.PlannedRun:
+    saved = R.saved_config(run.path)
+    requested = {k: v for k, v in explicit.items() if k != "loss"}
+    if saved.loss != run.cfg.loss:  # the directory name says one loss, its config another
+        raise ValueError(f"{run.path / 'config.json'}: records loss {saved.loss!r}, but this job resumes {run.cfg.loss!r} there")
+    cfg = R.apply_resume_overrides(saved, requested, str(run.path))
+    if is_complete(run.path, cfg.steps):
+        return P.PlannedRun(cfg, run.path, P.DONE, run.note)
+    return P.PlannedRun(cfg, run.path, P.RESUME, run.note, resume=R.plan_resume(run.path, cfg, saved))
+
+
+@dataclass
+class Job:
+    """One `gradlens record` invocation: its planned runs and how it reports."""
+
+    plans: list[P.PlannedRun]
+    dist: Any  # DistContext
+    quiet: bool
+    t0: float = field(default_factory=time.perf_counter)
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr)
+
+
+def _build_envs(job: Job) -> dict:
     """One environment per distinct setup, built before any directory is written."""
     from .checkpoint import reference_path
     from .envs import ENV_FIELDS, build_env
     from .loop import check_compatible, resolve_device
 
     envs = {}
-    for run in plans:
+    for run in job.plans:
         if run.action == P.DONE:
             continue
         resolve_device(run.cfg.device)
         ref = reference_path(run.path) if run.action == P.RESUME and reference_path(run.path).is_file() else None
         key = (tuple(getattr(run.cfg, f) for f in ENV_FIELDS), ref)
         if key not in envs:
-            envs[key] = build_env(run.cfg, reference_weights=ref, log=say)
-        check_compatible(run.cfg, envs[key], dist)
+            envs[key] = build_env(run.cfg, reference_weights=ref, log=job.say)
+        check_compatible(run.cfg, envs[key], job.dist)
+        if run.resume is not None:
+            R.check_weights_fit(run.resume, envs[key].policy)
         envs[run.path] = envs[key]
     return envs
 
@@ -147,12 +179,33 @@ def _tensorboard_dir(plans: list[P.PlannedRun]) -> Path:
 def _headline(summary: dict | None) -> str:
     if not summary:
         return ""
-    final_eval = summary.get("final_eval") or {}
-    for name in ("eval/true_reward", "eval/kl_to_optimum", "eval/pref_accuracy"):
+    final_eval = summary.get(schema.SUMMARY_FINAL_EVAL) or {}
+    for name in (schema.EVAL_TRUE_REWARD, schema.EVAL_KL_TO_OPTIMUM, schema.EVAL_PREF_ACCURACY):
         value = final_eval.get(name)
         if value is not None:
             return f"{name} {value:.4g}" if isinstance(value, (int, float)) else f"{name} {value}"
     return ""
+
+
+# The loss "has hardly moved" when its last value is within this fraction of its first.
+STALLED_LOSS = 0.01
+
+
+def _stalled_note(run: P.PlannedRun) -> str:
+    """A note when the loss barely moved: most often the learning rate (TRL's 1e-6 default) is too small."""
+    from ..runs import read_table
+
+    steps = read_table(run.path / schema.STEPS, quiet=True)
+    if schema.LOSS not in steps or len(steps) < 2:
+        return ""
+    losses = steps[schema.LOSS].dropna()
+    if len(losses) < 2 or not abs(losses.iloc[-1] - losses.iloc[0]) <= STALLED_LOSS * abs(losses.iloc[0]):
+        return ""
+    default = " (TRL's default, made for large models and long runs)" if run.cfg.lr == ENV_DEFAULTS["user"]["lr"] else ""
+    return (
+        f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
+        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -161,6 +214,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gradlens record: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only directory: the run keeps what it logged
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gradlens record: error: {where}{exc.strerror or exc}; the rows logged so far are kept (--resume continues)", file=sys.stderr)
+        return 1
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -169,70 +226,95 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dist = setup(getattr(args, "device", None) or "auto")
     try:
-        quiet = getattr(args, "quiet", False) or not dist.is_main
-        say = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
-        plans = _plan(args)
+        job = Job(_plan(args), dist, quiet=getattr(args, "quiet", False) or not dist.is_main, t0=t0)
         dist.barrier()  # every rank has planned before rank 0 creates a directory
-        return _run_plans(plans, say, quiet, t0, dist)
+        return _run_plans(job)
     finally:
         teardown(dist)
 
 
-def _run_plans(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
-    for run in plans:
+def _run_plans(job: Job) -> int:
+    for run in job.plans:
         if run.note:
-            say(f"note: {run.note}")
+            job.say(f"note: {run.note}")
     import torch
 
     threads = torch.get_num_threads()
-    if all(run.cfg.env in SMALL_ENVS for run in plans):
+    if all(run.cfg.env in SMALL_ENVS for run in job.plans):
         # The built-in models are tiny: extra threads only add synchronisation, and on a
         # busy machine they make each step several times slower.
         torch.set_num_threads(1)
     try:
-        return _record_all(plans, say, quiet, t0, dist)
+        return _record_all(job)
     finally:
         torch.set_num_threads(threads)
 
 
-def _record_all(plans: list[P.PlannedRun], say, quiet: bool, t0: float, dist) -> int:
-    envs = _build_envs(plans, say, dist)
-
-    from .loop import record_run
-
+def _record_all(job: Job) -> int:
+    envs = _build_envs(job)
     results = []
-    for run in plans:
+    for run in job.plans:
         if run.action == P.DONE:
-            say(f"{run.path}: already complete ({run.cfg.steps} steps); nothing to do")
+            job.say(f"{run.path}: already complete ({run.cfg.steps} steps); nothing to do")
             results.append((run, None))
             continue
-        if run.action in (P.NEW, P.OVERWRITE) and dist.is_main:
-            prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
-        dist.barrier()
-        result = record_run(run.cfg, run.path, envs[run.path], resume=run.action == P.RESUME, progress=not quiet, dist=dist)
-        if not dist.is_main:
-            continue
-        if result.message:
-            print(f"gradlens record: {run.path}: {result.message}", file=sys.stderr)
-        results.append((run, result))
-    if dist.is_main:
-        _report(plans, results, time.perf_counter() - t0)
+        result = _record_one(job, run, envs[run.path])
+        if job.dist.is_main:
+            if result.message:
+                print(f"gradlens record: {run.path}: {result.message}", file=sys.stderr)
+            results.append((run, result))
+    if job.dist.is_main:
+        _report(job.plans, results, time.perf_counter() - job.t0)
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
+
+
+def _record_one(job: Job, run: P.PlannedRun, env):
+    """One run under the writer lock (rank 0 holds it; other ranks write nothing)."""
+    from .loop import record_run
+
+    lock = RunLock(run.path) if job.dist.is_main else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            _recheck(run)
+            if run.action in (P.NEW, P.OVERWRITE):
+                prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
+        job.dist.barrier()
+        return record_run(run.cfg, run.path, env, resume=run.resume, progress=not job.quiet, dist=job.dist)
+    finally:
+        if lock is not None:
+            lock.release()
+            if lock.created_dir and not any(run.path.iterdir()):
+                run.path.rmdir()  # refused before the first write: leave no empty directory behind
+
+
+def _recheck(run: P.PlannedRun) -> None:
+    """Under the lock: the directory is still as planned (another writer may have finished meanwhile)."""
+    if run.action == P.NEW and run_contents(run.path).started:
+        raise ValueError(f"{run.path}: another process wrote this run directory while this job was starting; it was left unchanged")
+    if run.action == P.RESUME:
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(run.path)
+        if (last.step if last else 0) != run.resume.start or is_complete(run.path, run.cfg.steps):
+            raise ValueError(f"{run.path}: another process changed this run while this job was starting; it was left unchanged")
 
 
 def _report(plans: list[P.PlannedRun], results, seconds: float) -> None:
     import json
-
-    from ..runs import schema
 
     print(f"gradlens record: {len(plans)} run(s) in {seconds:.1f} s")
     width = max(len(str(run.path)) for run in plans)
     for run, result in results:
         summary_path = run.path / schema.SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-        status = summary.get("status", "?") if summary else "incomplete"
-        steps = summary.get("steps_logged", "?") if summary else "?"
+        status = summary.get(schema.SUMMARY_STATUS, "?") if summary else "incomplete"
+        steps = summary.get(schema.SUMMARY_STEPS_LOGGED, "?") if summary else "?"
         print(f"  {str(run.path):<{width}}  {run.cfg.loss:<8}  {status:<9}  {steps} steps  {_headline(summary)}".rstrip())
+    for run, result in results:
+        note = _stalled_note(run) if result is not None else ""
+        if note:
+            print(note)
     print("Each run directory holds config.json, steps.csv, layers.csv, evals.csv, summary.json,")
     print("checkpoints/ and the TensorBoard event files.")
     print("Next:")

@@ -1,7 +1,10 @@
 """The `gradlens record` configuration: one dataclass, file loading and merging.
 
 Precedence, lowest to highest: dataclass defaults, the environment's defaults
-(fields left ``None``), a ``--config`` file (TOML or JSON), command-line flags.
+(fields left ``None``), a ``--config`` file (TOML, JSON or YAML), command-line flags.
+A config file may also use the names of TRL's ``DPOConfig`` where one means the
+same setting (``TRL_ALIASES``), so a TRL recipe's YAML loads as it is; the TRL
+settings that have no meaning here (``TRL_IGNORED``) are listed in a warning.
 The resolved config -- every field concrete -- is what a run directory stores.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,9 +27,6 @@ BALANCE_SPACES = ("sequence", "token_mean")
 # `gradlens record` with no arguments: both methods, one after the other.
 DEFAULT_LOSSES = ("dpo", "balanced")
 
-# Fields a resumed run may change; everything else must match the saved run.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
-
 
 @dataclass(frozen=True)
 class RecordConfig:
@@ -36,6 +37,9 @@ class RecordConfig:
     model: str | None = None          # user env: local HF model directory
     data: str | None = None           # user env: JSONL / CSV / Parquet preference file
     eval_data: str | None = None      # user env: held-out preference file (else a training subset)
+    prompt_column: str = "prompt"     # user env: the data's column names (TRL's by default)
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     beta: float = 0.1
     lr: float | None = None
     optimizer: str | None = None
@@ -66,6 +70,35 @@ ENV_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _FIELD_TYPES = {f.name: f.type for f in fields(RecordConfig)}
+COLUMN_FIELDS = ("prompt_column", "chosen_column", "rejected_column")
+_DEFAULTS = {f.name: f.default for f in fields(RecordConfig)}
+
+# TRL DPOConfig / script-argument names in a config file -> the RecordConfig field they set.
+TRL_ALIASES = {
+    "model_name_or_path": "model",
+    "dataset_name": "data",  # a local file or saved dataset directory here (nothing is downloaded)
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "gradient_accumulation_steps": "grad_accum",
+    "eval_steps": "eval_every",
+    "save_steps": "checkpoint_every",
+    "output_dir": "out",
+    "optim": "optimizer",
+}
+# per_device_train_batch_size b (pairs per micro-batch) sets batch_size = b x grad_accum.
+TRL_BATCH = "per_device_train_batch_size"
+# TRL optimizer names gradlens has; others are an error that names these.
+TRL_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
+# TRL/Trainer settings with no counterpart in `gradlens record`: accepted in a recipe and named in a warning.
+TRL_IGNORED = frozenset({
+    "attn_implementation", "bf16", "fp16", "dataset_config", "dataset_train_split", "dataset_test_split",
+    "dataset_streaming", "do_eval", "eval_strategy", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "hub_model_id", "logging_first_step", "logging_steps", "logging_strategy", "log_level", "lr_scheduler_type",
+    "num_train_epochs", "per_device_eval_batch_size", "push_to_hub", "report_to", "run_name", "save_strategy",
+    "save_total_limit", "torch_dtype", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "warmup_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "loss_type",
+    "max_prompt_length", "precompute_ref_log_probs", "trust_remote_code", "model_revision", "seed_data",
+})  # fmt: skip
 
 
 def _check_type(name: str, value: Any, where: str) -> Any:
@@ -96,46 +129,90 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON config; keys are RecordConfig fields (``-`` or ``_``).
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
 
-    ``loss`` may be one name, a comma-separated string or a list: one run per loss.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(text)  # safe_load builds plain data only, never Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
+
+
+def _parse_file(path: Path) -> Any:
     suffix = path.suffix.lower()
-    if suffix not in (".toml", ".json"):
-        raise ValueError(f"{path}: config files must end in .toml or .json, not {path.suffix or '(no suffix)'!r}")
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ValueError(f"{path}: config files must end in .toml, .json, .yaml or .yml, not {path.suffix or '(no suffix)'!r}")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
-    else:
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
-            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    if suffix in (".yaml", ".yml"):
+        return _parse_yaml(text, path)
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _from_trl_names(data: dict, path: Path) -> dict:
+    """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
+    out, ignored = {}, []
+    for key, value in data.items():
+        name = _normalise_key(str(key))
+        if name in TRL_IGNORED and name not in _FIELD_TYPES:
+            ignored.append(str(key))
+            continue
+        target = TRL_ALIASES.get(name, name)
+        if target in out:
+            raise ValueError(f"{path}: {key!r} sets {target!r}, which the file already sets under another name")
+        if name == "optim" and isinstance(value, str):
+            if value not in TRL_OPTIMIZERS:
+                raise ValueError(f"{path}: optim {value!r} is not available here; use one of {sorted(TRL_OPTIMIZERS)} or optimizer: adam")
+            value = TRL_OPTIMIZERS[value]
+        out[target] = value
+    if TRL_BATCH in out:
+        per_device = out.pop(TRL_BATCH)
+        if "batch_size" in out:
+            raise ValueError(f"{path}: set either batch_size (pairs per optimizer step) or {TRL_BATCH}, not both")
+        grad_accum = out.get("grad_accum", 1)
+        if isinstance(per_device, int) and isinstance(grad_accum, int) and not isinstance(per_device, bool):
+            per_device *= grad_accum
+        out["batch_size"] = per_device
+    if ignored:
+        warnings.warn(f"{path}: TRL settings with no counterpart in gradlens record were ignored: {', '.join(ignored)}", UserWarning, stacklevel=3)
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, JSON or YAML config; keys are RecordConfig fields (``-`` or ``_``) or TRL's names.
+
+    ``loss`` may be one name, a comma-separated string or a list: one run per loss.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    data = _parse_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a table/object of settings")
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = _normalise_key(str(key))
+    for name, value in _from_trl_names(data, path).items():
         if name == "loss":
             out["loss"] = parse_losses(value, where=str(path))
             continue
         if name not in _FIELD_TYPES:
             known = ", ".join(sorted(_FIELD_TYPES))
-            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {known}")
+            raise ValueError(f"{path}: unknown setting {name!r}; known settings: {known} (and TRL's names {', '.join(sorted(TRL_ALIASES))}, {TRL_BATCH})")
         out[name] = _check_type(name, value, str(path))
     return out
 
@@ -186,6 +263,8 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     for name in ("eval_every", "checkpoint_every", "sft_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {cfg.seed}")
     if cfg.grad_accum > cfg.batch_size:
         raise ValueError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}: a micro-batch needs at least one pair")
     if cfg.max_length < 2:
@@ -197,12 +276,20 @@ def validate(cfg: RecordConfig) -> RecordConfig:
         for name in ("model", "data", "eval_data"):
             if getattr(cfg, name):
                 raise ValueError(f"--{name.replace('_', '-')} is only used with --env user (the {cfg.env} environment builds its own)")
+        for name in COLUMN_FIELDS:
+            if getattr(cfg, name) != _DEFAULTS[name]:
+                raise ValueError(f"--{name.replace('_', '-')} is only used with --env user (the {cfg.env} environment builds its own data)")
+    columns = [getattr(cfg, name) for name in COLUMN_FIELDS]
+    if any(not c.strip() for c in columns) or len(set(columns)) < len(columns):
+        raise ValueError(f"--prompt-column, --chosen-column and --rejected-column must be three different non-empty names, got {columns}")
     return cfg
 
 
 def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> list[RecordConfig]:
     """Merge file and flags into one validated config per requested loss."""
     merged = {**file_values, **flag_values}
+    if "env" not in merged and ("model" in merged or "data" in merged):
+        merged["env"] = "user"  # a model and data of one's own (e.g. from a TRL recipe) mean the user environment
     losses = merged.pop("loss", DEFAULT_LOSSES)
     configs = []
     for loss in losses:
@@ -212,30 +299,12 @@ def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> l
 
 
 def config_from_saved(saved: Mapping[str, Any], where: str) -> RecordConfig:
-    """Rebuild the config stored in a run directory's config.json."""
-    known = {k: v for k, v in saved.items() if k in _FIELD_TYPES}
+    """Rebuild the config stored in a run directory's config.json (types checked as for --config)."""
+    known = {k: _check_type(k, v, where) for k, v in saved.items() if k in _FIELD_TYPES}
     try:
         return validate(RecordConfig(**known))
     except TypeError as exc:
         raise ValueError(f"{where}: saved config is not a gradlens record config: {exc}") from exc
-
-
-def apply_resume_overrides(saved: RecordConfig, requested: Mapping[str, Any], where: str) -> RecordConfig:
-    """A resumed run keeps its config; only RESUMABLE_CHANGES may differ."""
-    changes = {}
-    for name, value in requested.items():
-        if name in ("loss", "out"):
-            continue
-        if value == getattr(saved, name):
-            continue
-        if name not in RESUMABLE_CHANGES:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{where}: cannot change {flag} when resuming (the run was recorded with {getattr(saved, name)!r}, "
-                f"you asked for {value!r}); only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES))} may change"
-            )
-        changes[name] = value
-    return validate(replace(saved, **changes))
 
 
 def to_dict(cfg: RecordConfig) -> dict[str, Any]:

@@ -1,9 +1,16 @@
-"""User preference files: JSONL, CSV or Parquet in TRL's standard or conversational format.
+"""User preference data: JSONL, CSV, Parquet or a saved ``datasets`` directory, in TRL's formats.
 
 Standard: ``{"prompt": str, "chosen": str, "rejected": str}``.
 Conversational: the same keys, each a list of ``{"role": str, "content": str}``
 messages (``chosen``/``rejected`` hold the assistant turn(s)). CSV holds the
 standard format only.
+Implicit prompt: only ``chosen`` and ``rejected``, both starting with the same
+prompt; the shared prefix is split off exactly as TRL's ``extract_prompt`` does
+(``maybe_extract_prompt`` also applies it when the prompt is a string but the
+completions are message lists).
+Other column names are mapped with ``Columns`` (``--prompt-column`` and friends).
+A directory written by ``Dataset.save_to_disk`` (or a ``DatasetDict``'s, whose
+``train`` split is used) is read with ``datasets.load_from_disk``.
 
 Every problem is reported with the file, the line (JSONL, CSV) or row (Parquet,
 1-based) and what is wrong; up to ``MAX_REPORTED`` problems are listed at once.
@@ -17,6 +24,7 @@ import csv
 import io
 import json
 import math
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,27 @@ from typing import Any, Iterator
 FIELDS = ("prompt", "chosen", "rejected")
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 MAX_REPORTED = 10
+# Files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write into their directory.
+DATASET_MARKERS = ("state.json", "dataset_dict.json")
+DATASET_SPLIT = "train"
 
 Text = str | list  # a string, or a list of {role, content} messages
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column of the file holds the prompt, the chosen and the rejected response."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+    def of(self, field: str) -> str:
+        return getattr(self, field)
+
+    def select(self, obj: dict) -> dict:
+        """The record under gradlens's field names (columns the file lacks stay absent)."""
+        return {field: obj[self.of(field)] for field in FIELDS if self.of(field) in obj}
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,7 @@ class PreferenceData:
     records: list[PreferenceRecord]
     conversational: bool
     skipped_identical: int
+    implicit_prompts: int = 0  # pairs whose prompt was split off chosen/rejected (TRL's extract_prompt)
 
 
 class _Problems:
@@ -90,23 +118,45 @@ def _iter_jsonl(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         if not text.strip():
             continue
         try:
-            yield where, json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             problems.add(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            problems.add(where, "not usable JSON (nested too deeply)")
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python converts (4300 digits)
+            problems.add(where, f"not usable JSON ({exc})")
+            continue
+        yield where, value
 
 
-def _iter_csv(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
+def _iter_csv(path: Path, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
     raw = path.read_bytes()
     text = _decode(raw, path, lambda offset: _line_of(raw, offset))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long prompt is a valid field; restored below
+    try:
+        yield from _csv_rows(path, text, problems, columns)
+    except csv.Error as exc:  # e.g. a NUL byte
+        raise ValueError(f"{path}: not a readable CSV file: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path, text: str, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
         return
-    missing = [name for name in ("chosen", "rejected", "prompt") if name not in header]
+    missing = [columns.of(name) for name in ("chosen", "rejected") if columns.of(name) not in header]
     if missing:
-        raise ValueError(f"{path}: line 1 (header): missing column(s) {missing}; the header must name prompt, chosen and rejected (found {header})")
-    index = {name: header.index(name) for name in FIELDS}
+        raise ValueError(
+            f"{path}: line 1 (header): missing column(s) {missing}; the header must name the chosen and rejected "
+            f"columns, and the prompt column unless the prompt is implicit (found {header})"
+        )
+    index = {columns.of(name): header.index(columns.of(name)) for name in FIELDS if columns.of(name) in header}
     line_before = reader.line_num
     for cells in reader:
         where = f"line {line_before + 1}"
@@ -119,7 +169,7 @@ def _iter_csv(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         yield where, {name: cells[i] for name, i in index.items()}
 
 
-def _iter_parquet(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: Path, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -128,18 +178,55 @@ def _iter_parquet(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise ValueError(f"{path}: not a readable Parquet file: {exc}") from exc
-    missing = [name for name in ("chosen", "rejected", "prompt") if name not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {table.column_names}")
-    for number, row in enumerate(table.select(list(FIELDS)).to_pylist(), start=1):
+    wanted = _present_columns(path, table.column_names, columns)
+    for number, row in enumerate(table.select(wanted).to_pylist(), start=1):
         yield f"row {number}", row
 
 
-_READERS = {".jsonl": _iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
+def _present_columns(path: Path, found: list[str], columns: Columns) -> list[str]:
+    """The file's columns gradlens reads; chosen and rejected must be among them, the prompt may be implicit."""
+    missing = [columns.of(name) for name in ("chosen", "rejected") if columns.of(name) not in found]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {found}")
+    return [columns.of(name) for name in FIELDS if columns.of(name) in found]
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / marker).is_file() for marker in DATASET_MARKERS)
+
+
+def _iter_saved_dataset(path: Path, problems: _Problems, columns: Columns) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"{path}: reading a saved dataset directory needs the datasets package (pip install datasets)") from exc
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several types for damaged directories
+        raise ValueError(f"{path}: not a readable saved dataset (datasets.load_from_disk failed: {exc})") from exc
+    if isinstance(data, datasets.DatasetDict):
+        if DATASET_SPLIT not in data:
+            raise ValueError(f"{path}: a DatasetDict without a {DATASET_SPLIT!r} split (splits: {sorted(data)}); save the split to use")
+        data = data[DATASET_SPLIT]
+    wanted = _present_columns(path, list(data.column_names), columns)
+    for number, row in enumerate(data.select_columns(wanted), start=1):
+        yield f"row {number}", row
+
+
+_READERS = {".jsonl": lambda path, problems, columns: _iter_jsonl(path, problems), ".csv": _iter_csv, ".parquet": _iter_parquet}
 
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | None]:
@@ -152,6 +239,8 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
     if isinstance(value, str):
         if not value.strip():
             return None, None, f"'{name}' is an empty string"
+        if not _is_utf8(value):
+            return None, None, f"'{name}' holds an unpaired surrogate (such as \\ud800), which is not text"
         return value, "standard", None
     if isinstance(value, list):
         if not value:
@@ -159,6 +248,8 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
         for i, message in enumerate(value):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 return None, None, f"'{name}' message {i} is not a {{'role': str, 'content': str}} object (got {message!r:.80})"
+        if not all(_is_utf8(m["role"]) and _is_utf8(m["content"]) for m in value):
+            return None, None, f"'{name}' messages hold an unpaired surrogate (such as \\ud800), which is not text"
         if not any(m["content"].strip() for m in value):
             return None, None, f"'{name}' messages have only empty content"
         return [{"role": m["role"], "content": m["content"]} for m in value], "conversational", None
@@ -169,53 +260,118 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
     )
 
 
-def _check_record(obj: Any, nulls_are_missing: bool) -> tuple[dict | None, str | None, str | None]:
-    """-> (values, 'standard' | 'conversational', problem)."""
-    if not isinstance(obj, dict):
-        return None, None, f"expected an object with {list(FIELDS)}, got {type(obj).__name__}"
-    absent = [name for name in FIELDS if name not in obj or (nulls_are_missing and _is_missing(obj[name]))]
-    if absent:
-        return None, None, f"missing {' and '.join(repr(a) for a in absent)} field{'s' if len(absent) > 1 else ''}"
-    values, found = {}, set()
-    for name in FIELDS:
-        value, fmt, problem = _check_value(name, obj[name])
+def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) from an implicit-prompt pair, exactly as TRL 1.16's ``extract_prompt``:
+    the longest common prefix (of characters, or of messages) is the prompt, except that a space
+    just before the first difference stays with the completions."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # TRL: remove the space before the completion from the prompt
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _split_implicit(values: dict, columns: Columns) -> tuple[dict | None, str | None]:
+    """Split the shared prompt off chosen and rejected; a problem if they share none."""
+    chosen, rejected = values["chosen"], values["rejected"]
+    if chosen == rejected:  # no preference signal; skipped (and counted) by the caller
+        return {"prompt": chosen, "chosen": chosen, "rejected": rejected}, None
+    if chosen[0] != rejected[0]:
+        return None, (
+            f"no {columns.prompt!r} field, and {columns.chosen!r} and {columns.rejected!r} do not start with a shared "
+            "prompt (TRL's implicit-prompt format); add the prompt column or name it with --prompt-column"
+        )
+    prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    out = {}
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        value, _, problem = _check_value(columns.of(name), value)
         if problem:
-            return None, None, problem
+            return None, f"after splitting off the shared prompt (TRL's implicit-prompt format): {problem}"
+        out[name] = value
+    return out, None
+
+
+def _check_record(obj: Any, nulls_are_missing: bool, columns: Columns = Columns()) -> tuple[dict | None, str | None, str | None, bool]:
+    """-> (values, 'standard' | 'conversational', problem, implicit prompt)."""
+    if not isinstance(obj, dict):
+        return None, None, f"expected an object with {[columns.of(n) for n in FIELDS]}, got {type(obj).__name__}", False
+    obj = columns.select(obj)
+    missing = lambda name: name not in obj or (nulls_are_missing and _is_missing(obj[name]))  # noqa: E731
+    absent = [columns.of(name) for name in ("chosen", "rejected") if missing(name)]
+    if absent:
+        return None, None, f"missing {' and '.join(repr(a) for a in absent)} field{'s' if len(absent) > 1 else ''}", False
+    names = ("chosen", "rejected") if missing("prompt") else FIELDS
+    values, found = {}, {}
+    for name in names:
+        value, fmt, problem = _check_value(columns.of(name), obj[name])
+        if problem:
+            return None, None, problem, False
         values[name] = value
-        found.add(fmt)
-    if len(found) > 1:
-        return None, None, "mixes strings and message lists; use one format (standard or conversational) for prompt, chosen and rejected"
-    return values, found.pop(), None
+        found[name] = fmt
+    # TRL's maybe_extract_prompt: a string prompt beside message-list completions is not the prompt.
+    implicit = "prompt" not in values or (found["prompt"] == "standard" and found["chosen"] == "conversational")
+    if len(set(found[n] for n in ("chosen", "rejected"))) > 1 or (not implicit and len(set(found.values())) > 1):
+        return None, None, "mixes strings and message lists; use one format (standard or conversational) for prompt, chosen and rejected", False
+    if implicit:
+        values, problem = _split_implicit(values, columns)
+        if problem:
+            return None, None, problem, True
+    return values, found["chosen"], None, implicit
 
 
-def load_preferences(path: str | Path) -> PreferenceData:
-    """Read and validate a preference file; see the module docstring."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: preference data file not found")
+def _reader(path: Path):
+    """The row iterator for ``path`` and whether a null means "missing" there."""
+    if is_saved_dataset(path):
+        return _iter_saved_dataset, True
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory; --data takes a .jsonl, .csv or .parquet file")
+        raise ValueError(
+            f"{path}: is a directory but not a saved dataset (no {' or '.join(DATASET_MARKERS)}); --data takes a "
+            ".jsonl, .csv or .parquet file or a directory written by Dataset.save_to_disk"
+        )
     suffix = path.suffix.lower()
     if suffix not in _READERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use one of {list(SUFFIXES)}")
+        raise ValueError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use one of {list(SUFFIXES)} or a saved dataset directory")
+    # JSON null is a value of the wrong type; CSV/Parquet have no other way to say "missing".
+    return _READERS[suffix], suffix != ".jsonl"
+
+
+def load_preferences(path: str | Path, columns: Columns = Columns()) -> PreferenceData:
+    """Read and validate a preference file or saved dataset; see the module docstring."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a link to a missing file)" if path.is_symlink() else ""
+        raise ValueError(f"{path}: preference data file not found{broken}") from None
+    except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
+        raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise ValueError(f"{path}: not a regular file (a pipe, socket or device); --data takes a .jsonl, .csv or .parquet file")
+    read, nulls_are_missing = _reader(path)
     problems = _Problems(path)
     records: list[PreferenceRecord] = []
     identical: list[str] = []
+    implicit_prompts = 0
     first_of_format: dict[str, str] = {}  # 'standard'/'conversational' -> where first seen
-    for where, obj in _READERS[suffix](path, problems):
-        # JSON null is a value of the wrong type; CSV/Parquet have no other way to say "missing".
-        values, fmt, problem = _check_record(obj, nulls_are_missing=suffix != ".jsonl")
-        if problem is None and first_of_format and fmt not in first_of_format:
-            other, other_where = next(iter(first_of_format.items()))
-            problem = f"uses the {fmt} format but {other_where} uses the {other} format; one file must use one format"
-        if problem is not None:
-            problems.add(where, problem)
-            continue
-        first_of_format.setdefault(fmt, where)
-        if values["chosen"] == values["rejected"]:
-            identical.append(where)
-            continue
-        records.append(PreferenceRecord(values["prompt"], values["chosen"], values["rejected"], where))
+    try:
+        for where, obj in read(path, problems, columns):
+            values, fmt, problem, implicit = _check_record(obj, nulls_are_missing, columns)
+            if problem is None and first_of_format and fmt not in first_of_format:
+                other, other_where = next(iter(first_of_format.items()))
+                problem = f"uses the {fmt} format but {other_where} uses the {other} format; one file must use one format"
+            if problem is not None:
+                problems.add(where, problem)
+                continue
+            first_of_format.setdefault(fmt, where)
+            implicit_prompts += implicit
+            if values["chosen"] == values["rejected"]:
+                identical.append(where)
+                continue
+            records.append(PreferenceRecord(values["prompt"], values["chosen"], values["rejected"], where))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     problems.raise_if_any()
     if identical:
         shown = ", ".join(identical[:5]) + (", ..." if len(identical) > 5 else "")
@@ -223,4 +379,7 @@ def load_preferences(path: str | Path) -> PreferenceData:
     if not records:
         reason = f"{len(identical)} had chosen equal to rejected" if identical else "the file is empty"
         raise ValueError(f"{path}: no usable preference pairs ({reason})")
-    return PreferenceData(path, records, conversational="conversational" in first_of_format, skipped_identical=len(identical))
+    return PreferenceData(
+        path, records, conversational="conversational" in first_of_format, skipped_identical=len(identical),
+        implicit_prompts=implicit_prompts,
+    )  # fmt: skip

@@ -1,6 +1,6 @@
 """Sequence log-probabilities ℓ(y|x): the sum of the completion tokens' log-probs.
 
-Prompt and padding positions are masked out (DESIGN.md §1). Logits are upcast
+Prompt and padding positions are masked out (docs/recording.md, Conventions). Logits are upcast
 to float32 before the log-softmax so bf16/fp16 models give stable sums.
 """
 

@@ -29,38 +29,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..gradients.recorder import GradientRecorder
 from ..losses import PreferenceLossOutput, preference_loss
-from ..runs import RunWriter, schema, write_json_atomic
-from ..runs.tables import CsvTable
-from ..runs.tensorboard import PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
+from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
+from ..runs import schema, write_json_atomic
+from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
+from . import resume as R
 from .config import RecordConfig, to_dict
 from .distributed import DistContext
 from .envs import PreferenceEnv
 from .progress import Progress
+from .resume import ResumePoint
 
 STEP_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
-# --per-row: one row per (step, pair, side) with that row's own gradient norm.
-ROWS_FILE = "rows.csv"
-ROW_COLUMNS = (schema.STEP, "pair", "side", "grad_norm")
 REFERENCE_CHUNK = 16  # pairs per reference forward; fixed so cached values never depend on access order
-
-# The shared chosen-vs-rejected dashboard plus the reweighting and evaluation charts.
-RECORD_LAYOUT = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT + [
-    (
-        "gradlens: evaluation",
-        [
-            ("true reward of samples", ["^eval/true_reward$"]),
-            ("KL to the reference / to the optimum", ["^eval/kl_to_ref$", "^eval/kl_to_optimum$"]),
-            ("held-out log-probs: chosen vs rejected", ["^eval/logps/chosen$", "^eval/logps/rejected$"]),
-            ("held-out preference accuracy", ["^eval/pref_accuracy$"]),
-            ("probability mass on responses in no pair (tabular)", ["^eval/ood_mass$"]),
-        ],
-    ),
-]
-
-STATUS_COMPLETE = "complete"
-STATUS_NONFINITE = "nonfinite"
+STATUS_COMPLETE = schema.STATUS_COMPLETE
+STATUS_NONFINITE = schema.STATUS_NONFINITE
 
 
 @dataclass
@@ -79,6 +64,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device {name!r} is not a torch device ({exc})") from exc
+    if device.type == "meta":
+        raise ValueError("--device meta holds no data, so nothing can be trained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
@@ -140,9 +127,9 @@ class ReferenceLogps:
     def _fill(self, chunk: int) -> None:
         indices = list(range(chunk * REFERENCE_CHUNK, min((chunk + 1) * REFERENCE_CHUNK, self.env.num_pairs())))
         logps, _ = self.env.logps(self.reference, self.env.make_batch(indices, self.device))
-        b = len(indices)
-        for i, idx in enumerate(indices):
-            self.cache[idx] = (logps[i].item(), logps[b + i].item())
+        chosen, rejected = split_pairs(logps)
+        for idx, c, r in zip(indices, chosen.tolist(), rejected.tolist()):
+            self.cache[idx] = (c, r)
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         for idx in indices:
@@ -190,75 +177,51 @@ def gather_outputs(outputs: list[PreferenceLossOutput], dist: DistContext) -> li
     return [PreferenceLossOutput(loss=fields["u"], dpo_loss=fields["u"], nonfinite=nonfinite, **fields)]
 
 
-class RunOutputs:
-    """Owns one run's outputs: CSV tables, TensorBoard and the per-row table."""
-
-    def __init__(self, run_dir: Path, config: dict, *, resume: bool, start: int, per_row: bool):
-        self.writer = RunWriter(run_dir, config, kind=schema.KIND_PREFERENCE, resume=resume)
-        self.rows = CsvTable(run_dir / ROWS_FILE, ROW_COLUMNS) if per_row else None
-        if resume:
-            self.writer.truncate_after(start - 1)
-            if self.rows is not None:
-                self.rows.keep_steps_upto(start - 1)
-        self.tb = TensorBoardLogger(run_dir, RECORD_LAYOUT, purge_step=start if resume else None)
-
-    def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
-        self.writer.log_step(row)
-        self.tb.scalars(step, row)
-        if layers is not None:
-            self.writer.log_layers(step, layers)
-            self.tb.ratio_histograms(step, layers)
-        if per_row is not None:
-            _log_per_row(self, step, per_row)
-
-    def log_eval(self, step: int, row: dict) -> None:
-        self.writer.log_eval(row)
-        self.tb.scalars(step, row)
-        self.tb.flush()
-
-    def flush(self) -> None:
-        self.tb.flush()
-
-    def write_summary(self, summary: dict) -> None:
-        self.writer.write_summary(summary)
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.rows is not None:
-            self.rows.close()
-        self.tb.close()
-
-
-class NoOutputs:
+class _NoLog:
     """What ranks other than 0 write under torchrun: nothing."""
 
-    def log_step(self, step: int, row: dict, layers: dict | None, per_row) -> None:
+    def log_step(self, row: dict, **kwargs) -> dict:
+        return row
+
+    def log_rows(self, step: int, rows: list) -> None:
         pass
 
-    def log_eval(self, step: int, row: dict) -> None:
+    def log_eval(self, row: dict) -> None:
         pass
 
     def flush(self) -> None:
         pass
 
-    def write_summary(self, summary: dict) -> None:
+    def finish(self, **kwargs) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
-def _update_config_on_resume(run_dir: Path, config: dict, start: int) -> None:
-    """Keep config.json's settings current (e.g. a new --steps) and note the resume."""
-    import json
+@dataclass
+class StepContext:
+    """Everything one optimizer step needs besides its number; built once per run."""
 
-    from ..runs.run_dir import environment_versions
+    cfg: RecordConfig
+    policy: nn.Module  # DDP-wrapped under torchrun; the recorder hooks the module inside
+    env: PreferenceEnv
+    recorder: GradientRecorder
+    reference_logps: ReferenceLogps
+    order: PairOrder
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dist: DistContext = DistContext()
 
-    path = run_dir / schema.CONFIG
-    header = json.loads(path.read_text(encoding="utf-8"))
-    header["config"] = config
-    header.setdefault("resumes", []).append({"from_step": start, "versions": environment_versions()})
-    write_json_atomic(path, header)
+
+@dataclass
+class StepOutput:
+    """One finished step: its steps.csv row, and what else the run log takes from it."""
+
+    row: dict[str, Any]
+    layers: dict | None  # the layer table, on steps that log one
+    rows: list[dict] | None  # --per-row: rows.csv rows
+    unattributed: dict[str, float]
 
 
 def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = DistContext()) -> None:
@@ -276,17 +239,17 @@ def record_run(
     run_dir: Path,
     env: PreferenceEnv,
     *,
-    resume: bool = False,
+    resume: "bool | ResumePoint | None" = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
-    Under torchrun every rank calls this; only rank 0 (``dist.is_main``) writes.
+    ``resume``: a ``ResumePoint`` from ``resume.plan_resume`` (or True to plan it
+    here) continues the run from its last checkpoint. Under torchrun every rank
+    calls this; only rank 0 (``dist.is_main``) writes.
     """
-    from .. import GradientRecorder
-
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -301,18 +264,17 @@ def record_run(
     reference.requires_grad_(False)
     optimizer = build_optimizer(cfg, policy.parameters())
 
-    start, state = 0, {}
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is not None:
-            state = ckpt.load_checkpoint(found, policy, optimizer, device)
-            start = found.step
+    point = R.plan_resume(run_dir, cfg, R.saved_config(run_dir)) if resume is True else (resume or None)
+    resume = point is not None
+    start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
-    out = RunOutputs(run_dir, config, resume=resume, start=start, per_row=cfg.per_row) if main else NoOutputs()
-    if resume and main:
-        _update_config_on_resume(run_dir, config, start)
-        (run_dir / schema.SUMMARY).unlink(missing_ok=True)
+    if main:
+        if resume:
+            R.begin(run_dir, point, config)  # the first write of a resumed run
+        out = PreferenceRunLog(run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row)
+    else:
+        out = _NoLog()
     if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():
         ckpt.save_reference(run_dir, env.policy)
 
@@ -321,22 +283,17 @@ def record_run(
     if resume:
         say(f"{run_dir}: resuming from step {start}" + ("" if start else " (no checkpoint yet: starting over)"))
     recorder = GradientRecorder(policy)
-    trained = dist.wrap(policy)  # DDP under torchrun; the recorder hooks the module inside
-    reference_logps = ReferenceLogps(env, reference, device)
-    order = PairOrder(env.num_pairs(), cfg.batch_size, cfg.seed, cfg.shuffle)
+    ctx = StepContext(
+        cfg=cfg, policy=dist.wrap(policy), env=env, recorder=recorder, reference_logps=ReferenceLogps(env, reference, device),
+        order=PairOrder(env.num_pairs(), cfg.batch_size, cfg.seed, cfg.shuffle), optimizer=optimizer, device=device, dist=dist,
+    )  # fmt: skip
     nonfinite_steps = int(state.get("nonfinite_steps", 0))
     previous_wall = float(state.get("wall_time_s", 0.0))
-    last_row: dict[str, Any] = {}
-    last_eval: dict[str, Any] = {}
     status, message, step = STATUS_COMPLETE, "", start
 
     def evaluate(at: int) -> None:
-        nonlocal last_eval
-        if not main:
-            return
-        row = {schema.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)}
-        out.log_eval(at, row)
-        last_eval = row
+        if main:
+            out.log_eval({schema.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)})
 
     def elapsed() -> float:
         return previous_wall + time.perf_counter() - t0
@@ -345,10 +302,11 @@ def record_run(
         for step in range(start, cfg.steps):
             if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
                 evaluate(step)
-            row, layers, per_row = _train_step(cfg, step, trained, env, recorder, reference_logps, order, optimizer, device, dist)
-            out.log_step(step, row, layers, per_row)
+            done_step = _train_step(ctx, step)
+            row = out.log_step(done_step.row, layers=done_step.layers, unattributed=done_step.unattributed)
+            if done_step.rows is not None:
+                out.log_rows(step, done_step.rows)
             bar.step(row[schema.LOSS], row[schema.GRAD_NORM_CHOSEN], row[schema.GRAD_NORM_REJECTED])
-            last_row = row
             if row[schema.NONFINITE]:
                 nonfinite_steps += 1
                 detail = f"loss={row[schema.LOSS]}, grad_norm={row[schema.GRAD_NORM]}"
@@ -363,26 +321,19 @@ def record_run(
                 say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
             done = step + 1
             if main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-                ckpt.save_checkpoint(run_dir, done, policy, optimizer, {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()})
+                saved = {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()}
+                ckpt.save_checkpoint(run_dir, done, policy, optimizer, saved, tokenizer=env.tokenizer)
                 out.flush()
         else:
             step = cfg.steps
             evaluate(cfg.steps)
         wall = elapsed()
         steps_done = step + 1 if status == STATUS_NONFINITE else cfg.steps
-        out.write_summary({
-            "status": status,
-            "message": message,
-            "steps": cfg.steps,
-            "steps_logged": steps_done,
-            "stopped_at_step": step if status == STATUS_NONFINITE else None,
-            "nonfinite_steps": nonfinite_steps,
-            "skipped_steps": nonfinite_steps if cfg.skip_nonfinite else 0,
-            "wall_time_s": wall,
-            "resumed_from_step": start if resume else None,
-            "final": last_row,
-            "final_eval": last_eval,
-        })
+        out.finish(
+            status=status, message=message, steps=cfg.steps, wall_time_s=wall,
+            stopped_at_step=step if status == STATUS_NONFINITE else None,
+            skipped_steps=nonfinite_steps if cfg.skip_nonfinite else 0, resumed_from_step=start if resume else None,
+        )  # fmt: skip
     finally:
         recorder.close()
         bar.close()
@@ -390,36 +341,32 @@ def record_run(
     return RunResult(run_dir, status, steps_done, wall, message)
 
 
-def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimizer, device, dist=DistContext()):
-    """One optimizer step; returns (steps row, layer table or None, per-row norms or None).
-
-    ``policy`` may be DDP-wrapped; this rank trains on its shard of the step's pairs.
-    """
-    indices = dist.shard(order.batch(step))
+def _train_step(ctx: StepContext, step: int) -> StepOutput:
+    """One optimizer step over this rank's shard of the step's pairs (``ctx.policy`` may be DDP-wrapped)."""
+    cfg, dist, optimizer = ctx.cfg, ctx.dist, ctx.optimizer
+    indices = dist.shard(ctx.order.batch(step))
     chunks = micro_batches(indices, cfg.grad_accum)
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
-    first = len(chunks[0])
-    groups = {"chosen": slice(0, first), "rejected": slice(first, 2 * first)}
-    with recorder.capture(groups=groups, per_row=cfg.per_row, accumulate=len(chunks) > 1) as cap:
+    with ctx.recorder.capture(groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, accumulate=len(chunks) > 1) as cap:
         for k, chunk in enumerate(chunks):
             b = len(chunk)
-            cap.set_groups({"chosen": slice(0, b), "rejected": slice(b, 2 * b)})
-            with dist.no_sync(policy, sync=k == len(chunks) - 1):
-                logps, lengths = env.logps(policy, env.make_batch(chunk, device))
-                ref_chosen, ref_rejected = reference_logps.get(chunk)
+            cap.set_groups(pair_groups(b))  # the last micro-batch may be smaller
+            with dist.no_sync(ctx.policy, sync=k == len(chunks) - 1):
+                logps, lengths = ctx.env.logps(ctx.policy, ctx.env.make_batch(chunk, ctx.device))
+                (chosen, rejected), (len_c, len_r) = split_pairs(logps.float()), split_pairs(lengths)
+                ref_chosen, ref_rejected = ctx.reference_logps.get(chunk)
                 result = preference_loss(
-                    logps[:b].float(), logps[b:].float(), ref_chosen, ref_rejected,
-                    beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
-                    chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], adadpo_cap=cfg.adadpo_cap,
-                )
+                    chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
+                    chosen_lengths=len_c, rejected_lengths=len_r, adadpo_cap=cfg.adadpo_cap,
+                )  # fmt: skip
                 # b·N/B: DDP averages over N ranks, so p.grad is the full-batch mean gradient.
                 (result.loss * (b * dist.world / cfg.batch_size)).backward()
             outputs.append(result)
-            chosen_logps.append(logps[:b].detach())
-            rejected_logps.append(logps[b:].detach())
+            chosen_logps.append(chosen.detach())
+            rejected_logps.append(rejected.detach())
     merged = merge_outputs(gather_outputs(outputs, dist))
-    g, gc, gr = cap.norm(), cap.norm("chosen"), cap.norm("rejected")
+    g, gc, gr = cap.norm(), cap.norm(CHOSEN), cap.norm(REJECTED)
     row = {schema.STEP: step, **merged.metrics()}
     chosen_all, rejected_all = dist.gather([torch.cat(chosen_logps), torch.cat(rejected_logps)])
     row[schema.LOGPS_CHOSEN] = chosen_all.double().mean().item()
@@ -427,37 +374,32 @@ def _train_step(cfg, step, policy, env, recorder, reference_logps, order, optimi
     row[schema.LR] = optimizer.param_groups[0]["lr"]
     row.update({
         schema.GRAD_NORM: g, schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
-        schema.GRAD_DOT: cap.dot("chosen", "rejected"), schema.GRAD_COSINE: cap.cosine("chosen", "rejected"),
-        schema.GRAD_RATIO: cap.ratio("rejected", "chosen"),
-    })
+        schema.GRAD_DOT: cap.dot(CHOSEN, REJECTED), schema.GRAD_COSINE: cap.cosine(CHOSEN, REJECTED),
+        schema.GRAD_RATIO: cap.ratio(REJECTED, CHOSEN),
+    })  # fmt: skip
     nonfinite = merged.nonfinite or not all(math.isfinite(v) for v in (g, gc, gr))
     row[schema.NONFINITE] = int(nonfinite)
     row = {name: row[name] for name in STEP_COLUMNS}
     layers = cap.layer_table() if step % cfg.layers_every == 0 else None
-    per_row = None
-    if cfg.per_row:
-        per_row = (chunks, cap.per_row_norms().detach().double().cpu())
+    rows = _per_row_table(step, chunks, cap.per_row_norms().detach().double().cpu()) if cfg.per_row else None
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
     else:
         optimizer.step()
-    return row, layers, per_row
+    return StepOutput(row, layers, rows, dict(cap.unattributed))
 
 
-def _log_per_row(out: RunOutputs, step: int, per_row) -> None:
-    """rows.csv: each row's own gradient norm, mapped back to (pair, side)."""
-    chunks, norms = per_row
+def _per_row_table(step: int, chunks: list[list[int]], norms: torch.Tensor) -> list[dict]:
+    """rows.csv rows: each row's own gradient norm, mapped back to (pair, side)."""
     expected = 2 * sum(len(c) for c in chunks)
     if norms.numel() != expected:
         raise RuntimeError(f"recorder returned {norms.numel()} per-row norms for {expected} rows")
-    rows, sides, offset = [], {"chosen": [], "rejected": []}, 0
-    for chunk in chunks:  # each micro-batch is [chosen rows; rejected rows]
-        b = len(chunk)
-        for side, base in (("chosen", offset), ("rejected", offset + b)):
-            part = norms[base : base + b]
-            sides[side].append(part)
-            rows.extend({schema.STEP: step, "pair": pair, "side": side, "grad_norm": value} for pair, value in zip(chunk, part.tolist()))
-        offset += 2 * b
-    out.rows.append_many(rows)
-    for side, parts in sides.items():
-        out.tb.writer.add_histogram(f"per_row/grad_norm_{side}", torch.cat(parts).numpy(), step)
+    table, offset = [], 0
+    for chunk in chunks:  # each micro-batch is its own [chosen; rejected] block
+        values = norms[offset : offset + 2 * len(chunk)].tolist()
+        table.extend(
+            {schema.STEP: step, schema.ROW_PAIR: chunk[i], schema.ROW_SIDE: side, schema.ROW_GRAD_NORM: value}
+            for (i, side), value in zip(row_sides(len(chunk)), values)
+        )
+        offset += 2 * len(chunk)
+    return table

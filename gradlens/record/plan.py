@@ -9,17 +9,24 @@
   (highest-suffixed) set.
 * An explicit directory that exists is never modified without ``--resume`` or
   ``--overwrite``; the check covers every run of the job before the first starts.
+  ``--overwrite`` replaces only gradlens runs (``runs.check_overwritable``).
+* A directory is "started" once it holds more than a writer leaves in its first
+  instant (the lock, ``config.json.tmp``): one that is not is treated as new, and
+  ``--resume`` of a job starts the runs that never started once any run of the
+  job exists (a job killed during its first run).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..runs import schema
-from ..runs import is_run_dir
+from ..runs import check_overwritable, is_run_dir, run_contents, schema
 from .config import RecordConfig
+
+if TYPE_CHECKING:
+    from .resume import ResumePoint
 
 DEFAULT_ROOT = Path("runs")
 
@@ -32,6 +39,7 @@ class PlannedRun:
     path: Path
     action: str  # NEW / RESUME / OVERWRITE / DONE
     note: str = ""
+    resume: "ResumePoint | None" = None  # RESUME: what it continues from (checked, nothing written)
 
 
 def run_name(cfg: RecordConfig) -> str:
@@ -39,23 +47,28 @@ def run_name(cfg: RecordConfig) -> str:
 
 
 def _occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    """Exists and is not a never-started run directory."""
+    return path.exists() and (not path.is_dir() or run_contents(path).started)
+
+
+def _check_creatable(path: Path) -> None:
+    """``path`` is a directory, or could be made one: its nearest existing ancestor is a directory."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: cannot be created, because {parent} is a file, not a directory")
+            return
+
+
+def _begun(path: Path) -> bool:
+    """A writer got as far as its lock or config.json.tmp, then died."""
+    return path.is_dir() and bool(run_contents(path).ours)
 
 
 def _suffixed(path: Path, k: int) -> Path:
     return path if k == 1 else path.with_name(f"{path.name}-{k}")
-
-
-def is_complete(path: Path, steps: int | None = None) -> bool:
-    """A run that finished all its steps (a non-finite stop is not complete)."""
-    summary = path / schema.SUMMARY
-    if not summary.is_file():
-        return False
-    try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return data.get("status") == "complete" and (steps is None or data.get("steps") == steps)
 
 
 def _explicit_paths(configs: list[RecordConfig], out: Path) -> list[Path]:
@@ -76,14 +89,15 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
         base = [DEFAULT_ROOT / run_name(c) for c in configs]
         paths = _default_paths(base, resume=resume, overwrite=overwrite)
     plans = []
+    # --resume of a job: the runs that never started are started, once any run of the job exists.
+    job_started = any(is_run_dir(p) for p in paths)
     for cfg, path in zip(configs, paths):
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path}: exists and is not a directory")
+        _check_creatable(path)
         if resume:
             if is_run_dir(path):
                 plans.append(PlannedRun(cfg, path, RESUME))
-            elif out is None and not _occupied(path):
-                plans.append(PlannedRun(cfg, path, NEW, "not started before; starting it"))
+            elif (out is None or job_started or _begun(path)) and not _occupied(path):
+                plans.append(PlannedRun(cfg, path, NEW, f"{path}: not started before; starting it"))
             elif _occupied(path):
                 raise ValueError(f"{path}: not a gradlens run directory (no {schema.CONFIG}); it was left unchanged")
             else:
@@ -94,6 +108,7 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
                     f"{path}: run directory already exists and is not empty; pass --resume to continue it "
                     "or --overwrite to replace it (it was left unchanged)"
                 )
+            check_overwritable(path)  # a gradlens run holding nothing else, or refuse now
             plans.append(PlannedRun(cfg, path, OVERWRITE))
         else:
             note = ""

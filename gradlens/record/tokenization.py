@@ -1,7 +1,7 @@
 """Preference pairs to token ids, the TRL way, and the [chosen; rejected] batch layout.
 
 * Prompt and completion are tokenised **separately** and their ids concatenated
-  (DESIGN.md §1). The prompt gets the tokenizer's special tokens (e.g. BOS) as
+  (docs/recording.md, Conventions). The prompt gets the tokenizer's special tokens (e.g. BOS) as
   ``tokenizer(prompt)`` adds them; the completion gets none, and EOS is appended
   to standard-format completions as TRL does.
 * Conversational data is rendered with the tokenizer's chat template: the
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from ..pairs import join_pairs
 
 from .data import PreferenceData, PreferenceRecord
 
@@ -157,6 +159,6 @@ def collate_sequences(
 
 def collate_pairs(pairs: Sequence[TokenPair], pad_token_id: int, device: torch.device | str = "cpu") -> TokenBatch:
     """[prompt+chosen rows; prompt+rejected rows], right-padded (TRL's layout)."""
-    prompts = [p.prompt_ids for p in pairs] * 2
-    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    prompts = join_pairs([p.prompt_ids for p in pairs], [p.prompt_ids for p in pairs])
+    completions = join_pairs([p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
     return collate_sequences(prompts, completions, pad_token_id, device)

@@ -1,4 +1,9 @@
-"""Create, resume and read run directories (see ``format.py`` for the layout)."""
+"""Create, resume and read run directories (see ``schema.py`` for the layout).
+
+What "complete" means (``run_status``), which files belong to a run and may be
+replaced by ``--overwrite`` (``run_contents``), and the checks made before
+anything is written (``prepare_run_dir``) are defined here, once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import json
 import math
 import os
 import platform
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,33 +71,171 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
-def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check what may be done to ``path`` before anything is written there.
+# ---------------------------------------------------------------- what a run directory may hold
+# --overwrite deletes these and nothing else; anything else in a run directory is
+# the user's, and its presence makes --overwrite refuse.
+_TOP_FILES = re.compile(
+    r"^(config\.json|steps\.csv|layers\.csv|evals\.csv|rows\.csv|summary\.json)(\.tmp)?$"  # tables, JSON, their temp files
+    r"|^(steps|layers|evals|rows)\.tmp$"  # CsvTable.keep_steps_upto's rewrite
+    r"|^events\.out\.tfevents\..+$"  # TensorBoard
+    r"|^" + re.escape(schema.LOCK) + r"$"
+)
+_CHECKPOINT_DIRS = re.compile(r"^step_\d+$|^\.step_\d+\.tmp$|^reference$")
+_CHECKPOINT_FILES = re.compile(r"^(model\.safetensors|optimizer\.pt|state\.json)(\.tmp)?$")
+# Present in a directory that was never started: a writer killed before config.json was in place.
+_NOT_STARTED = {schema.LOCK, schema.CONFIG + ".tmp"}
 
-    An existing run directory is never touched unless ``resume`` or ``overwrite``
-    says so; the error names the directory and both flags.
+
+@dataclass(frozen=True)
+class RunContents:
+    """What is inside a directory, split into the run format's files and everything else."""
+
+    ours: list[Path]      # files the run format defines (what --overwrite may delete)
+    foreign: list[Path]   # anything else: the user's files, other directories, links
+
+    @property
+    def started(self) -> bool:
+        """False for an empty directory or one a writer left before config.json existed."""
+        return bool(self.foreign) or any(p.name not in _NOT_STARTED for p in self.ours)
+
+
+def run_contents(path: str | os.PathLike) -> RunContents:
+    """Classify every entry of ``path`` (links are never followed and count as foreign)."""
+    path = Path(path)
+    ours, foreign = [], []
+    for child in sorted(path.iterdir()):
+        if child.is_symlink():
+            foreign.append(child)
+        elif child.is_file() and _TOP_FILES.match(child.name):
+            ours.append(child)
+        elif child.is_dir() and child.name == schema.CHECKPOINTS:
+            for sub in sorted(child.iterdir()):
+                if sub.is_symlink() or not sub.is_dir() or not _CHECKPOINT_DIRS.match(sub.name):
+                    foreign.append(sub)
+                    continue
+                for item in sorted(sub.iterdir()):
+                    ok = item.is_file() and not item.is_symlink() and _CHECKPOINT_FILES.match(item.name)
+                    (ours if ok else foreign).append(item)
+        else:
+            foreign.append(child)
+    return RunContents(ours, foreign)
+
+
+def _listing(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_overwritable(path: str | os.PathLike) -> RunContents:
+    """What --overwrite would delete in ``path``; ValueError if it is not only a gradlens run.
+
+    Only a directory gradlens recognises as its own run (``config.json`` with a
+    ``kind``, or a run that never got that far) may be replaced, and only the files
+    of the run format; anything else makes the whole overwrite refuse.
+    """
+    path = Path(path)
+    contents = run_contents(path)
+    if contents.started and not _is_gradlens_config(path / schema.CONFIG):
+        raise ValueError(
+            f"{path}: --overwrite refused: this is not a gradlens run directory (no {schema.CONFIG} written by gradlens), "
+            f"so nothing in it was deleted (it holds {_listing(sorted(path.iterdir()))}); choose another --out"
+        )
+    if contents.foreign:
+        raise ValueError(
+            f"{path}: --overwrite refused: the directory holds files that are not part of a gradlens run: "
+            f"{_listing(contents.foreign)}; nothing was deleted. Move them away, or choose another --out"
+        )
+    return contents
+
+
+def _is_gradlens_config(path: Path) -> bool:
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(header, dict) and header.get("kind") in (schema.KIND_PREFERENCE, schema.KIND_LANGEVIN) and isinstance(header.get("config"), dict)
+
+
+def clear_run_files(path: str | os.PathLike, contents: RunContents | None = None) -> None:
+    """Delete the run-format files of ``path`` (not the lock, not the directory)."""
+    path = Path(path)
+    contents = contents if contents is not None else check_overwritable(path)
+    for file in contents.ours:
+        if file.name != schema.LOCK or file.parent != path:
+            file.unlink(missing_ok=True)
+    checkpoints = path / schema.CHECKPOINTS
+    if checkpoints.is_dir():
+        for sub in checkpoints.iterdir():
+            sub.rmdir()  # empty now: check_overwritable refused anything foreign
+        checkpoints.rmdir()
+
+
+def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check what may be done to ``path`` and make it ready; refusals change nothing.
+
+    * a missing or never-started directory (empty, or left by a writer killed
+      before its config.json existed) is used as is;
+    * an existing run is continued only with ``resume``, replaced only with
+      ``overwrite`` -- which deletes the run format's files and refuses when the
+      directory is not a gradlens run or holds anything else.
     """
     path = Path(path)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    exists = path.exists() and any(path.iterdir()) if path.is_dir() else path.exists()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     if resume:
         if not (path / schema.CONFIG).exists():
             raise ValueError(f"{path}: nothing to resume (no {schema.CONFIG}); drop --resume to start a new run")
         return path
-    if exists and not overwrite:
-        raise ValueError(
-            f"{path}: run directory already exists and is not empty; "
-            "pass --resume to continue it or --overwrite to replace it (it was left unchanged)"
-        )
-    if exists and overwrite:
-        import shutil
-
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    contents = run_contents(path) if path.is_dir() else None
+    if contents is not None and contents.started:
+        if not overwrite:
+            raise ValueError(
+                f"{path}: run directory already exists and is not empty; "
+                "pass --resume to continue it or --overwrite to replace it (it was left unchanged)"
+            )
+        clear_run_files(path, check_overwritable(path))
+    elif contents is not None:
+        for leftover in contents.ours:  # config.json.tmp of a run killed at its very start
+            if leftover.name != schema.LOCK:
+                leftover.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot create the run directory: {exc.strerror or exc}") from exc
     return path
+
+
+def _summary(path: Path) -> dict | None:
+    try:
+        data = json.loads((path / schema.SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_status(path: str | os.PathLike, steps: int | None = None) -> str | None:
+    """How a run ended: ``schema.STATUS_COMPLETE``, ``schema.STATUS_NONFINITE``, or None.
+
+    None means not ended: running, killed, never started, or ended at a different
+    number of steps than ``steps`` (a run extended with ``--resume --steps``). A
+    summary.json exists only once a run has ended; Langevin summaries carry no
+    status and count as complete. This is the one definition of "complete" that
+    `gradlens record`, `gradlens plot` and the experiments use.
+    """
+    summary = _summary(Path(path))
+    if summary is None:
+        return None
+    if steps is not None and summary.get("steps") != steps:
+        return None
+    status = summary.get("status", schema.STATUS_COMPLETE)
+    return status if status in (schema.STATUS_COMPLETE, schema.STATUS_NONFINITE) else None
+
+
+def is_complete(path: str | os.PathLike, steps: int | None = None) -> bool:
+    """The run did all its steps (a run stopped at a non-finite step did not)."""
+    return run_status(path, steps) == schema.STATUS_COMPLETE
 
 
 class RunWriter:
@@ -153,7 +298,23 @@ class Run:
 
     @property
     def steps(self) -> pd.DataFrame:
-        return self._table(schema.STEPS)
+        """steps.csv: it must have a ``step`` column; repeated steps are reported (and kept)."""
+        fresh = schema.STEPS not in self._cache
+        frame = self._table(schema.STEPS)
+        if frame.empty or not fresh:
+            return frame
+        if schema.STEP not in frame.columns:
+            raise RunFormatError(f"{self.path / schema.STEPS}: line 1 (header): no {schema.STEP!r} column (found {list(frame.columns)[:8]})")
+        repeated = frame[schema.STEP][frame[schema.STEP].duplicated()]
+        if len(repeated):
+            shown = ", ".join(str(v) for v in repeated.unique()[:5])
+            warnings.warn(
+                f"{self.path / schema.STEPS}: step(s) {shown} appear more than once ({len(repeated)} repeated rows; "
+                "two writers, or a copy?); all rows are used as logged",
+                UserWarning,
+                stacklevel=2,
+            )
+        return frame
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -170,7 +331,7 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return (self.path / schema.SUMMARY).exists()
+        return is_complete(self.path)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -188,11 +349,26 @@ def load_run(path: str | os.PathLike) -> Run:
     if not config_path.is_file():
         raise RunFormatError(f"{path}: not a gradlens run (no {schema.CONFIG}); record one with `gradlens record`")
     try:
-        header = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFormatError(f"{config_path}: not valid JSON: {exc}") from exc
+        header = json.loads(config_path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{config_path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise RunFormatError(f"{config_path}: not a readable JSON file: {exc}") from None
     if not isinstance(header, dict) or "kind" not in header:
         raise RunFormatError(f"{config_path}: missing the 'kind' field; not a gradlens run config")
+    if not isinstance(header["kind"], str):
+        raise RunFormatError(f"{config_path}: 'kind' must be a string such as {schema.KIND_PREFERENCE!r}, got {header['kind']!r:.60}")
+    version = header.get("schema_version", schema.SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunFormatError(f"{config_path}: 'schema_version' must be a whole number >= 1, got {version!r:.60}")
+    if version > schema.SCHEMA_VERSION:
+        raise RunFormatError(
+            f"{config_path}: written by a newer gradlens (schema_version {version}; this one reads up to "
+            f"{schema.SCHEMA_VERSION}); refused rather than misread: upgrade gradlens"
+        )
+    for key in ("config", "versions"):
+        if not isinstance(header.get(key, {}), dict):
+            raise RunFormatError(f"{config_path}: {key!r} must be a JSON object of settings, got {type(header[key]).__name__}")
     return Run(path=path, kind=header["kind"], config=header.get("config", {}), versions=header.get("versions", {}))
 
 

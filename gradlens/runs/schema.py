@@ -8,7 +8,9 @@ A run directory (``runs/NAME/``) holds:
 ``evals.csv``     one row per evaluation; append-only
 ``summary.json``  written once, at the end of a run
 ``events.out.tfevents.*``  TensorBoard event files (same scalar names as the CSVs)
-``checkpoints/step_N/``    safetensors weights + optimizer state (weights_only loadable)
+``rows.csv``      ``--per-row`` only: one row per (step, pair, side) with that row's gradient norm
+``checkpoints/step_N/``    safetensors weights + optimizer state (weights_only loadable); with
+                  a Hugging Face model, also its ``config.json`` and tokenizer (``from_pretrained``)
 
 Every CSV row is written and flushed in one ``write`` call, so a run killed with
 SIGKILL loses at most the row in flight; a partial last line is detected by the
@@ -25,6 +27,12 @@ LAYERS = "layers.csv"
 EVALS = "evals.csv"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+ROWS = "rows.csv"          # --per-row: one row per (step, pair, side)
+LOCK = ".gradlens.lock"    # the writer lock (runs/lock.py); present only while a writer runs or after a kill
+
+# summary.json "status" of a preference run (Langevin summaries have none: written only at the end).
+STATUS_COMPLETE = "complete"
+STATUS_NONFINITE = "nonfinite"   # stopped at a non-finite loss or gradient
 
 KIND_PREFERENCE = "preference"
 KIND_LANGEVIN = "langevin"
@@ -59,6 +67,60 @@ PREFERENCE_STEP_COLUMNS = (
     GRAD_NORM, GRAD_NORM_CHOSEN, GRAD_NORM_REJECTED, GRAD_DOT, GRAD_COSINE, GRAD_RATIO,
     LOG_PW_OVER_PL, SIGMOID_NEG_U, WEIGHT_CHOSEN, WEIGHT_REJECTED, NONFINITE,
 )  # fmt: skip
+
+# Extra step columns of trainer runs whose batches carry more groups than chosen/rejected.
+def group_norm_column(group: str) -> str:
+    """``grad_norm/<group>``: the norm of one extra row group's gradient."""
+    return f"{GRAD_NORM}/{group}"
+
+
+# The split's own columns: what a trainer's log stream gains on logging steps.
+GRADIENT_COLUMNS = (GRAD_NORM, GRAD_NORM_CHOSEN, GRAD_NORM_REJECTED, GRAD_DOT, GRAD_COSINE, GRAD_RATIO)
+
+# steps.csv columns of a plain transformers.Trainer run (no preference pairs known).
+GROUPS_STEP_COLUMNS = (STEP, LOSS, LR, *GRADIENT_COLUMNS, NONFINITE)
+
+# A steps.csv name that is spelled differently in transformers.Trainer's logs.
+TRAINER_NAMES = {LR: "learning_rate"}
+
+# Per-row table (``--per-row``).
+ROWS = "rows.csv"
+ROW_PAIR = "pair"
+ROW_SIDE = "side"
+ROW_GRAD_NORM = "grad_norm"
+ROW_COLUMNS = (STEP, ROW_PAIR, ROW_SIDE, ROW_GRAD_NORM)
+
+# evals.csv columns (all ``eval/...``); each environment reports the ones it can compute.
+EVAL_LOGPS_CHOSEN = "eval/logps/chosen"        # held-out mean log p(chosen)
+EVAL_LOGPS_REJECTED = "eval/logps/rejected"
+EVAL_PREF_ACCURACY = "eval/pref_accuracy"      # share of held-out pairs with a positive implicit-reward margin
+EVAL_MARGIN = "eval/margin"                    # mean implicit-reward margin
+EVAL_DPO_LOSS = "eval/dpo_loss"
+EVAL_TRUE_REWARD = "eval/true_reward"          # ground-truth reward of samples (built-in environments)
+EVAL_KL_TO_REF = "eval/kl_to_ref"
+EVAL_KL_TO_OPTIMUM = "eval/kl_to_optimum"      # tabular: KL to the closed-form optimum
+EVAL_OOD_MASS = "eval/ood_mass"                # tabular: probability on responses in no pair
+EVAL_SAMPLE_LENGTH = "eval/sample_length"      # tiny-gpt2: mean sampled length
+
+# summary.json keys of preference runs (`gradlens record` and the trainer integrations alike).
+SUMMARY_STATUS = "status"                      # STATUS_COMPLETE or STATUS_NONFINITE
+SUMMARY_MESSAGE = "message"
+SUMMARY_STEPS = "steps"                        # optimizer steps asked for
+SUMMARY_STEPS_LOGGED = "steps_logged"          # rows in steps.csv
+SUMMARY_STOPPED_AT = "stopped_at_step"         # the non-finite step that stopped the run, else null
+SUMMARY_NONFINITE_STEPS = "nonfinite_steps"
+SUMMARY_SKIPPED_STEPS = "skipped_steps"        # non-finite steps whose update was skipped
+SUMMARY_UNATTRIBUTED = "unattributed_parameters"  # parameters whose gradient no hook saw (not in the split)
+SUMMARY_WALL_TIME = "wall_time_s"
+SUMMARY_RESUMED_FROM = "resumed_from_step"
+SUMMARY_FINAL = "final"                        # the last steps.csv row
+SUMMARY_FINAL_EVAL = "final_eval"              # the last evals.csv row ({} without evaluations)
+SUMMARY_KEYS = (
+    SUMMARY_STATUS, SUMMARY_MESSAGE, SUMMARY_STEPS, SUMMARY_STEPS_LOGGED, SUMMARY_STOPPED_AT, SUMMARY_NONFINITE_STEPS,
+    SUMMARY_SKIPPED_STEPS, SUMMARY_UNATTRIBUTED, SUMMARY_WALL_TIME, SUMMARY_RESUMED_FROM, SUMMARY_FINAL, SUMMARY_FINAL_EVAL,
+)  # fmt: skip
+STATUS_COMPLETE = "complete"
+STATUS_NONFINITE = "nonfinite"
 
 # Layer-table columns (long format).
 LAYER = "layer"

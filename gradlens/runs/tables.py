@@ -53,10 +53,11 @@ class CsvTable:
         self.columns: list[str] | None = list(columns) if columns is not None else None
         self._file = None
         if self.path.exists() and self.path.stat().st_size > 0:
+            self._repair_partial_tail()  # first: a header cut off by a kill is no header
             with open(self.path, "r", encoding="utf-8") as f:
-                header = f.readline().rstrip("\n").split(",")
-            self.columns = header
-            self._repair_partial_tail()
+                header = f.readline().rstrip("\n")
+            if header:
+                self.columns = header.split(",")
 
     def _repair_partial_tail(self) -> None:
         """Cut a partial last line (a killed writer) so appends start on a fresh line."""
@@ -107,8 +108,8 @@ class CsvTable:
         lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
         if not lines:
             return
-        index = lines[0].decode("utf-8").rstrip("\r\n").split(",").index(step_column)
-        kept = [lines[0]] + [line for line in lines[1:] if int(next(csv.reader([line.decode("utf-8")]))[index]) <= last_step]
+        steps = table_steps(self.path, step_column)
+        kept = [lines[0]] + [line for line, step in zip(lines[1:], steps) if step <= last_step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(b"".join(kept))
         os.replace(tmp, self.path)
@@ -119,28 +120,89 @@ class CsvTable:
             self._file = None
 
 
+def table_steps(path: str | os.PathLike, step_column: str = "step") -> list[int]:
+    """The step of every complete row, in file order; RunFormatError names the line of a bad one.
+
+    Resume calls this on every table before it changes anything, so a table it
+    could not cut back is reported instead of half-rewritten.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    data = data[: data.rfind(b"\n") + 1]
+    if not data:
+        return []
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise RunFormatError(f"{path}: not a readable gradlens table: {exc}") from None
+    if step_column not in rows[0]:
+        raise RunFormatError(f"{path}: line 1 (header): no {step_column!r} column (found {rows[0][:8]})")
+    index = rows[0].index(step_column)
+    steps = []
+    for number, cells in enumerate(rows[1:], start=2):
+        try:
+            steps.append(int(cells[index]))
+        except (IndexError, ValueError):
+            raise RunFormatError(f"{path}: line {number}: the {step_column!r} value is not a whole number ({cells[index] if index < len(cells) else 'missing'!r})") from None
+    return steps
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.is_dir():
+        raise RunFormatError(f"{path}: is a directory, not a gradlens table")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RunFormatError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _short_lines(path: Path, data: bytes, width: int) -> list[int]:
+    """Line numbers (1-based) of rows whose field count differs from the header's."""
+    if b'"' in data:  # quoted fields may hold commas or newlines: left to the CSV parser
+        return []
+    counts = [line.count(b",") + 1 for line in data.split(b"\n")[:-1]]
+    return [i + 1 for i, n in enumerate(counts) if i > 0 and n != width]
+
+
 def read_table(path: str | os.PathLike, *, quiet: bool = False) -> pd.DataFrame:
-    """Read a gradlens CSV table; a partial last line is dropped with a warning."""
+    """Read a gradlens CSV table.
+
+    A partial last line (a killed run) and rows with the wrong number of fields
+    (a line cut in the middle of a file) are dropped with a warning naming the
+    file and the lines; everything else that is wrong raises RunFormatError.
+    """
     path = Path(path)
     if not path.exists():
         return pd.DataFrame()
-    data = path.read_bytes()
+    data = _read_bytes(path)
     if not data:
         return pd.DataFrame()
     if not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
         line_no = data.count(b"\n", 0, cut) + 1
         if not quiet:
+            kept = "the header is incomplete, so no rows are used" if line_no == 1 else f"it was dropped and the {line_no - 2} complete rows are used"
             warnings.warn(
-                f"{path}: line {line_no} is incomplete (the run was probably killed while writing it); "
-                f"it was dropped and the {line_no - 2} complete rows are used",
+                f"{path}: line {line_no} is incomplete (the run was probably killed while writing it); {kept}",
                 TruncatedRowWarning,
                 stacklevel=2,
             )
         data = data[:cut]
     if not data:
         return pd.DataFrame()
+    width = data[: data.index(b"\n")].count(b",") + 1
+    bad = _short_lines(path, data, width)
+    if bad:
+        if not quiet:
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            warnings.warn(
+                f"{path}: line(s) {shown} do not have the header's {width} fields (cut or damaged); they were dropped",
+                TruncatedRowWarning,
+                stacklevel=2,
+            )
+        drop = set(bad)
+        data = b"".join(line + b"\n" for i, line in enumerate(data.split(b"\n")[:-1], start=1) if i not in drop)
     try:
         return pd.read_csv(io.BytesIO(data), keep_default_na=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise RunFormatError(f"{path}: not a readable gradlens table: {exc}") from exc

@@ -38,6 +38,20 @@ REWEIGHTING_LAYOUT = [
     )
 ]
 
+# `gradlens record`'s evaluations (each environment fills the charts it has names for).
+EVAL_LAYOUT = [
+    (
+        "gradlens: evaluation",
+        [
+            ("true reward of samples", [f"^{schema.EVAL_TRUE_REWARD}$"]),
+            ("KL to the reference / to the optimum", [f"^{schema.EVAL_KL_TO_REF}$", f"^{schema.EVAL_KL_TO_OPTIMUM}$"]),
+            ("held-out log-probs: chosen vs rejected", [f"^{schema.EVAL_LOGPS_CHOSEN}$", f"^{schema.EVAL_LOGPS_REJECTED}$"]),
+            ("held-out preference accuracy", [f"^{schema.EVAL_PREF_ACCURACY}$"]),
+            ("probability mass on responses in no pair (tabular)", [f"^{schema.EVAL_OOD_MASS}$"]),
+        ],
+    ),
+]
+
 
 class TensorBoardLogger:
     """Thin wrapper over ``torch.utils.tensorboard.SummaryWriter``."""

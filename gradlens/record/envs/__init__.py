@@ -1,4 +1,4 @@
-"""Built-in training environments (DESIGN.md §4), one module each, and their factory."""
+"""Built-in training environments (described in docs/recording.md), one module each, and their factory."""
 
 from __future__ import annotations
 
@@ -26,6 +26,6 @@ def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=p
 
 
 # Config fields that decide what an environment builds; runs that agree on them share one.
-ENV_FIELDS = ("env", "model", "data", "eval_data", "seed", "max_length", "sft_steps", "dtype", "batch_size")
+ENV_FIELDS = ("env", "model", "data", "eval_data", "prompt_column", "chosen_column", "rejected_column", "seed", "max_length", "sft_steps", "dtype", "batch_size")
 
 __all__ = ["ENV_FIELDS", "PreferenceEnv", "build_env"]

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...pairs import split_pairs
+from ...runs import schema
 from ..logps import sequence_logps
 from ..tokenization import TokenBatch, TokenPair, collate_pairs
 
@@ -28,6 +30,7 @@ class PreferenceEnv(ABC):
     save_reference: bool = True
 
     policy: nn.Module
+    tokenizer: Any = None  # a Hugging Face tokenizer, saved with each checkpoint when there is one
 
     @abstractmethod
     def num_pairs(self) -> int: ...
@@ -72,15 +75,15 @@ def pair_margins(env_logps, policy: nn.Module, reference: nn.Module, batches: Se
     for batch in batches:
         pol, _ = env_logps(policy, batch)
         ref, _ = env_logps(reference, batch)
-        b = pol.shape[0] // 2
-        margins.append(beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:])))
-        chosen.append(pol[:b])
-        rejected.append(pol[b:])
+        (pol_c, pol_r), (ref_c, ref_r) = split_pairs(pol), split_pairs(ref)
+        margins.append(beta * ((pol_c - ref_c) - (pol_r - ref_r)))
+        chosen.append(pol_c)
+        rejected.append(pol_r)
     m = torch.cat(margins).double()
     return {
-        "eval/logps/chosen": torch.cat(chosen).double().mean().item(),
-        "eval/logps/rejected": torch.cat(rejected).double().mean().item(),
-        "eval/pref_accuracy": (m > 0).double().mean().item(),
-        "eval/margin": m.mean().item(),
-        "eval/dpo_loss": (-torch.nn.functional.logsigmoid(m)).mean().item(),
+        schema.EVAL_LOGPS_CHOSEN: torch.cat(chosen).double().mean().item(),
+        schema.EVAL_LOGPS_REJECTED: torch.cat(rejected).double().mean().item(),
+        schema.EVAL_PREF_ACCURACY: (m > 0).double().mean().item(),
+        schema.EVAL_MARGIN: m.mean().item(),
+        schema.EVAL_DPO_LOSS: (-torch.nn.functional.logsigmoid(m)).mean().item(),
     }

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...runs import schema
 from ..config import RecordConfig
 from .base import PreferenceEnv, pair_margins
 
@@ -107,10 +108,10 @@ class TabularEnv(PreferenceEnv):
         kl_opt = (p * (logp - self.optimum(beta))).sum(-1).mean()
         kl_ref = (p * (logp - logp_ref)).sum(-1).mean()
         metrics = {
-            "eval/kl_to_optimum": kl_opt.item(),
-            "eval/ood_mass": (p * self.ood).sum(-1).mean().item(),
-            "eval/true_reward": (p * self.reward).sum(-1).mean().item(),
-            "eval/kl_to_ref": kl_ref.item(),
+            schema.EVAL_KL_TO_OPTIMUM: kl_opt.item(),
+            schema.EVAL_OOD_MASS: (p * self.ood).sum(-1).mean().item(),
+            schema.EVAL_TRUE_REWARD: (p * self.reward).sum(-1).mean().item(),
+            schema.EVAL_KL_TO_REF: kl_ref.item(),
         }
         batches = [self._rows(self.heldout_pairs, device)]
         metrics.update(pair_margins(self.logps, policy, reference, batches, beta))

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...runs import schema
 from ..config import RecordConfig
 from ..logps import sequence_logps
 from ..tokenization import TokenPair, collate_pairs, collate_sequences, truncate_pair
@@ -186,9 +187,9 @@ class TinyGPT2Env(TokenPairsEnv):
         pol, _ = sequence_logps(policy, batch)
         ref, _ = sequence_logps(reference, batch)
         metrics = {
-            "eval/true_reward": sum(true_reward(s) for s in samples) / len(samples),
-            "eval/kl_to_ref": (pol - ref).double().mean().item(),
-            "eval/sample_length": sum(len(s) for s in samples) / len(samples),
+            schema.EVAL_TRUE_REWARD: sum(true_reward(s) for s in samples) / len(samples),
+            schema.EVAL_KL_TO_REF: (pol - ref).double().mean().item(),
+            schema.EVAL_SAMPLE_LENGTH: sum(len(s) for s in samples) / len(samples),
         }
         batches = [collate_pairs(self.heldout[i : i + EVAL_BATCH], PAD, device) for i in range(0, len(self.heldout), EVAL_BATCH)]
         metrics.update(pair_margins(self.logps, policy, reference, batches, beta))

@@ -1,8 +1,8 @@
 """The user environment: a local Hugging Face model directory and a preference file.
 
 The model and tokenizer load with ``from_pretrained(PATH, local_files_only=True)``:
-nothing is downloaded. The data is JSONL, CSV or Parquet in TRL's standard or
-conversational format (see ``gradlens.record.data``), tokenised the TRL way
+nothing is downloaded. The data is JSONL, CSV, Parquet or a saved ``datasets``
+directory in TRL's standard, conversational or implicit-prompt format (see ``gradlens.record.data``), tokenised the TRL way
 (``gradlens.record.tokenization``). Evaluations use ``--eval-data`` when given,
 otherwise a fixed subset (the first ``EVAL_SUBSET`` pairs) of the training data,
 and report the policy's log-probs of chosen and rejected, the preference accuracy
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ENV_DEFAULTS, RecordConfig
-from ..data import load_preferences
+from ..data import Columns, load_preferences
 from ..tokenization import collate_pairs, tokenize_preferences
 from .base import TokenPairsEnv, pair_margins
 
@@ -70,8 +70,9 @@ class UserEnv(TokenPairsEnv):
 
     def __init__(self, cfg: RecordConfig, *, log=print):
         model_dir = check_model_dir(cfg.model)
-        data = load_preferences(cfg.data)
-        eval_data = load_preferences(cfg.eval_data) if cfg.eval_data else None
+        columns = Columns(cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
+        data = load_preferences(cfg.data, columns)
+        eval_data = load_preferences(cfg.eval_data, columns) if cfg.eval_data else None
         self.policy, self.tokenizer = load_model_and_tokenizer(model_dir, cfg.dtype)
         self.policy.eval()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -92,6 +93,7 @@ class UserEnv(TokenPairsEnv):
             "pairs_truncated": tokenized.truncated,
             "pairs_identical_after_truncation": tokenized.identical_after_truncation,
             "conversational": data.conversational,
+            "implicit_prompts": data.implicit_prompts,
             "max_length_used": self.max_length,
         }
         if tokenized.truncated:

@@ -1,0 +1,225 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): the global split with group pieces sharded like the parameters.
+
+Why FSDP needs its own path. ``fully_shard`` replaces every parameter by a
+``DTensor`` holding this rank's rows (``Shard(0)``). Forward and backward use a
+separate, unsharded copy that FSDP all-gathers and frees again; the sharded
+parameter never sees autograd, so tensor hooks on it never fire, and its
+``.grad`` is written by FSDP's reduce-scatter (the mean over ranks, of this
+rank's rows only). The plain recorder therefore had no total and reported 0.
+
+What happens here instead:
+- module hooks still see the unsharded weights (they run inside FSDP's
+  all-gather window), so every rule computes this rank's full-size piece of
+  one use, exactly as without FSDP;
+- each piece is reduce-scattered at once into this rank's rows and averaged
+  over ranks, as FSDP does with ``.grad``; only shards are kept, so the pieces
+  take about 1/world_size of the unsharded memory (plus one full-size
+  temporary for the use being split) and no full-size gradient is all-reduced;
+- the total is FSDP's own sharded ``.grad`` (minus its value when the capture
+  began), the probe check runs on shards with its partial sums added over
+  ranks, and the squared norms and dots are partial sums over rows, added
+  over ranks: a few scalars per parameter.
+
+Collectives run inside backward, in the order autograd reaches the modules,
+which is the same on every rank; they use a process group of their own so they
+never interleave with FSDP's. Supported: FSDP2 on a 1-D mesh with ``Shard(0)``
+placements (its default) and the default gradient divide factor (the mean).
+Anything else sharded -- tensor parallelism, HSDP's 2-D mesh, other shard
+dims, DeepSpeed ZeRO-3 partitions -- raises at attach time, never a silent 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .rules import IndexedRows, probe_dense
+
+
+class UnsupportedShardingError(ValueError):
+    """The model's parameters are sharded in a way the recorder cannot split."""
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch built without distributed
+        return None, None
+    return DTensor, Shard
+
+
+def _check_deepspeed(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+            raise UnsupportedShardingError(
+                f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3; gradlens cannot split its gradient (DeepSpeed "
+                "gathers and partitions parameters in its own hooks and is not tested here). Use FSDP2 (fully_shard), "
+                "DDP or a single process"
+            )
+
+
+class ShardedParams:
+    """The FSDP2-sharded parameters of one model and the collectives that keep group pieces sharded."""
+
+    def __init__(self, model: nn.Module, group, world: int):
+        self.model = model
+        self.group = group
+        self.world = world
+        self.rank = dist.get_rank(group)
+        self.device = next(p for p in model.parameters()).to_local().device  # gloo: CPU, nccl: this rank's GPU
+        # Module -> its own parameters as registered now (the sharded DTensors): the keys of
+        # every piece, whatever unsharded copy the module holds during forward and backward.
+        self._own = {id(m): dict(m.named_parameters(recurse=False)) for m in model.modules()}
+        self._start: dict[int, torch.Tensor] = {}
+        self.piece_bytes = 0  # bytes of group pieces held at the end of the last capture (this rank)
+        self.temporary_bytes = 0  # largest full-size piece split at once (one use of one parameter)
+
+    @classmethod
+    def detect(cls, model: nn.Module) -> Optional["ShardedParams"]:
+        """``None`` for a model without sharded parameters; raises for sharding it cannot split."""
+        _check_deepspeed(model)
+        DTensor, Shard = _dtensor_type()
+        if DTensor is None:
+            return None
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()  # after a forward the root may still hold its unsharded copies: register the shards
+        sharded = [(n, p) for n, p in model.named_parameters() if isinstance(p, DTensor)]
+        if not sharded:
+            return None
+        if not any(isinstance(m, FSDPModule) for m in model.modules()):
+            name = sharded[0][0]
+            raise UnsupportedShardingError(
+                f"parameter {name!r} is a DTensor but the model is not sharded by FSDP2 (fully_shard); tensor-parallel "
+                "and other DTensor layouts are not supported by the recorder"
+            )
+        meshes = set()
+        for name, p in sharded:
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise UnsupportedShardingError(
+                    f"parameter {name!r} is sharded as {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; the recorder "
+                    "supports FSDP2's default: Shard(0) on a 1-D mesh (no HSDP, no shard_placement_fn)"
+                )
+            meshes.add(tuple(p.device_mesh.mesh.flatten().tolist()))
+        unsharded = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if unsharded:
+            raise UnsupportedShardingError(
+                f"parameters {unsharded[:3]} are not sharded while others are; apply fully_shard to the root module too "
+                "(fully_shard(model) after its blocks) so every parameter is managed by FSDP2"
+            )
+        if len(meshes) > 1:
+            raise UnsupportedShardingError(f"parameters are sharded over different sets of ranks {sorted(meshes)}; the recorder supports one")
+        ranks = list(meshes.pop())
+        # A group of our own, so these collectives never interleave with FSDP's on its group.
+        group = dist.new_group(ranks=ranks)
+        return cls(model, group, len(ranks))
+
+    # ---- hooks used by the recorder and the capture --------------------------------------------
+
+    def own_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return self._own[id(module)]
+
+    def begin(self, *, distributed: str, per_row: bool) -> None:
+        """Start a capture: check its options, note every ``.grad`` shard (captures may follow accumulation)."""
+        if distributed != "global":
+            raise ValueError(
+                "an FSDP2-sharded model has no per-rank gradient to split (FSDP reduce-scatters it in backward); "
+                "use distributed='global'"
+            )
+        if per_row:
+            raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
+        self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
+        self.temporary_bytes = 0
+
+    def scatter(self, p: nn.Parameter, piece) -> torch.Tensor:
+        """This rank's rows of the mean over ranks of ``piece`` (full-size, this rank's use)."""
+        if isinstance(piece, IndexedRows):
+            piece = piece.dense()
+        piece = piece.detach()
+        self.temporary_bytes = max(self.temporary_bytes, piece.numel() * piece.element_size())
+        rows = p.shape[0]
+        chunk = math.ceil(rows / self.world)  # torch.chunk's split, which FSDP2 uses
+        padded = piece.new_zeros((chunk * self.world, *piece.shape[1:]))
+        padded[:rows] = piece
+        out = piece.new_empty((chunk, *piece.shape[1:]))
+        dist.reduce_scatter_tensor(out, padded, group=self.group)
+        start, stop = self._rows(p)
+        return out[: stop - start].div_(self.world)
+
+    def finish(self, capture, states: list) -> list:
+        """Totals from FSDP's sharded ``.grad``, the probe check and the norms, summed over ranks."""
+        ordered = [capture._state(p) for p in self._params()]  # every parameter, same order on every rank
+        for st in ordered:
+            local = st.param.grad.to_local().detach() if st.param.grad is not None else None
+            start = self._start.get(id(st.param))
+            if local is not None and start is not None:
+                local = local - start
+            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype)
+            st.total = total
+        self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for t in st.groups.values())
+        self._probe_check(capture, ordered)
+        for st in ordered:
+            total, st.total = st.total, None
+            capture._take_norms(st, total)
+        capture._read_norms(ordered)
+        self._sum_over_ranks(capture, ordered)
+        self._start = {}
+        return ordered
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _params(self) -> list[nn.Parameter]:
+        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
+
+    def _rows(self, p: nn.Parameter) -> tuple[int, int]:
+        chunk = math.ceil(p.shape[0] / self.world)
+        start = min(self.rank * chunk, p.shape[0])
+        return start, min(start + chunk, p.shape[0])
+
+    def _local_shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        start, stop = self._rows(p)
+        return (stop - start, *p.shape[1:])
+
+    def _probe_check(self, capture, ordered: list) -> None:
+        """The probe of the global total (partial over rows, summed) against the mean of every rank's hooked probes."""
+        from .capture import LOW_PRECISION_RTOL, PROBE_RTOL
+
+        rows = []
+        for st in ordered:
+            vectors = capture.params.probe_vectors(st.param)
+            start, stop = self._rows(st.param)
+            local = (vectors[0][start:stop],) + tuple(vectors[1:])
+            total = st.total
+            value, scale = probe_dense(total, local) if total.numel() else (torch.zeros(()), torch.zeros(()))
+            hooks, hook_scale = (st.probe[0], st.probe[1]) if st.probe is not None else (0.0, 0.0)
+            rows.append(torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in
+                                     (value, scale, hooks, hook_scale, float(st.uses), float(st.low_precision))]))
+        table = (torch.stack(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)).to(self.device)
+        dist.all_reduce(table, group=self.group)
+        for st, (value, scale, hooks, hook_scale, uses, low) in zip(ordered, table.tolist()):
+            hooks, hook_scale = hooks / self.world, hook_scale / self.world
+            if not (math.isfinite(value) and math.isfinite(hooks)):
+                st.unattributed = False  # non-finite gradients are reported as such, not as unattributed
+            elif uses == 0:
+                st.unattributed = value != 0.0 or scale != 0.0
+            else:
+                rtol = LOW_PRECISION_RTOL if low else PROBE_RTOL[st.dtype]
+                st.unattributed = abs(value - hooks) > rtol * (scale + hook_scale) + 1e-30
+
+    def _sum_over_ranks(self, capture, ordered: list) -> None:
+        """Squared norms and dots were sums over this rank's rows: add them over ranks."""
+        names = capture.groups.names
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        values = [[st.total_sq] + [st.sq.get(g, 0.0) for g in names] + [st.dots.get(k, 0.0) for k in pairs] for st in ordered]
+        table = torch.tensor(values, dtype=torch.float64, device=self.device).reshape(len(ordered), 1 + len(names) + len(pairs))
+        dist.all_reduce(table, group=self.group)
+        for st, row in zip(ordered, table.tolist()):
+            st.total_sq = row[0]
+            st.sq = dict(zip(names, row[1 : 1 + len(names)]))
+            st.dots = dict(zip(pairs, row[1 + len(names) :]))

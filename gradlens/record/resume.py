@@ -1,0 +1,147 @@
+"""`gradlens record --resume`: every check first, then the first write.
+
+Resuming continues a run from its last checkpoint ``step_N``: rows with step
+>= N are dropped and logged again, so the step sequence has neither gaps nor
+duplicates. All of it lives here, in the order it happens:
+
+1. ``plan_resume``: read the saved config, refuse changed settings (only
+   ``RESUMABLE_CHANGES`` may differ), read and check every checkpoint file
+   (state.json, the weights' header, the optimizer state) and every table's
+   step column, and refuse when logged rows would be lost: rows reach past a
+   checkpoint that is gone. Nothing is written.
+2. ``check_weights_fit``: once the environment is built, the checkpoint's
+   tensors must fit the model (names and shapes). Nothing is written.
+3. ``begin`` (the writer lock is held by then): cut the tables back to the
+   checkpoint, note the resume in config.json, drop summary.json, remove
+   checkpoint directories a kill left half-pruned. The first write.
+4. ``restore``: load the weights and optimizer state into the fresh model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..runs import schema, write_json_atomic
+from ..runs.tables import CsvTable, table_steps
+from . import checkpoint as ckpt
+from .config import RecordConfig, config_from_saved, validate
+
+# Fields a resumed run may change; everything else must match the saved run.
+RESUMABLE_CHANGES = frozenset({"steps", "device", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
+# Fields that name where the run is rather than what it does.
+_LOCATION = frozenset({"out"})
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a resumed run continues from; built by ``plan_resume`` before anything is written."""
+
+    cfg: RecordConfig
+    checkpoint: ckpt.Checkpoint | None
+    state: dict = field(default_factory=dict)        # the checkpoint's state.json
+    optimizer_state: dict | None = field(default=None, repr=False)
+
+    @property
+    def start(self) -> int:
+        return self.checkpoint.step if self.checkpoint is not None else 0
+
+
+def saved_config(run_dir: Path) -> RecordConfig:
+    """The config a run was recorded with, from its config.json (errors name the file)."""
+    path = Path(run_dir) / schema.CONFIG
+    try:
+        header = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: cannot be read: {exc}") from None
+    saved = header.get("config") if isinstance(header, dict) else None
+    if not isinstance(saved, dict) or header.get("kind") != schema.KIND_PREFERENCE:
+        raise ValueError(f"{path}: not the config of a `gradlens record` run (needs kind {schema.KIND_PREFERENCE!r} and a 'config' object)")
+    return config_from_saved(saved, str(path))
+
+
+def apply_resume_overrides(saved: RecordConfig, requested: Mapping[str, Any], where: str) -> RecordConfig:
+    """A resumed run keeps its config; only RESUMABLE_CHANGES may differ (the loss never)."""
+    changes = {}
+    for name, value in requested.items():
+        if name in _LOCATION or value == getattr(saved, name):
+            continue
+        if name not in RESUMABLE_CHANGES:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{where}: cannot change {flag} when resuming (the run was recorded with {getattr(saved, name)!r}, "
+                f"you asked for {value!r}); only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES))} may change"
+            )
+        changes[name] = value
+    return validate(replace(saved, **changes))
+
+
+def resumed_config(run_dir: Path, requested: Mapping[str, Any]) -> RecordConfig:
+    """The saved config with the requested (allowed) changes; ``requested['loss']`` is one loss name."""
+    return apply_resume_overrides(saved_config(run_dir), requested, str(run_dir))
+
+
+def _first_checkpoint(cfg: RecordConfig) -> int:
+    return cfg.checkpoint_every or cfg.steps
+
+
+def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> ResumePoint:
+    """Check everything a resume will read or rewrite; raise ValueError, write nothing."""
+    run_dir = Path(run_dir)
+    root = ckpt.checkpoints_dir(run_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: is not a directory, so this run's checkpoints are gone; it was left unchanged")
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is not None and last.step > cfg.steps:
+        raise ValueError(f"{run_dir}: --steps {cfg.steps} is below the last checkpoint (step {last.step}); a run cannot be shortened")
+    logged = {name: table_steps(run_dir / name) for name in (schema.STEPS, schema.LAYERS, schema.EVALS, schema.ROWS) if (run_dir / name).exists()}
+    rows = logged.get(schema.STEPS, [])
+    # Step s's row is logged only after checkpoint step_s (if any) was in place: rows past
+    # the first checkpoint with no checkpoint left mean the checkpoints were lost.
+    if last is None and rows and max(rows) >= _first_checkpoint(saved):
+        raise ValueError(
+            f"{run_dir}: {schema.STEPS} holds {len(rows)} logged steps (up to step {max(rows)}), past the first checkpoint "
+            f"(step {_first_checkpoint(saved)}), but {root} has no checkpoint to continue from; resuming would discard "
+            "every logged row, so nothing was changed. Restore the checkpoints, or pass --overwrite to record the run again"
+        )
+    reference = ckpt.reference_path(run_dir)
+    if reference.exists():
+        ckpt.check_weights_file(reference)
+    if last is None:
+        return ResumePoint(cfg, None)
+    return ResumePoint(cfg, last, ckpt.read_state(last), ckpt.read_optimizer_state(last))
+
+
+def check_weights_fit(point: ResumePoint, model) -> None:
+    """The checkpoint's tensors fit ``model`` (the environment's policy)."""
+    if point.checkpoint is not None:
+        ckpt.check_weights(point.checkpoint, model)
+
+
+def begin(run_dir: Path, point: ResumePoint, config: dict) -> None:
+    """The first write of a resumed run (the caller holds the writer lock)."""
+    from ..runs.run_dir import environment_versions
+
+    run_dir = Path(run_dir)
+    for name in (schema.STEPS, schema.LAYERS, schema.EVALS, schema.ROWS):
+        if (run_dir / name).exists():
+            CsvTable(run_dir / name).keep_steps_upto(point.start - 1)
+    path = run_dir / schema.CONFIG
+    header = json.loads(path.read_text(encoding="utf-8"))
+    header["config"] = config  # current settings (e.g. a new --steps)
+    header.setdefault("resumes", []).append({"from_step": point.start, "versions": environment_versions()})
+    write_json_atomic(path, header)
+    (run_dir / schema.SUMMARY).unlink(missing_ok=True)
+    ckpt.prune_checkpoints(run_dir)
+
+
+def restore(point: ResumePoint, model, optimizer, device) -> tuple[int, dict]:
+    """Load the checkpoint into ``model``/``optimizer``: (first step to run, saved state)."""
+    if point.checkpoint is None:
+        return 0, {}
+    ckpt.restore(point.checkpoint, point.optimizer_state, model, optimizer, device)
+    return point.start, point.state
