@@ -39,7 +39,7 @@ import torch
 
 from .groups import GroupSpec, RowGroups, make_groups
 from .params import ParamIndex
-from .rules import IndexedRows, Rule, Use
+from .rules import IndexedRows, Rule, Use, probe_dense
 
 if TYPE_CHECKING:
     from .fsdp import ShardedParams
@@ -197,7 +197,9 @@ class Capture:
             st.low_precision |= low
             for g in stored:
                 st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
-            if full is not None:
+            if full is not None and sharded:  # no parameter hook fires under FSDP2: probe now
+                st.add_probe(*probe_dense(full[local], self.params.probe_vectors(params[local])), real=False)
+            elif full is not None:
                 st.split_outputs.append(full[local])  # probed in add_total only if needed
             else:
                 st.observed_uses += 1

@@ -34,7 +34,9 @@ ROUTABLE_DTYPES = (torch.float32, torch.float64)
 def can_route(rule: Rule, module: nn.Module, args: tuple, kwargs: dict, output) -> bool:
     """Only where our backward gives the same numbers as autograd's: one plain floating input,
     no autocast (whose casts we would not replay), and full-precision parameters."""
-    if rule.grad_input is None or kwargs or len(args) != 1 or not isinstance(output, torch.Tensor):
+    if rule.grad_input is None or rule.splits is None or not rule.splits(module):
+        return False  # a subclass with its own forward: its backward is not ours to write
+    if kwargs or len(args) != 1 or not isinstance(output, torch.Tensor):
         return False
     x = args[0]
     if not isinstance(x, torch.Tensor) or not output.requires_grad:

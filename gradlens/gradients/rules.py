@@ -96,6 +96,9 @@ class Rule:
     # (module, output gradient) -> input gradient, for a one-input module with an
     # exact formula; lets the recorder split the layer's own backward (see above).
     grad_input: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    # module -> whether its forward is exactly the one ``grad_input`` differentiates (not a
+    # subclass overriding forward); only then is the layer's backward split.
+    splits: Optional[Callable[[nn.Module], bool]] = None
     # (use, rows, base) -> {param: base[param] + contribution}, as one fused operation
     # (``addmm``), so that the split's full gradient needs no extra temporary.
     add_contribution: Optional[Callable[[Use, RowSelector, dict], dict[str, torch.Tensor]]] = None
@@ -239,7 +242,10 @@ def _linear() -> Rule:
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g @ m.weight
 
-    return Rule("linear", contribution, probe, per_row_sq, grad_input=grad_input, add_contribution=add_contribution)
+    def splits(m: nn.Module) -> bool:
+        return type(m).forward is nn.Linear.forward
+
+    return Rule("linear", contribution, probe, per_row_sq, grad_input=grad_input, splits=splits, add_contribution=add_contribution)
 
 
 # ---- transformers Conv1D (GPT-2): y = x W + b, W is (in, out) -------------------------------
@@ -295,7 +301,11 @@ def _conv1d() -> Rule:
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g @ m.weight.T
 
-    return Rule("conv1d", contribution, probe, per_row_sq, grad_input=grad_input, add_contribution=add_contribution)
+    def splits(m: nn.Module) -> bool:
+        forward = type(m).forward
+        return forward.__qualname__ == "Conv1D.forward" and forward.__module__.startswith("transformers.")
+
+    return Rule("conv1d", contribution, probe, per_row_sq, grad_input=grad_input, splits=splits, add_contribution=add_contribution)
 
 
 # ---- nn.Embedding: rows of W indexed by token ids --------------------------------------------

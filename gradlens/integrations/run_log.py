@@ -121,7 +121,11 @@ class RunLog:
         row.update(gradient_columns(cap, self.pair, self.extra_groups))
         finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
         row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
-        layers = cap.layer_table(*self.pair) if cap is not None and result.step % self.layers_every == 0 else None
+        layers = None
+        if cap is not None and result.step % self.layers_every == 0:
+            a, b = self.pair  # layer_table's keys follow the group names; the run log's columns are fixed
+            layers = {layer: {schema.CHOSEN_SQ: v[f"{a}_sq"], schema.REJECTED_SQ: v[f"{b}_sq"], schema.DOT: v["dot"]}
+                      for layer, v in cap.layer_table(a, b).items()}  # fmt: skip
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
     def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:
