@@ -352,13 +352,15 @@ def machine(args) -> str:
 
 def run_config(key: str, args, *, memory: bool = True) -> list[str]:
     cfg = (SMOKE if args.smoke else CONFIGS)[key]
-    bench = make_bench(cfg, args.device, args.autocast)
-    med = time_variants(bench, args.steps, args.warmup, args.device, args.variants)
-    base = med["plain"]
     memory_cell = "not measured (smoke)"
     if memory:
         mem_plain, mem_rec = peak_memory(key, "plain", args), peak_memory(key, "recorded", args)
         memory_cell = f"{mem_rec / mem_plain:.3f}x ({mem_plain / 2**20:.0f} -> {mem_rec / 2**20:.0f} MiB)"
+    if args.memory_only:
+        return [f"| {cfg.name} | not timed | {memory_cell} | |"]
+    bench = make_bench(cfg, args.device, args.autocast)
+    med = time_variants(bench, args.steps, args.warmup, args.device, args.variants)
+    base = med["plain"]
     cells = [f"{k} {med[k] / base:.3f}" for k in med if k not in ("plain", "plain+ref", "recorded+ref")]
     if "recorded+ref" in med:
         cells.insert(1, f"recorded+ref/plain+ref {med['recorded+ref'] / med['plain+ref']:.3f}")
@@ -380,6 +382,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the step variants (plain is always run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", choices=["bf16", "fp16"], default=None)
+    ap.add_argument("--memory-only", action="store_true", help="peak memory only (for configurations too slow to time here)")
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the benchmark runs")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
