@@ -107,7 +107,7 @@ class Capture:
 
     def __init__(
         self,
-        params: ParamIndex,
+        index: ParamIndex,
         groups: RowGroups,
         *,
         per_row: bool = False,
@@ -120,7 +120,7 @@ class Capture:
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
         self.distributed = distributed
-        self.params = params
+        self.index = index  # the recorder's knowledge of the model's parameters (names, probes)
         self.sharded = sharded  # FSDP2: pieces are keyed and kept sharded (gradients/fsdp.py)
         self.groups = groups
         self.per_row = per_row
@@ -131,7 +131,7 @@ class Capture:
         # Norms in add_total, unless the pieces must outlive this backward.
         self.streaming = not accumulate and distributed == "local"
         self._params: dict[int, ParamState] = {}
-        self._grad_was_none = set() if self.streaming else params.without_grad()
+        self._grad_was_none = set() if self.streaming else index.without_grad()
         self._row_norms_sq: list[torch.Tensor] = []
         self._backward_seen = False
         self._finished = False
@@ -156,7 +156,7 @@ class Capture:
     def _state(self, p: torch.nn.Parameter) -> ParamState:
         st = self._params.get(id(p))
         if st is None:
-            name, modules = self.params.describe(p)
+            name, modules = self.index.describe(p)
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             st = self._params[id(p)] = ParamState(param=p, name=name, modules=modules, dtype=dtype)
         return st
@@ -189,7 +189,7 @@ class Capture:
             full = _sum_parts(parts, names) if self.groups.partition else rule.contribution(use, lambda x: x)
         elif rule.recompute and self.groups.partition:
             full = _sum_parts(parts, names)  # groups add up to all rows: the probe needs no extra pass
-        probes = None if full is not None else rule.probe(use, {n: self.params.probe_vectors(params[n]) for n in use.wanted})
+        probes = None if full is not None else rule.probe(use, {n: self.index.probe_vectors(params[n]) for n in use.wanted})
         for local in use.wanted:
             st = self._state(params[local])
             st.rules.add(rule.name)
@@ -198,7 +198,7 @@ class Capture:
             for g in stored:
                 st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
             if full is not None and sharded:  # no parameter hook fires under FSDP2: probe now
-                st.add_probe(*probe_dense(full[local], self.params.probe_vectors(params[local])), real=False)
+                st.add_probe(*probe_dense(full[local], self.index.probe_vectors(params[local])), real=False)
             elif full is not None:
                 st.split_outputs.append(full[local])  # probed in add_total only if needed
             else:
@@ -220,7 +220,7 @@ class Capture:
             self._add_probes(st, probe, self._take_norms(st, grad.detach(), probe))
             return
         if probe:
-            self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.params.probe_vectors(p))[1])
+            self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.index.probe_vectors(p))[1])
         if id(p) not in self._grad_was_none:
             st.total = grad.detach().to(st.dtype, copy=True) if st.total is None else st.total.add_(grad.detach())
         else:
@@ -249,7 +249,7 @@ class Capture:
             p = params[local]
             st = self._state(p)
             st.row_uses += 1
-            if self.params.is_shared(p):
+            if self.index.is_shared(p):
                 rows = [_dense(rule.contribution(use, lambda x, i=i: x[i : i + 1])[local]) for i in range(n)]
                 stacked = torch.stack(rows).to(st.dtype)
                 st.row_parts = stacked if st.row_parts is None else st.row_parts + stacked
@@ -284,7 +284,7 @@ class Capture:
         names = self.groups.names
         explicit = [st.groups.pop(g, None) for g in (names[:-1] if self.complement else names)]
         st.groups.clear()
-        vectors = self.params.probe_vectors(st.param) if probe else None
+        vectors = self.index.probe_vectors(st.param) if probe else None
         st.stats, probes = _stats_pass(total, explicit, self.complement, list(probe), vectors)
         if self.keep_pieces:
             zero = lambda: torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)  # noqa: E731

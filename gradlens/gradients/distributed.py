@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 def all_reduce_states(capture, states: list) -> list:
     """Average every bucket of every parameter over ranks; returns states in a rank-independent order."""
-    params = capture.params.trainable()
+    params = capture.index.trainable()
     by_id = {id(st.param): st for st in states}
     ordered = [by_id.get(id(p)) or capture._state(p) for p in params]  # same order and set on every rank
     names = capture.groups.names

@@ -192,7 +192,7 @@ class ShardedParams:
 
         rows = []
         for st in ordered:
-            vectors = capture.params.probe_vectors(st.param)
+            vectors = capture.index.probe_vectors(st.param)
             start, stop = self._rows(st.param)
             local = (vectors[0][start:stop],) + tuple(vectors[1:])
             total = st.total

@@ -75,7 +75,7 @@ class GradientRecorder:
     def __init__(self, model: nn.Module, *, probe_seed: int = 0, split_backward: bool = True):
         validate(model)
         self.model = model
-        self.params = ParamIndex(model, probe_seed=probe_seed)
+        self.index = ParamIndex(model, probe_seed=probe_seed)  # names, owners, probe vectors
         # FSDP2-sharded parameters (gradients/fsdp.py), else None; raises for sharding it cannot split.
         self.sharded: Optional[ShardedParams] = ShardedParams.detect(model)
         # FSDP2 swaps in unsharded copies around each use: keep its own backward there.
@@ -102,7 +102,7 @@ class GradientRecorder:
             if rule.recompute:
                 self._handles.append(module.register_forward_pre_hook(self._save_rng))
             self._handles.append(module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True))
-        for p in self.params.trainable():
+        for p in self.index.trainable():
             self._handles.append(p.register_hook(self._param_hook(p)))
 
     def _note_batch_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -238,7 +238,7 @@ class GradientRecorder:
         if self.sharded is not None:
             self.sharded.begin(distributed=distributed, per_row=per_row)
         cap = Capture(
-            self.params, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
+            self.index, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
             distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,
         )
         self._capture = cap
@@ -256,7 +256,7 @@ class GradientRecorder:
         if self.sharded is not None:
             return
         for name, p in self.model.named_parameters():
-            if p.requires_grad and not self.params.knows(p):
+            if p.requires_grad and not self.index.knows(p):
                 raise RuntimeError(
                     f"parameter {name!r} was replaced after the GradientRecorder was attached (e.g. by fully_shard or "
                     "by loading new parameter objects); its gradient would be missed. Create the recorder after sharding"
