@@ -352,7 +352,7 @@ def machine(args) -> str:
 
 def run_config(key: str, args, *, memory: bool = True) -> list[str]:
     cfg = (SMOKE if args.smoke else CONFIGS)[key]
-    memory_cell = "not measured (smoke)"
+    memory_cell = "not measured in this run"
     if memory:
         mem_plain, mem_rec = peak_memory(key, "plain", args), peak_memory(key, "recorded", args)
         memory_cell = f"{mem_rec / mem_plain:.3f}x ({mem_plain / 2**20:.0f} -> {mem_rec / 2**20:.0f} MiB)"
@@ -382,6 +382,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the step variants (plain is always run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", choices=["bf16", "fp16"], default=None)
+    ap.add_argument("--no-memory", action="store_true", help="time only (memory measured in another run)")
     ap.add_argument("--memory-only", action="store_true", help="peak memory only (for configurations too slow to time here)")
     ap.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the benchmark runs")
     ap.add_argument("--child", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
@@ -404,7 +405,7 @@ def main() -> None:
     print("| configuration | time ratio | peak memory ratio | other variants (time / plain) |")
     print("|---|---|---|---|")
     for i, key in enumerate(keys):
-        for row in run_config(key, args, memory=not args.smoke or i == 0):  # smoke: one memory pair only
+        for row in run_config(key, args, memory=not args.no_memory and (not args.smoke or i == 0)):  # smoke: one memory pair only
             print(row, flush=True)
 
 
