@@ -45,6 +45,8 @@ def test_tabular_end_to_end(tmp_path, capsys):
     summary = run.summary
     assert summary["status"] == "complete" and summary["nonfinite_steps"] == 0 and summary["wall_time_s"] > 0
     assert summary["final"][schema.STEP] == 11 and summary["final_eval"][schema.STEP] == 12
+    # The one preference-run writer: every summary key, the same ones the trainer integrations write.
+    assert tuple(summary) == schema.SUMMARY_KEYS and summary[schema.SUMMARY_UNATTRIBUTED] == []
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_8"]
     assert list(out.glob("events.out.tfevents.*"))
 

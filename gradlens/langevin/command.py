@@ -195,6 +195,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--knn-every", args.knn_every)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be 0 or more, got {value}")
+    for flag, value, least in (("--max-rows", args.max_rows, 2), ("--reference-steps", args.reference_steps, 1), ("--particles", args.particles, -1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     if args.eps is not None:
         for eps in _floats(args.eps, "--eps"):
             if not (MIN_EPS <= eps < math.inf):

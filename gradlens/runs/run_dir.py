@@ -227,9 +227,9 @@ def run_status(path: str | os.PathLike, steps: int | None = None) -> str | None:
     summary = _summary(Path(path))
     if summary is None:
         return None
-    if steps is not None and summary.get("steps") != steps:
+    if steps is not None and summary.get(schema.SUMMARY_STEPS) != steps:
         return None
-    status = summary.get("status", schema.STATUS_COMPLETE)
+    status = summary.get(schema.SUMMARY_STATUS, schema.STATUS_COMPLETE)
     return status if status in (schema.STATUS_COMPLETE, schema.STATUS_NONFINITE) else None
 
 
