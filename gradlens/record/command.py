@@ -32,6 +32,7 @@ examples:
   gradlens record --env user --model ./my-model --data prefs.jsonl --loss balanced --out runs/mine
   gradlens record --out runs/mine --resume         # continue from the last checkpoint
   gradlens record --config job.toml --lr 1e-5      # flags override the file
+  torchrun --nproc_per_node 4 -m gradlens record --env user --model ./my-model --data prefs.jsonl --fsdp
   gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
 """
 
@@ -56,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
+    lora = parser.add_argument_group("LoRA (--env user; pip install 'gradlens[peft]')")
+    lora.add_argument("--lora-r", type=int, default=s, help="train a LoRA adapter of this rank instead of every weight (default 0: no LoRA)")
+    lora.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha (default 2 x rank)")
+    lora.add_argument("--lora-target-modules", metavar="NAMES", default=s, help="comma-separated module names, or all-linear (default)")
+    lora.add_argument("--lora-dropout", type=float, default=s, help="LoRA dropout saved in the adapter config (gradlens record trains with every dropout off)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
         "--lr", type=float, default=s,
@@ -89,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
+    dev.add_argument("--fsdp", action="store_true", default=s,
+                     help="--env user under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
 
 
 def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
