@@ -83,6 +83,26 @@ def test_overwrite_refuses_foreign_files_inside_a_run(tmp_path, capsys):
             "not part of a gradlens run", "my_notes.txt", "nothing was deleted")
 
 
+def test_overwrite_accepts_the_hugging_face_files_of_a_checkpoint(tmp_path):
+    """A user-model checkpoint also holds save_pretrained's config and tokenizer files: run files too."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from gradlens.record.checkpoint import save_hf_files
+    from gradlens.runs import check_overwritable, run_contents
+
+    out = tmp_path / "run"
+    record(out)
+    step = out / schema.CHECKPOINTS / "step_3"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1}, unk_token="<unk>")), unk_token="<unk>")
+    tok.chat_template = "{{ messages }}"
+    save_hf_files(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=2)), step, tok)
+    assert len(list(step.iterdir())) > 4 and run_contents(out).foreign == []
+    check_overwritable(out)
+    assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / schema.CHECKPOINTS).iterdir()) == ["step_2"]
+
+
 def test_overwrite_of_runs_in_a_parent_touches_only_those_runs(tmp_path):
     parent = tmp_path / "B"
     argv = ["record", "--env", "tabular", "--loss", "dpo,balanced", "--steps", "2", "--quiet", "--out", str(parent)]
