@@ -161,6 +161,27 @@ def test_second_writer_fails_at_once_naming_the_holder_pid(tmp_path, capsys):
         holder.wait()
 
 
+def test_overwrite_during_a_running_record_fails_naming_its_pid(tmp_path, capsys):
+    """Two writers on one directory: the second (here --overwrite, which would wipe the first) fails at once."""
+    out = tmp_path / "run"
+    argv = ["record", *JOB, "--steps", "100000", "--checkpoint-every", "0", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-m", "gradlens", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / schema.STEPS).is_file() or (out / schema.STEPS).read_bytes().count(b"\n") < 3:
+            assert first.poll() is None and time.monotonic() < deadline, "the first writer did not start"
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert main([*argv, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"another gradlens process (PID {first.pid}) is writing this run directory" in err and "Traceback" not in err
+        assert first.poll() is None and read_table(out / schema.STEPS)[schema.STEP].iloc[0] == 0  # untouched, still running
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_lock_is_exclusive_within_and_across_processes(tmp_path):
     with RunLock(tmp_path / "r") as lock:
         assert (tmp_path / "r" / schema.LOCK).read_text().strip() == str(os.getpid())
