@@ -89,13 +89,11 @@ def paired_ci(values: Sequence[float], baseline: Sequence[float], *, seed: int =
     """Mean of the per-seed differences and its 95 % bootstrap CI over seeds.
 
     Seeds are matched (same environment, data and order), so the difference is
-    taken per seed and those differences are resampled: gradlens's
-    ``bootstrap_diff_ci`` against a single zero does exactly that.
+    taken per seed and those differences are resampled (``paired=True``).
     """
     from gradlens.analysis import bootstrap_diff_ci
 
-    diff = np.asarray(values, float) - np.asarray(baseline, float)
-    return bootstrap_diff_ci(diff, [0.0], seed=seed)
+    return bootstrap_diff_ci(np.asarray(values, float), np.asarray(baseline, float), paired=True, seed=seed)
 
 
 def fmt_ci(diff: float, low: float, high: float, digits: int = 3) -> str:

@@ -31,7 +31,6 @@ interrupted full run continues where it stopped).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -246,13 +245,12 @@ def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
 
 def standard_report(args, grid) -> None:
     """`gradlens plot` on one setting (all its figures and tables), for browsing; not committed."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
     opt, lr = REPRESENTATIVE
     beta = 0.5 if 0.5 in grid["betas"] else grid["betas"][0]
     paths = [str(args.out / f"{opt}-lr{lr:g}" / f"beta{beta:g}" / loss) for loss in LOSSES]
-    ns = argparse.Namespace(paths=paths, out=str(args.out / f"plot-{opt}-lr{lr:g}-beta{beta:g}"), format="png", group_by=None, smooth=1)
-    if command.main(ns) != 0:
+    if main(["plot", *paths, "--out", str(args.out / f"plot-{opt}-lr{lr:g}-beta{beta:g}"), "--smooth", "0"]) != 0:
         raise SystemExit("gradlens plot failed on the representative setting")
 
 

@@ -13,7 +13,7 @@ from gradlens.record.config import ENV_DEFAULTS, load_config_file
 
 
 def _args(argv):
-    return build_parser(["record", *argv]).parse_args(["record", *argv])
+    return build_parser(["record", *argv])[0].parse_args(["record", *argv])
 
 
 def test_toml_config_with_flag_override_is_saved_resolved(tmp_path):

@@ -101,7 +101,9 @@ def test_user_env_end_to_end(model_dir, tmp_path, fmt):
     assert header["config"]["env_info"]["num_pairs"] == len(STANDARD)
     evals = pd.read_csv(out / "evals.csv")
     assert evals["step"].tolist() == [0, 2, 3]
-    assert {"eval/pref_accuracy", "eval/logps/chosen", "eval/logps/rejected"} <= set(evals.columns)
+    # Without --eval-data the evaluation uses training pairs: never called held-out accuracy.
+    assert {"eval/train_pair_accuracy", "eval/logps/chosen", "eval/logps/rejected"} <= set(evals.columns)
+    assert "eval/pref_accuracy" not in evals.columns
 
 
 def _reference_norms(model_dir, rows, beta):

@@ -145,8 +145,11 @@ class ShardedParams:
         self.temporary_bytes = max(self.temporary_bytes, piece.numel() * piece.element_size())
         rows = p.shape[0]
         chunk = math.ceil(rows / self.world)  # torch.chunk's split, which FSDP2 uses
-        padded = piece.new_zeros((chunk * self.world, *piece.shape[1:]))
-        padded[:rows] = piece
+        if chunk * self.world == rows:
+            padded = piece.contiguous()
+        else:  # the last ranks' rows are padding, as in FSDP's own reduce-scatter
+            padded = piece.new_zeros((chunk * self.world, *piece.shape[1:]))
+            padded[:rows] = piece
         out = piece.new_empty((chunk, *piece.shape[1:]))
         dist.reduce_scatter_tensor(out, padded, group=self.group)
         start, stop = self._rows(p)

@@ -2,7 +2,9 @@
 
 ``checkpoints/step_N/`` holds the state after N optimizer steps (rows 0..N-1
 are logged): ``model.safetensors``, ``optimizer.pt`` (tensors and plain Python
-values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``.
+values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``;
+LoRA runs add ``adapter/`` (peft's ``adapter_model.safetensors`` and
+``adapter_config.json``).
 A checkpoint is written into a temporary directory and renamed, so a run killed
 mid-write leaves the previous checkpoint intact. Every file is checked
 (``read_state``, ``check_weights``, ``read_optimizer_state``) before a resumed
@@ -42,6 +44,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REFERENCE_DIR = "reference"
+ADAPTER_DIR = "adapter"
 KEEP_LAST = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -103,6 +106,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
+    if hasattr(model, "peft_config"):  # LoRA: also the adapter alone, loadable with peft.PeftModel.from_pretrained
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
     save_hf_files(model, tmp, tokenizer)
