@@ -125,7 +125,7 @@ class ShardedParams:
     def own_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return self._own[id(module)]
 
-    def begin(self, *, distributed: str, per_row: bool) -> None:
+    def begin(self, *, distributed: str, per_row: bool, keep_pieces: bool = False) -> None:
         """Start a capture: check its options, note every ``.grad`` shard (captures may follow accumulation)."""
         if distributed != "global":
             raise ValueError(
@@ -134,6 +134,8 @@ class ShardedParams:
             )
         if per_row:
             raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
+        if keep_pieces:
+            raise ValueError("keep_pieces is not available for FSDP2-sharded models: each rank holds only its rows of every piece")
         self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
         self.temporary_bytes = 0
 

@@ -119,3 +119,4 @@ LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2
 REJECTED_SQ = "rejected_sq"
 DOT = "dot"
+
