@@ -26,7 +26,12 @@ LAYERS = "layers.csv"
 EVALS = "evals.csv"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+ROWS = "rows.csv"          # --per-row: one row per (step, pair, side)
 LOCK = ".gradlens.lock"    # the writer lock (runs/lock.py); present only while a writer runs or after a kill
+
+# summary.json "status" of a preference run (Langevin summaries have none: written only at the end).
+STATUS_COMPLETE = "complete"
+STATUS_NONFINITE = "nonfinite"   # stopped at a non-finite loss or gradient
 
 KIND_PREFERENCE = "preference"
 KIND_LANGEVIN = "langevin"
@@ -119,4 +124,3 @@ LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2
 REJECTED_SQ = "rejected_sq"
 DOT = "dot"
-
