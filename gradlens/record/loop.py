@@ -32,7 +32,7 @@ from torch import nn
 from ..gradients.recorder import GradientRecorder
 from ..losses import PreferenceLossOutput, preference_loss
 from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
-from ..runs import schema, write_json_atomic
+from ..runs import schema
 from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
 from . import resume as R
