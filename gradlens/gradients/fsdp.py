@@ -31,6 +31,7 @@ dims, DeepSpeed ZeRO-3 partitions -- raises at attach time, never a silent 0.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -45,10 +46,11 @@ class UnsupportedShardingError(ValueError):
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch built without distributed
+    # A model can only hold DTensors once torch.distributed.tensor was imported: skip the import otherwise.
+    if "torch.distributed.tensor" not in sys.modules:
         return None, None
+    from torch.distributed.tensor import DTensor, Shard
+
     return DTensor, Shard
 
 
