@@ -31,6 +31,8 @@ def test_lora_settings_in_config_adapter_in_checkpoints_and_resume(model_dir, tm
     assert layers and all("lora_" in layer for layer in layers)  # the frozen base is not recorded
 
     adapter = out / "checkpoints" / "step_2" / "adapter"
+    assert not (adapter.parent / "config.json").exists()  # peft-named weights: not offered to from_pretrained
+    assert (adapter / "tokenizer_config.json").is_file()
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 16 and saved["lora_dropout"] == 0.1
     assert set(saved["target_modules"]) == {"c_attn", "c_fc"}
