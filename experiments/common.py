@@ -63,7 +63,7 @@ def record(cfg, run_dir: Path, env=None, log=None):
     ``cfg`` is a RecordConfig with the fields that matter set; the environment's
     defaults fill the rest and the result is validated as the CLI would.
     """
-    from gradlens.runs import prepare_run_dir
+    from gradlens.runs import RunLock, prepare_run_dir
     from gradlens.record.config import validate, with_env_defaults
     from gradlens.record.envs import build_env
     from gradlens.record.loop import record_run
@@ -71,10 +71,11 @@ def record(cfg, run_dir: Path, env=None, log=None):
     cfg = validate(with_env_defaults(replace(cfg, out=str(run_dir))))
     if is_done(run_dir, cfg.steps):
         return "kept"
-    prepare_run_dir(run_dir, overwrite=Path(run_dir).exists())
     if env is None:
         env = build_env(cfg, log=log or (lambda message: None))
-    return record_run(cfg, Path(run_dir), env, progress=False, log=log or (lambda message: None)).status
+    with RunLock(run_dir):  # one writer per run directory, as for `gradlens record`
+        prepare_run_dir(run_dir, overwrite=Path(run_dir).exists())  # an unfinished run of ours: replaced
+        return record_run(cfg, Path(run_dir), env, progress=False, log=log or (lambda message: None)).status
 
 
 def is_done(run_dir: Path, steps: int) -> bool:
@@ -88,13 +89,11 @@ def paired_ci(values: Sequence[float], baseline: Sequence[float], *, seed: int =
     """Mean of the per-seed differences and its 95 % bootstrap CI over seeds.
 
     Seeds are matched (same environment, data and order), so the difference is
-    taken per seed and those differences are resampled: gradlens's
-    ``bootstrap_diff_ci`` against a single zero does exactly that.
+    taken per seed and those differences are resampled (``paired=True``).
     """
     from gradlens.analysis import bootstrap_diff_ci
 
-    diff = np.asarray(values, float) - np.asarray(baseline, float)
-    return bootstrap_diff_ci(diff, [0.0], seed=seed)
+    return bootstrap_diff_ci(np.asarray(values, float), np.asarray(baseline, float), paired=True, seed=seed)
 
 
 def fmt_ci(diff: float, low: float, high: float, digits: int = 3) -> str:

@@ -34,7 +34,6 @@ e2_tiny_gpt2_runtime.json.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -231,17 +230,17 @@ def fig_frontier(index: list[dict], figures: Path) -> Path:
     """True reward against KL(pi || pi_ref) along training, one panel per beta."""
     from gradlens.analysis import row_quantiles, seed_matrix
     from gradlens.plot.draw import legend_label
-    from gradlens.plot.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, line_style, plt
 
     betas = sorted({i["beta"] for i in index})
     apply_style()
     fig, axes = plt.subplots(1, len(betas), figsize=(4.8 * len(betas), 4.2), squeeze=False, layout="constrained", sharey=True)
     for ax, beta in zip(axes[0], betas):
-        for k, method in enumerate(METHODS):
+        for method in METHODS:
             evals = [r.evals for r in _runs(index, beta, method)]
             _, kl = seed_matrix(evals, "eval/kl_to_ref")
             _, reward = seed_matrix(evals, "eval/true_reward")
-            color = color_for(k)
+            color = line_style(method, METHODS)["color"]
             for j in range(kl.shape[1]):
                 ax.plot(kl[:, j], reward[:, j], color=color, alpha=0.2, linewidth=0.7)
             kmed = row_quantiles(kl, [0.5])[0]
@@ -262,20 +261,21 @@ def fig_frontier(index: list[dict], figures: Path) -> Path:
 def fig_logps(index: list[dict], figures: Path) -> Path:
     """Held-out log-probs of chosen and rejected responses along training (likelihood displacement)."""
     from gradlens.plot.draw import add_legend, draw_seeds, step_axis
-    from gradlens.plot.style import CHOSEN_COLOR, REJECTED_COLOR, apply_style, plt
+    from gradlens.plot.style import apply_style, line_style, plt
 
     betas = sorted({i["beta"] for i in index})
     apply_style()
     fig, axes = plt.subplots(1, len(betas), figsize=(4.8 * len(betas), 4.2), squeeze=False, layout="constrained", sharey=True)
     for ax, beta in zip(axes[0], betas):
         notes = []
-        for method, style in (("dpo", "-"), ("balanced", "--"), ("balanced-tm", ":")):
+        for method in METHODS:
             frames = [r.evals for r in _runs(index, beta, method)]
             fell = sum(f["eval/logps/chosen"].iloc[-1] - f["eval/logps/chosen"].iloc[0] < COLLAPSE_NATS for f in frames)
             if fell:
                 notes.append(f"{NAMES[method]}: {fell}/{len(frames)} seeds collapse\n(chosen log p down > {-COLLAPSE_NATS:g} nats)")
-            for column, color, part in (("eval/logps/chosen", CHOSEN_COLOR, "chosen"), ("eval/logps/rejected", REJECTED_COLOR, "rejected")):
-                draw_seeds(ax, frames, column, color=color, label=f"{NAMES[method]}: {part}", linestyle=style)
+            for part in ("chosen", "rejected"):  # one colour per method; solid chosen, dashed rejected
+                style = line_style(method, METHODS, side=part)
+                draw_seeds(ax, frames, f"eval/logps/{part}", color=style["color"], label=f"{NAMES[method]}: {part}", linestyle=style["linestyle"])
         ax.set_title(f"β = {beta:g}")
         step_axis(ax)
         if ax.get_ylim()[0] < LOGP_FLOOR:  # collapsed seeds would squash every other line
@@ -285,7 +285,7 @@ def fig_logps(index: list[dict], figures: Path) -> Path:
                     bbox=dict(facecolor="white", alpha=0.85, edgecolor="#999999"))
     axes[0, 0].set_ylabel("mean log π_θ(y|x) on 128 held-out pairs (nats)")
     add_legend(axes[0, 0], fontsize=8)
-    fig.suptitle("E2 tiny-gpt2: held-out chosen/rejected log-probabilities (solid: DPO, dashed: Balanced-DPO, dotted: token-mean)", fontsize=11)
+    fig.suptitle("E2 tiny-gpt2: held-out log-probabilities (colour: method; solid: chosen, dashed: rejected)", fontsize=11)
     fig.text(0.5, -0.01, f"line: median over seeds · band: IQR · faint: seeds · every 20 steps on fixed held-out pairs · y clipped at {LOGP_FLOOR:g} (collapsed seeds go below)",
              ha="center", va="top", fontsize=8, color="#444444")  # fmt: skip
     return common.save(fig, figures, "e2_tiny_gpt2_logps")
@@ -293,14 +293,13 @@ def fig_logps(index: list[dict], figures: Path) -> Path:
 
 def standard_reports(args, index, figures: Path) -> None:
     """`gradlens plot` per beta (all standard figures, not committed); two of beta=0.1's are copied."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
     betas = sorted({i["beta"] for i in index})
     for beta in betas:
         out = args.out / f"plot-beta{beta:g}"
         paths = [str(args.out / f"beta{beta:g}" / method) for method in ("dpo", "balanced")]
-        ns = argparse.Namespace(paths=paths, out=str(out), format="png", group_by=None, smooth=5)
-        if command.main(ns) != 0:
+        if main(["plot", *paths, "--out", str(out), "--smooth", "5"]) != 0:
             raise SystemExit(f"gradlens plot failed for beta={beta:g}")
     chosen = HEATMAP_BETA if HEATMAP_BETA in betas else betas[0]
     for name in ("layer_heatmap", "ratio"):

@@ -38,7 +38,6 @@ dissipation error), e3_langevin_runtime.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def kl_runs(args, grid) -> list[dict]:
 def run_table(index: list[dict]) -> pd.DataFrame:
     """Per run: KL at the start and end, the stationary bias, measured k to eps, whether Theorem 1's
     curve bounds the exact KL at every logged k, and how far the one-step KL decrement is from h x Fisher."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.runs import load_run
 
     rows = []
@@ -140,7 +139,7 @@ def run_table(index: list[dict]) -> pd.DataFrame:
 
 def sweeps(args, grid) -> pd.DataFrame:
     """Every (target, d, eps) cell; the built-in sweep where it applies, the same API calls otherwise."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.langevin.runner import SweepSpec, run_sweep
     from gradlens.runs import load_run
 
@@ -161,7 +160,7 @@ def sweeps(args, grid) -> pd.DataFrame:
 def shifted_gaussian_cells(grid) -> list[dict]:
     """N(1, I) from N(0, I): Theorem 1's (h, k), exact KL at k, exact k at Theorem 1's h and at the best h."""
     from gradlens.langevin import GaussianTarget, GaussianTrack, best_h_for_eps, theorem1
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for d in grid["dims"]:
@@ -181,7 +180,7 @@ def shifted_gaussian_cells(grid) -> list[dict]:
 def weakly_convex_cells(grid) -> list[dict]:
     """log cosh x in d dims: Theorem 2's (h, k); exact k at that h when k_theory is small enough; the best h."""
     from gradlens.langevin import ProductTarget, best_h_for_eps, smallest_k_to_eps, theorem2_for, track_for
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for d in grid["dims"]:
@@ -214,7 +213,7 @@ def _slope(x, y, min_points: int = 3) -> float:
 
 def slope_table(cells: pd.DataFrame) -> pd.DataFrame:
     """Log-log slope of iterations against d (fitted per eps, then averaged) and against 1/eps (per d)."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
 
     rows = []
     for target in SWEEP_TARGETS:
@@ -246,7 +245,7 @@ def _mean(values) -> float:
 
 
 def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
@@ -278,7 +277,7 @@ def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
 
 
 def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.plot.style import apply_style, color_for, plt
 
     apply_style()
@@ -313,7 +312,7 @@ def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
 def fig_dissipation(index: list[dict], figures: Path) -> Path:
     """The exact one-step KL decrement against h x relative Fisher information, one panel per target
     (gradlens plot draws the same check with every run in one panel; 16 runs need panels)."""
-    from gradlens.langevin import columns as C
+    from gradlens.runs import langevin_schema as C
     from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
@@ -347,10 +346,9 @@ def fig_dissipation(index: list[dict], figures: Path) -> Path:
 
 def standard_report(args) -> None:
     """`gradlens plot` over every KL-vs-k run (all standard Langevin figures), for browsing; not committed."""
-    from gradlens.plot import command
+    from gradlens.cli import main
 
-    ns = argparse.Namespace(paths=[str(args.out / "kl_vs_k")], out=str(args.out / "plot"), format="png", group_by=None, smooth=1)
-    if command.main(ns) != 0:
+    if main(["plot", str(args.out / "kl_vs_k"), "--out", str(args.out / "plot"), "--smooth", "0"]) != 0:
         raise SystemExit("gradlens plot failed on the Langevin runs")
 
 

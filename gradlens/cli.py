@@ -2,7 +2,8 @@
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
 Imports are lazy so ``gradlens --help`` starts fast and ``plot`` never imports
-training code.
+training code. Bare ``gradlens`` prints this help: a training job starts only
+when asked for (``gradlens record`` runs the built-in one).
 """
 
 from __future__ import annotations
@@ -16,28 +17,45 @@ SUBCOMMANDS = {
     "plot": ("gradlens.plot.command", "summarise and plot one or many runs"),
     "langevin": ("gradlens.langevin.command", "run ULA on a target and track KL(p_k || p*) exactly"),
 }
+EPILOG = "start here: `gradlens record` runs the built-in job (DPO then Balanced-DPO on tiny-gpt2), then `gradlens plot runs`"
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradlens", description="Gradient dynamics of preference optimisation and Langevin sampling.")
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and its subcommand parsers (only the chosen one gets its options)."""
+    parser = argparse.ArgumentParser(
+        prog="gradlens", description="Gradient dynamics of preference optimisation and Langevin sampling.", epilog=EPILOG
+    )
+    parser.add_argument("--version", action="version", version=f"gradlens {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    parsers = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # only import the module that will run
             importlib.import_module(module).add_arguments(p)
-    return parser
+        parsers[name] = p
+    return parser, parsers
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser(argv)
     if not argv:
-        argv = ["record"]  # the built-in default job
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+        parser.print_help()
+        return 0
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if unknown:
+        # The subcommand's usage, not the top level's: that is where the flag was looked for.
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
 
 

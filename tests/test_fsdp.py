@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 
 import gradlens
 from gradlens.gradients import UnattributedGradientWarning
-from models import sequence_logps, tiny_gpt2, tiny_llama
+from models import sequence_logps
+from test_record_user import model_dir  # noqa: F401 (fixture: a tiny local GPT-2 and tokenizer)
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from fsdp_split import PAIRS, PROMPT, global_batch  # noqa: E402
+from fsdp_split import FAMILIES, PAIRS, PROMPT, global_batch  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_split.py"
-FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 TOL = 1e-5  # the issue's bound; float64 runs agree to ~1e-12, float32 to ~1e-7
 
 
@@ -65,8 +66,11 @@ def single_process(family: str, dtype: torch.dtype):
     return cap, unsharded_bytes
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: tied wte/lm_head, Conv1D, LayerNorm; llama: RMSNorm (recompute rule)
+@pytest.mark.parametrize(
+    "family, dtype",
+    # gpt2: tied wte/lm_head, Conv1D, LayerNorm; llama: RMSNorm (recompute rule); odd-llama: padded shards
+    [("gpt2", "float32"), ("gpt2", "float64"), ("llama", "float32"), ("llama", "float64"), ("odd-llama", "float32")],
+)
 def test_fsdp2_global_split_equals_one_unsharded_process(fsdp_result, family, dtype):
     got = fsdp_result[f"{family}/{dtype}"]
     cap, _ = single_process(family, getattr(torch, dtype))
@@ -133,3 +137,58 @@ def test_deepspeed_zero3_parameters_are_refused():
     model.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
         gradlens.GradientRecorder(model)
+
+
+# ---- gradlens record --fsdp under torchrun ------------------------------------------------------------
+
+RECORD_COMPARED = ["loss", "logps/chosen", "logps/rejected", "grad_norm", "grad_norm/chosen", "grad_norm/rejected", "grad/dot"]
+
+
+def test_record_fsdp_two_processes_match_a_single_process_and_resume(model_dir, tmp_path):
+    """`torchrun -m gradlens record --env user --fsdp`: the same rows as one unsharded process, through a resume."""
+    from gradlens.runs import load_run
+    from test_record_user import STANDARD, _write_jsonl
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    args = ["record", "--env", "user", "--model", str(model_dir), "--data", str(data), "--loss", "balanced", "--no-shuffle",
+            "--batch-size", "4", "--lr", "1e-2", "--eval-every", "2", "--checkpoint-every", "2", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    torchrun = (shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run").split()
+
+    def run(cmd):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    two = [*torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlens", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
+    run([*two, "--steps", "2"])
+    run([*two[:4], str(_free_port()), *two[5:], "--steps", "3", "--resume"])  # from checkpoint step_2, sharded again
+    run([sys.executable, "-m", "gradlens", *args, "--steps", "3", "--out", str(tmp_path / "single")])
+    fsdp, single = load_run(tmp_path / "fsdp"), load_run(tmp_path / "single")
+    assert fsdp.config["fsdp"] is True and fsdp.config["world_size"] == 2
+    assert list(fsdp.steps.step) == [0, 1, 2] and fsdp.summary["status"] == "complete"
+    for column in RECORD_COMPARED:
+        np.testing.assert_allclose(fsdp.steps[column], single.steps[column], rtol=1e-5, atol=1e-8, err_msg=column)
+    np.testing.assert_allclose(fsdp.layers["chosen_sq"], single.layers["chosen_sq"], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(fsdp.evals.filter(like="eval/").to_numpy(), single.evals.filter(like="eval/").to_numpy(), rtol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fsdp" / "checkpoints" / "step_3" / "model.safetensors"), "pt") as f:
+        first = next(iter(f.keys()))
+        assert tuple(f.get_tensor(first).shape) == tuple(single_shape(tmp_path / "single", first))  # full, unsharded weights
+
+
+def single_shape(run_dir: Path, key: str):
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoints" / "step_3" / "model.safetensors"), "pt") as f:
+        return f.get_tensor(key).shape
+
+
+def test_record_fsdp_without_torchrun_is_one_clear_error(model_dir, tmp_path, capsys):
+    from gradlens.cli import main
+    from test_record_user import STANDARD, _write_jsonl
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    rc = main(["record", "--env", "user", "--model", str(model_dir), "--data", str(data), "--fsdp", "--batch-size", "2", "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 2 and "torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from gradlens.integrations.transformers import GradlensCallback, GradlensTrainerMixin, pair_row_groups
-from gradlens.runs import load_run
+from gradlens.runs import load_run, schema
 from models import VOCAB, sequence_logps, tiny_gpt2
 
 T, PROMPT, NUM_PAIRS = 7, 3, 6
@@ -88,6 +88,8 @@ def test_callback_records_the_users_pairwise_split(tmp_path):
     assert math.isclose(row["grad_norm"], trainer.state.log_history[0]["grad_norm"], rel_tol=1e-5)
     assert math.isclose(row["loss"], trainer.state.log_history[0]["loss"], rel_tol=1e-3)
     assert list(run.steps.step) == [0, 1] and run.summary["status"] == "complete"
+    assert tuple(run.summary) == schema.SUMMARY_KEYS  # the same writer and keys as `gradlens record`
+    assert run.summary["steps_logged"] == 2 and run.summary["unattributed_parameters"] == []
     assert math.isclose(run.layers[run.layers.step == 0].chosen_sq.sum(), row["grad_norm/chosen"] ** 2, rel_tol=1e-9)
 
 
@@ -119,3 +121,33 @@ def test_resumed_trainer_continues_the_run_directory(tmp_path):
     run = load_run(run_dir)
     assert list(run.steps.step) == [0, 1, 2]  # step 1 was dropped and recorded again, nothing duplicated
     assert sorted(set(run.layers.step)) == [0, 1, 2] and run.summary["status"] == "complete"
+
+
+def test_callback_puts_the_split_into_the_trainers_own_logs(tmp_path):
+    """log_history (what W&B, trackio, ... receive) and a real report_to=["tensorboard"] event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from transformers.integrations import TensorBoardCallback
+
+    # What report_to=["tensorboard"] installs, in the same place: before the user's callbacks.
+    trainer = make_trainer(tmp_path, callbacks=[TensorBoardCallback(), GradlensCallback(tmp_path / "run", record_every=2)])
+    trainer.args.max_steps = 4
+    trainer.train()
+    steps = load_run(tmp_path / "run").steps.set_index("step")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    split = ["grad_norm/chosen", "grad_norm/rejected", "grad/dot", "grad/cosine", "grad/ratio"]
+    for entry in logged:
+        recorded = (entry["step"] - 1) // 2 * 2  # record_every=2: steps 0 and 2; unrecorded steps repeat nothing
+        if entry["step"] - 1 == recorded:
+            assert all(entry[name] == steps.loc[recorded, name] for name in split)
+        else:
+            assert not any(name in entry for name in split)  # not measured: absent, never a NaN standing for "skipped"
+        assert "lr" not in entry and "learning_rate" in entry and entry["nonfinite"] == 0.0
+    (events,) = {p.parent for p in (tmp_path / "trainer").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    ratio = acc.Scalars("train/grad/ratio")
+    assert [e.step for e in ratio] == [1, 3]
+    assert [e.value for e in ratio] == pytest.approx([steps.loc[0, "grad/ratio"], steps.loc[2, "grad/ratio"]], rel=1e-6)

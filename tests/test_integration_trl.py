@@ -264,3 +264,41 @@ def test_unsupported_trl_version_fails_clearly(monkeypatch):
     forget_integration(monkeypatch)
     with pytest.warns(RuntimeWarning, match="1.15.2"):
         importlib.import_module("gradlens.integrations.trl")
+
+
+def _tensorboard_scalars(root, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of ``tag`` in the event files under ``root`` (read back with tensorboard itself)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in root.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+SPLIT = ["grad_norm/chosen", "grad_norm/rejected", "grad/dot", "grad/cosine", "grad/ratio"]
+
+
+def test_trainer_logs_and_report_to_tensorboard_carry_the_split(model_dir, tmp_path):
+    """What a report_to user sees: the split in log_history and in Trainer's own TensorBoard events."""
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(model_dir, tmp_path, run_dir, loss="balanced", max_steps=4, logging_steps=2,
+                           report_to=["tensorboard"], gradient_checkpointing=False)  # fmt: skip
+    trainer.train()
+    steps = load_run(run_dir).steps.set_index("step")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    for entry in logged:
+        row = steps.loc[entry["step"] - 1]  # Trainer logs after the update; gradlens's row is the step's gradient
+        for name in SPLIT:
+            assert entry[name] == row[name], name
+        # steps.csv's lr is Trainer's learning_rate: the rate the step's update used (linear decay here).
+        assert "lr" not in entry and entry["learning_rate"] == pytest.approx(row["lr"], rel=1e-12)
+        assert 0 < entry["weights/chosen"] < 2 and entry["weights/chosen"] + entry["weights/rejected"] == pytest.approx(2)
+    tensorboard = tmp_path / "trainer"  # report_to writes under output_dir, apart from the gradlens run directory
+    for name in SPLIT + ["weights/chosen"]:
+        events = _tensorboard_scalars(tensorboard, f"train/{name}")
+        assert [step for step, _ in events] == [2, 4], name
+        assert [v for _, v in events] == pytest.approx([entry[name] for entry in logged], rel=1e-6), name
+    assert list(run_dir.glob("events.out.tfevents.*")) and load_run(run_dir).summary["status"] == "complete"

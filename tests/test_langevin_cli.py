@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from gradlens.cli import main as cli
-from gradlens.langevin import columns as C
+from gradlens.runs import langevin_schema as C
 from gradlens.plot.registry import PlotOptions, get_plotter
 from gradlens.runs import load_run
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradlens.langevin as gl
-from gradlens.langevin import columns as C
+from gradlens.runs import langevin_schema as C
 from gradlens.langevin.runner import SweepSpec, run_sweep
 
 

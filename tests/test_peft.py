@@ -81,3 +81,103 @@ def test_lora_per_parameter_pieces_match():
         offset += p.numel()
         assert abs(table.loc[name, "sq_norm/chosen"] - c.pow(2).sum().item()) <= TOL * max(c.pow(2).sum().item(), 1e-12), name
         assert abs(table.loc[name, "dot/chosen/rejected"] - (c @ r).item()) <= TOL * (c.norm() * r.norm()).item() + 1e-300, name
+
+
+# ---- GradlensDPOTrainer(..., peft_config=LoraConfig(...)) -------------------------------------------
+
+def _trl_lora_config():
+    # Random B (init_lora_weights=False): at step 0 the policy differs from TRL's adapter-disabled reference
+    # and A's gradient is not zero, so the split of every LoRA matrix is exercised.
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                           init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+
+
+def _lora_reference(initial: dict, model_dir, tmp_path, micro_batches):
+    """(g_chosen, g_rejected) of TRL's own loss at step 0: a plain DPOTrainer given the same ``peft_config``
+    (fused head, adapter-disabled reference), set to step 0's adapter weights, then separate autograd passes
+    through the chosen and the rejected rows."""
+    import datasets
+    import trl
+    from transformers import AutoTokenizer
+
+    from test_integration_trl import PAIRS as TRL_PAIRS
+    from test_integration_trl import dpo_config
+
+    plain = trl.DPOTrainer(model=model_dir, args=dpo_config(tmp_path, gradient_checkpointing=False, output_dir=str(tmp_path / "reference")),
+                           train_dataset=datasets.Dataset.from_list(TRL_PAIRS), processing_class=AutoTokenizer.from_pretrained(model_dir),
+                           peft_config=_trl_lora_config())  # fmt: skip
+    assert plain.ref_model is None  # TRL's reference is the policy with its adapter disabled
+    policy = plain.model
+    policy.load_state_dict(initial)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    fused, tapped = policy.forward, {}
+
+    def tap(*args, **kwargs):
+        out = fused(*args, **kwargs)
+        if torch.is_grad_enabled():
+            tapped["log_probs"] = out.log_probs
+        return out
+
+    policy.forward = tap
+    policy.train()
+    sums = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    for inputs in micro_batches:
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("_")}
+        loss = plain.compute_loss(policy, inputs) / len(micro_batches)
+        lp = tapped.pop("log_probs")
+        (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
+        b = lp.shape[0] // 2
+        for k, rows in enumerate((slice(0, b), slice(b, 2 * b))):
+            grads = torch.autograd.grad(lp[rows], params, grad_outputs=w[rows], retain_graph=True, allow_unused=True)
+            for acc, g in zip(sums[k], grads):
+                if g is not None:
+                    acc += g
+    return [torch.cat([g.reshape(-1) for g in part]) for part in sums]
+
+
+@pytest.fixture(scope="module")
+def trl_model_dir(tmp_path_factory):
+    """The TRL test's tiny GPT-2 (tied embeddings) and word-level tokenizer, saved locally."""
+    pytest.importorskip("trl")
+    from test_integration_trl import model_dir
+
+    return model_dir.__wrapped__(tmp_path_factory)
+
+
+def test_gradlens_dpo_trainer_with_peft_config_is_exact_at_step_0(trl_model_dir, tmp_path):
+    import copy
+    import warnings
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    from gradlens.gradients import UnattributedGradientWarning
+    from gradlens.integrations.trl import GradlensDPOTrainer
+    from gradlens.runs import load_run
+    from test_integration_trl import PAIRS as TRL_PAIRS
+    from test_integration_trl import TOL as TRL_TOL
+    from test_integration_trl import dpo_config, spy_training_batches
+
+    model_dir = trl_model_dir
+    run_dir = tmp_path / "run"
+    torch.manual_seed(0)  # LoRA's random initialisation
+    trainer = GradlensDPOTrainer(
+        model=model_dir, args=dpo_config(tmp_path, max_steps=2), train_dataset=datasets.Dataset.from_list(TRL_PAIRS),
+        processing_class=AutoTokenizer.from_pretrained(model_dir), gradlens_dir=run_dir, peft_config=_trl_lora_config(),
+    )  # fmt: skip
+    assert peft.PeftModel in type(trainer.model).__mro__ and trainer.ref_model is None
+    initial = copy.deepcopy(trainer.model.state_dict())  # step 0's weights, for the independent reference
+    seen = spy_training_batches(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnattributedGradientWarning)
+        trainer.train()
+    gc, gr = _lora_reference(initial, model_dir, tmp_path, seen[:1])
+    run = load_run(run_dir)
+    row = run.steps.set_index("step").loc[0]
+    assert rel(row["grad_norm/chosen"], gc.norm().item()) <= TRL_TOL
+    assert rel(row["grad_norm/rejected"], gr.norm().item()) <= TRL_TOL
+    assert abs(row["grad/dot"] - (gc @ gr).item()) <= TRL_TOL * gc.norm().item() * gr.norm().item()
+    assert rel(row["grad_norm"], trainer.state.log_history[0]["grad_norm"]) <= TRL_TOL  # Trainer's own norm agrees
+    layers = set(run.layers[run.layers.step == 0].layer)
+    assert layers and all("lora_" in layer for layer in layers)  # only the adapter trains
+    assert run.summary["unattributed_parameters"] == []

@@ -93,7 +93,9 @@ def test_default_paths_all_figures_and_tables(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert plot("--format", "png,svg") == 0
     out = capsys.readouterr().out
-    figures = tmp_path / "figures"
+    figures = tmp_path / "runs" / "gradlens-plots"  # beside the runs, never ./figures
+    assert not (tmp_path / "figures").exists()
+    assert f"report: {Path('runs') / 'gradlens-plots' / 'report.html'}" in out
     for name, _ in FIGURES:
         assert_valid_png(figures / f"{name}.png")
         assert (figures / f"{name}.svg").read_text(encoding="utf-8").lstrip().startswith("<?xml")
@@ -199,7 +201,7 @@ def test_unknown_kind_group_key_and_format(tmp_path, capsys):
     assert "no run has config key 'warmup'; keys present: beta, env, loss" in capsys.readouterr().err
     assert plot(tmp_path / "runs", "--format", "png,gif") == 2
     assert "choose from png,svg,pdf" in capsys.readouterr().err
-    assert plot(tmp_path / "runs", "--smooth", "0") == 2
+    assert plot(tmp_path / "runs", "--smooth", "-1") == 2
 
 
 def test_every_figure_has_title_axis_labels_and_seed_counts(tmp_path):
@@ -216,7 +218,7 @@ def test_every_figure_has_title_axis_labels_and_seed_counts(tmp_path):
             assert axes[0].get_ylabel(), name
             texts = [t.get_text() for ax in axes if ax.get_legend() for t in ax.get_legend().get_texts()]
             texts += [ax.get_title() for ax in axes]
-            assert any("dpo (n=3)" in t for t in texts) and any("balanced (n=2)" in t for t in texts), (name, texts)
+            assert any("dpo (3 seeds)" in t for t in texts) and any("balanced (2 seeds)" in t for t in texts), (name, texts)
             if name in ("norms", "ratio"):
                 assert all(ax.get_yscale() == "log" for ax in axes) and "log scale" in axes[0].get_ylabel()
         finally:

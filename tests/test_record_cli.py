@@ -45,6 +45,8 @@ def test_tabular_end_to_end(tmp_path, capsys):
     summary = run.summary
     assert summary["status"] == "complete" and summary["nonfinite_steps"] == 0 and summary["wall_time_s"] > 0
     assert summary["final"][schema.STEP] == 11 and summary["final_eval"][schema.STEP] == 12
+    # The one preference-run writer: every summary key, the same ones the trainer integrations write.
+    assert tuple(summary) == schema.SUMMARY_KEYS and summary[schema.SUMMARY_UNATTRIBUTED] == []
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_8"]
     assert list(out.glob("events.out.tfevents.*"))
 
@@ -54,8 +56,10 @@ def test_tiny_gpt2_two_losses_and_next_commands(tmp_path, capsys):
     assert main([*TINY, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     dpo, balanced = out / "tiny-gpt2-dpo-s0", out / "tiny-gpt2-balanced-s0"
-    assert f"gradlens plot {dpo} {balanced}" in captured.out
-    assert f"tensorboard --logdir {out}" in captured.out
+    unwrapped = captured.out.replace(" \\\n      ", " ")  # long commands continue on the next line
+    assert f"gradlens plot {dpo} {balanced}" in unwrapped
+    assert f"tensorboard --logdir {out}" in unwrapped
+    assert "tiny-gpt2 SFT warm-start: step" in captured.err  # the warm-start is not 20 s of silence
     assert "tiny-gpt2 dpo: step" in captured.err and "|g_c|=" in captured.err and "|g_r|=" in captured.err  # progress bar
     for path in (dpo, balanced):
         run = load_run(path)

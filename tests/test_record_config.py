@@ -13,7 +13,7 @@ from gradlens.record.config import ENV_DEFAULTS, load_config_file
 
 
 def _args(argv):
-    return build_parser(["record", *argv]).parse_args(["record", *argv])
+    return build_parser(["record", *argv])[0].parse_args(["record", *argv])
 
 
 def test_toml_config_with_flag_override_is_saved_resolved(tmp_path):
@@ -83,7 +83,8 @@ def test_no_arguments_is_dpo_then_balanced_on_tiny_gpt2(tmp_path, monkeypatch):
 def test_rerunning_the_default_job_picks_fresh_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tiny-gpt2-dpo-s0").mkdir(parents=True)
-    (tmp_path / "runs" / "tiny-gpt2-dpo-s0" / "config.json").write_text("{}")
+    # A config.json as gradlens writes it: --overwrite replaces only directories it recognises.
+    (tmp_path / "runs" / "tiny-gpt2-dpo-s0" / "config.json").write_text('{"schema_version": 1, "kind": "preference", "config": {}}')
     plans = _plan(_args([]))
     assert [str(p.path) for p in plans] == ["runs/tiny-gpt2-dpo-s0-2", "runs/tiny-gpt2-balanced-s0-2"]
     assert "runs/tiny-gpt2-dpo-s0 exists, so this job writes runs/tiny-gpt2-dpo-s0-2" in plans[0].note

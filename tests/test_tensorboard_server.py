@@ -66,7 +66,8 @@ def test_tensorboard_serves_tags_and_layout(tmp_path):
         titles = [c["title"] for c in layout["category"]]
         assert "gradlens: chosen vs rejected" in titles
         chart_tags = [tag for c in layout["category"] for chart in c["chart"] for tag in chart["multiline"]["tag"]]
-        assert schema.GRAD_NORM_CHOSEN in chart_tags and schema.GRAD_NORM_REJECTED in chart_tags
+        assert f"^{schema.GRAD_NORM_CHOSEN}$" in chart_tags and f"^{schema.GRAD_NORM_REJECTED}$" in chart_tags
+        assert "gradlens: evaluation" in titles  # written once the first evaluation showed which metrics exist
         points = _get_json(f"{base}/data/plugin/scalars/scalars?run=tab&tag={urllib.request.quote(schema.GRAD_NORM_CHOSEN, safe='')}")
         assert [p[1] for p in points] == [0, 1, 2, 3]  # [wall_time, step, value] rows
     finally:

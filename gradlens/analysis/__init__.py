@@ -13,10 +13,10 @@ away: statistics use finite values and report how many were left out.
     analysis.layer_attribution(run.layers)   # which layers carry the imbalance
 """
 
-from .compare import bootstrap_diff_ci, compare_groups
+from .compare import CI_METHODS, DiffInterval, bootstrap_diff_ci, compare_groups, diff_interval, holm, t_diff_ci
 from .convergence import accuracy_stats, kl_to_optimum_stats, loglog_slope, reward_kl_frontier, reward_kl_stats, steps_to_level
 from .finite import split_finite
-from .groups import config_value, group_label, group_runs
+from .groups import Grouping, config_value, describe_differences, differing_settings, group_label, group_runs, split_by_settings
 from .imbalance import cosine_series, cosine_stats, dominated_fraction, onset_step, ratio_series, ratio_stats
 from .layers import LayerArrays, binned_log_ratio, imbalance_carriers, layer_arrays, layer_attribution
 from .likelihood import likelihood_displacement, pw_pl_stats, pw_pl_trajectory
@@ -25,7 +25,10 @@ from .stability import seed_spread, spikes, stability
 from .summary import GroupSummary, aggregate_runs, run_metrics, summarize_groups
 
 __all__ = [
+    "CI_METHODS",
+    "DiffInterval",
     "GroupSummary",
+    "Grouping",
     "LayerArrays",
     "accuracy_stats",
     "loglog_slope",
@@ -36,9 +39,13 @@ __all__ = [
     "config_value",
     "cosine_series",
     "cosine_stats",
+    "describe_differences",
+    "diff_interval",
+    "differing_settings",
     "dominated_fraction",
     "group_label",
     "group_runs",
+    "holm",
     "imbalance_carriers",
     "kl_to_optimum_stats",
     "layer_arrays",
@@ -57,8 +64,10 @@ __all__ = [
     "seed_matrix",
     "seed_spread",
     "spikes",
+    "split_by_settings",
     "split_finite",
     "stability",
     "steps_to_level",
     "summarize_groups",
+    "t_diff_ci",
 ]

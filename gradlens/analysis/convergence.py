@@ -14,6 +14,7 @@ from .finite import as_float_array, column, first_finite, last_finite
 
 # Short names for the evals.csv columns used here (defined in the run schema).
 PREF_ACCURACY = schema.EVAL_PREF_ACCURACY
+TRAIN_PAIR_ACCURACY = schema.EVAL_TRAIN_PAIR_ACCURACY
 KL_TO_OPTIMUM = schema.EVAL_KL_TO_OPTIMUM
 OOD_MASS = schema.EVAL_OOD_MASS
 TRUE_REWARD = schema.EVAL_TRUE_REWARD
@@ -79,12 +80,20 @@ def reward_kl_stats(evals: pd.DataFrame) -> dict[str, float]:
 
 
 def accuracy_stats(evals: pd.DataFrame, level: float = 0.9) -> dict[str, float]:
-    """Final held-out preference accuracy and the steps until it reaches ``level`` (NaN: never)."""
+    """Final held-out preference accuracy and the steps until it reaches ``level`` (NaN: never).
+
+    A run evaluated on its training pairs reports ``train_pair_accuracy_final``
+    instead: that number says nothing about held-out pairs."""
+    out: dict[str, float] = {}
+    training = column(evals, TRAIN_PAIR_ACCURACY)
+    if training is not None:
+        out["train_pair_accuracy_final"] = last_finite(training)
     accuracy = column(evals, PREF_ACCURACY)
     if accuracy is None:
-        return {}
+        return out
     reached = steps_to_level(evals, level)
-    return {"pref_accuracy_final": last_finite(accuracy), f"steps_to_acc_{level:g}": float("nan") if reached is None else float(reached)}
+    out.update({"pref_accuracy_final": last_finite(accuracy), f"steps_to_acc_{level:g}": float("nan") if reached is None else float(reached)})
+    return out
 
 
 def loglog_slope(x, y) -> float:

@@ -41,6 +41,7 @@ COMPARED_METRICS = (
     "true_reward_final",
     "kl_to_ref_final",
     "pref_accuracy_final",
+    "train_pair_accuracy_final",
 )
 
 
@@ -156,11 +157,13 @@ def summarize_groups(
     spike_k: float = 5.0,
     accuracy_level: float = 0.9,
     layers_of: Callable[[Run], LayerArrays | None] | None = None,
+    ci: str = "bootstrap",
 ) -> GroupSummary:
     """Metrics for every run, aggregated per group, the per-layer attribution per
     group and the comparison of each group with ``baseline`` (default: ``dpo`` when
     present, else the first group). ``layers_of`` returns a run's pivoted layer
-    table (default ``run_layer_arrays``); pass a memoised one to share it with figures."""
+    table (default ``run_layer_arrays``); pass a memoised one to share it with figures.
+    ``ci``: the comparison's interval, "bootstrap" or "t" (see ``compare.py``)."""
     from .compare import compare_groups
 
     rows, arrays_by_group = [], {}
@@ -185,7 +188,7 @@ def summarize_groups(
         baseline = "dpo" if "dpo" in names else (names[0] if names else None)
     comparison = pd.DataFrame()
     if len(names) > 1:
-        comparison = compare_groups(per_run, [m for m in COMPARED_METRICS if m in per_run.columns], baseline=baseline)
+        comparison = compare_groups(per_run, [m for m in COMPARED_METRICS if m in per_run.columns], baseline=baseline, ci=ci)
     return GroupSummary(summary=summary, per_run=per_run, layers=layers, comparison=comparison)
 
 

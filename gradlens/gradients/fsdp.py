@@ -31,6 +31,7 @@ dims, DeepSpeed ZeRO-3 partitions -- raises at attach time, never a silent 0.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -45,10 +46,11 @@ class UnsupportedShardingError(ValueError):
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch built without distributed
+    # A model can only hold DTensors once torch.distributed.tensor was imported: skip the import otherwise.
+    if "torch.distributed.tensor" not in sys.modules:
         return None, None
+    from torch.distributed.tensor import DTensor, Shard
+
     return DTensor, Shard
 
 
@@ -125,7 +127,7 @@ class ShardedParams:
     def own_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return self._own[id(module)]
 
-    def begin(self, *, distributed: str, per_row: bool) -> None:
+    def begin(self, *, distributed: str, per_row: bool, keep_pieces: bool = False) -> None:
         """Start a capture: check its options, note every ``.grad`` shard (captures may follow accumulation)."""
         if distributed != "global":
             raise ValueError(
@@ -134,6 +136,8 @@ class ShardedParams:
             )
         if per_row:
             raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
+        if keep_pieces:
+            raise ValueError("keep_pieces is not available for FSDP2-sharded models: each rank holds only its rows of every piece")
         self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
         self.temporary_bytes = 0
 
@@ -145,8 +149,11 @@ class ShardedParams:
         self.temporary_bytes = max(self.temporary_bytes, piece.numel() * piece.element_size())
         rows = p.shape[0]
         chunk = math.ceil(rows / self.world)  # torch.chunk's split, which FSDP2 uses
-        padded = piece.new_zeros((chunk * self.world, *piece.shape[1:]))
-        padded[:rows] = piece
+        if chunk * self.world == rows:
+            padded = piece.contiguous()
+        else:  # the last ranks' rows are padding, as in FSDP's own reduce-scatter
+            padded = piece.new_zeros((chunk * self.world, *piece.shape[1:]))
+            padded[:rows] = piece
         out = piece.new_empty((chunk, *piece.shape[1:]))
         dist.reduce_scatter_tensor(out, padded, group=self.group)
         start, stop = self._rows(p)

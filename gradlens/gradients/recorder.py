@@ -236,7 +236,7 @@ class GradientRecorder:
             distributed = "global" if world_size() > 1 else "local"
         self._check_parameters_unchanged()
         if self.sharded is not None:
-            self.sharded.begin(distributed=distributed, per_row=per_row)
+            self.sharded.begin(distributed=distributed, per_row=per_row, keep_pieces=keep_pieces)
         cap = Capture(
             self.index, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
             distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,

@@ -7,5 +7,6 @@
 
 Submodules are imported on demand, so ``import gradlens`` never imports TRL.
 Shared pieces: ``stepper.py`` (one capture per optimizer step across micro-batches)
-and ``run_log.py`` (steps/layers tables, TensorBoard, summary).
+and ``run_log.py`` (finished steps as rows for ``gradlens.runs.preference_log``, the
+run-directory writer ``gradlens record`` uses too, and for the Trainer's own logs).
 """

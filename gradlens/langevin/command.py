@@ -79,6 +79,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     o.add_argument("--label", default=None, help="group label for `gradlens plot` (default: from the settings)")
     o.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard event files")
+    o.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    o.add_argument("--quiet", action="store_true", help="no progress messages (errors are still printed)")
+
+
+def _option_defaults() -> tuple[dict, dict]:
+    """(dest -> default, dest -> argparse action) of this command's options."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    return {dest: a.default for dest, a in actions.items()}, actions
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Fill every option the command line left at its default from ``--config``.
+
+    Names and values are checked like flags (type and choices); the file's
+    problems are reported with its path.
+    """
+    from ..settings_file import read_settings_file
+
+    path = args.config
+    defaults, actions = _option_defaults()
+    for written, value in read_settings_file(path).items():
+        key = str(written).replace("-", "_")
+        action = actions.get(key)
+        if action is None or key in ("config", "help"):
+            known = ", ".join(sorted(k for k in actions if k not in ("config", "help")))
+            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {known}")
+        if action.nargs == 0:  # a switch such as --overwrite
+            if not isinstance(value, bool):
+                raise ValueError(f"{path}: {key!r} must be true or false, got {value!r}")
+        elif action.type is not None:
+            wrong = isinstance(value, bool) or (action.type is int and not isinstance(value, int))
+            try:
+                converted = None if wrong else action.type(value)
+            except (TypeError, ValueError):
+                wrong = True
+            if wrong:
+                raise ValueError(f"{path}: {key!r} must be a {action.type.__name__}, got {value!r}")
+            value = converted
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)  # --eps / --dims lists
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{path}: {key!r} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -106,6 +154,10 @@ def _default_out(name: str) -> Path:
         path = DEFAULT_ROOT / f"{name}-{stamp}-{n}"
         n += 1
     return path
+
+
+def _echo(args: argparse.Namespace):
+    return (lambda message: None) if args.quiet else print
 
 
 # Bytes per float64 and how many (particles x d) and (d x d) arrays a run holds at once
@@ -143,6 +195,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--knn-every", args.knn_every)):
         if value is not None and value < 0:
             raise ValueError(f"{flag} must be 0 or more, got {value}")
+    for flag, value, least in (("--max-rows", args.max_rows, 2), ("--reference-steps", args.reference_steps, 1), ("--particles", args.particles, -1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     if args.eps is not None:
         for eps in _floats(args.eps, "--eps"):
             if not (MIN_EPS <= eps < math.inf):
@@ -204,7 +259,7 @@ def _run(args: argparse.Namespace) -> None:
     )
     name = f"{args.target}-d{args.dim}" + (f"-{args.phi}" if args.target == "product" else "")
     out = Path(args.out) if args.out else _default_out(name)
-    _write_guarded(out, args.overwrite, lambda: run_langevin(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard))
+    _write_guarded(out, args.overwrite, lambda: run_langevin(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard, echo=_echo(args)))
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -218,11 +273,13 @@ def _sweep(args: argparse.Namespace) -> None:
         best_h=not args.no_best_h, max_work=args.max_work, label=args.label,
     )
     out = Path(args.out) if args.out else _default_out(f"sweep-{args.target}")
-    _write_guarded(out, args.overwrite, lambda: run_sweep(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard))
+    _write_guarded(out, args.overwrite, lambda: run_sweep(spec, out, overwrite=args.overwrite, tensorboard=not args.no_tensorboard, echo=_echo(args)))
 
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.config:
+            apply_config_file(args)
         _check_flags(args)
         (_sweep if args.action == "sweep" else _run)(args)
     except ValueError as exc:

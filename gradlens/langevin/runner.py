@@ -24,7 +24,7 @@ import numpy as np
 from ..runs import RunWriter, prepare_run_dir
 from ..analysis.convergence import loglog_slope
 from ..runs import schema
-from . import columns as C
+from ..runs import langevin_schema as C
 from .exact import grid_track, track_for
 from .exact_gaussian import GaussianTrack, stationary_kl
 from .grid import grid_error

@@ -1,6 +1,7 @@
 """Drawing helpers shared by the plotters: seeds as faint lines, the median
-across seeds as a line, the interquartile range as a band; smoothing and
-downsampling for drawing only (metrics always use every step)."""
+across seeds as a line, the interquartile range as a band (both only with two
+or more seeds); captions that say exactly that; ratio axes with plain ticks;
+smoothing and downsampling for drawing only (metrics always use every step)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,27 @@ from .style import apply_style, plt
 MAX_POINTS = 2000
 SEED_ALPHA = 0.25
 BAND_ALPHA = 0.22
-CAPTION = "line: median over seeds · band: interquartile range · faint lines: individual seeds"
 
 
 def legend_label(group: str, n: int) -> str:
-    return f"{group} (n={n})"
+    """``dpo (3 seeds)``, ``dpo (1 run)``."""
+    return f"{group} ({n} seeds)" if n != 1 else f"{group} (1 run)"
+
+
+def seeds_caption(counts: Sequence[int], smooth: int = 1) -> str:
+    """What a figure drawn by ``draw_seeds`` shows, for the seed counts it had: no
+    band or faint lines are promised for groups with one run, and smoothing is named."""
+    counts = [n for n in counts if n > 0]
+    several = [n for n in counts if n > 1]
+    if not several:
+        parts = ["line: the single run of each group" if len(counts) > 1 else "line: one run"]
+    else:
+        parts = ["line: median over seeds", "band: interquartile range over seeds", "faint lines: individual seeds"]
+        if len(several) < len(counts):
+            parts.append("groups with one run: that run only")
+    if smooth > 1:
+        parts.append(f"smoothed for drawing: rolling median over {smooth} steps (--smooth 0: raw)")
+    return " · ".join(parts)
 
 
 def smooth_columns(matrix: np.ndarray, window: int) -> np.ndarray:
@@ -104,13 +121,26 @@ def step_axis(ax, label: str = "optimizer step") -> None:
     ax.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
 
 
+def _plain_number(value: float, _pos=None) -> str:
+    return f"{value:g}"
+
+
+def ratio_axis(ax, axis: str = "y") -> None:
+    """A log axis (ratios, norms) with plain ticks (0.5, 1, 2, 5, 10), never "3×10⁰" or "6×10⁻¹"."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(ticker.FuncFormatter(_plain_number))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
 def add_legend(ax, **kwargs) -> None:
     """A legend when the axis has labelled artists (no matplotlib warning otherwise)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**{"loc": "best", **kwargs})
 
 
-def finish(fig, title: str, caption: str | None = CAPTION) -> None:
+def finish(fig, title: str, caption: str | None) -> None:
     fig.suptitle(title, fontsize=13)
     if caption:
         # Outside the constrained layout; savefig's tight bbox still includes it.

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.convergence import loglog_slope
-from ..langevin import columns as C
+from ..runs import langevin_schema as C
 from ..runs import Run
 from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
-from .style import apply_style, color_for, plt
+from .style import apply_style, color_for, group_colors, plt
 
 TERMINAL_COLUMNS = [
     "group", "runs", "mode", "dim", "h", "steps", "kl0", "kl_final", "kl_stationary", "theorem1_k", "measured_k",
@@ -146,17 +146,32 @@ def _positive(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return frame[keep]
 
 
+def _iteration_axis(ax, steps: list[np.ndarray]) -> bool:
+    """A log x axis (symlog, so k = 0 stays) when the runs span two or more decades of
+    iterations, else a linear one; returns whether it is logarithmic."""
+    positive = np.concatenate([s[s > 0] for s in steps]) if steps else np.array([])
+    if positive.size and positive.max() / max(positive.min(), 1.0) >= 100:
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.2)
+        ax.set_xlabel("iteration k (log scale; linear between 0 and 1)")
+        return True
+    ax.set_xlabel("iteration k")
+    return False
+
+
 def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
     drawn = False
-    for gi, (label, runs) in enumerate(groups.items()):
-        color = color_for(gi)
+    colors = group_colors(list(groups))
+    iterations = []
+    for label, runs in groups.items():
+        color = colors[label]
         for ri, run in enumerate(r for r in runs if not _is_sweep(r)):
             steps = run.steps
             first = ri == 0
             if C.KL in steps and steps[C.KL].notna().any():
                 s = _positive(_thin(steps.dropna(subset=[C.KL])), C.KL)
                 ax.plot(s[C.STEP], s[C.KL], color=color, lw=1.8, label=f"{label}: exact KL" if first else None)
+                iterations.append(s[C.STEP].to_numpy(float))
                 drawn = True
             if C.BOUND_THEOREM1 in steps and steps[C.BOUND_THEOREM1].notna().any():
                 s = _positive(_thin(steps.dropna(subset=[C.BOUND_THEOREM1])), C.BOUND_THEOREM1)
@@ -178,7 +193,7 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
         plt.close(fig)
         return []
     ax.set_yscale("log")
-    ax.set_xlabel("iteration k")
+    _iteration_axis(ax, iterations)
     ax.set_ylabel("KL(p_k || p*)")
     ax.set_title("ULA: KL to the target, Theorem 1 bound and stationary bias")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -189,7 +204,8 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
 def fig_dissipation(groups: RunGroups, options: PlotOptions) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.0, 5.0))
     lo, hi = math.inf, 0.0
-    for gi, (label, runs) in enumerate(groups.items()):
+    colors = group_colors(list(groups))
+    for label, runs in groups.items():
         for ri, run in enumerate(r for r in runs if not _is_sweep(r)):
             steps = run.steps
             if C.KL_DECREMENT not in steps or C.H_FISHER not in steps:
@@ -197,7 +213,7 @@ def fig_dissipation(groups: RunGroups, options: PlotOptions) -> list[Path]:
             s = _positive(_thin(steps.dropna(subset=[C.KL_DECREMENT, C.H_FISHER])), C.KL_DECREMENT, C.H_FISHER)
             if s.empty:
                 continue
-            ax.plot(s[C.H_FISHER], s[C.KL_DECREMENT], ".", ms=3, color=color_for(gi), label=label if ri == 0 else None)
+            ax.plot(s[C.H_FISHER], s[C.KL_DECREMENT], ".", ms=3, color=colors[label], label=label if ri == 0 else None)
             lo = min(lo, float(s[C.H_FISHER].min()), float(s[C.KL_DECREMENT].min()))
             hi = max(hi, float(s[C.H_FISHER].max()), float(s[C.KL_DECREMENT].max()))
     if not hi > 0:
@@ -278,4 +294,4 @@ def figures(groups: RunGroups, options: PlotOptions) -> list[Path]:
     return paths
 
 
-register_plotter("langevin", KindPlotter(summarize=summarize, figures=figures, default_group_by="label"))
+register_plotter("langevin", KindPlotter(summarize=summarize, figures=figures, default_group_by="label", split_within="mode"))

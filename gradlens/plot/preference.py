@@ -1,8 +1,10 @@
 """Figures and the summary table for preference runs (DPO, Balanced-DPO, AdaDPO).
 
 Registers the plotter for run kind "preference". Every figure shows one line
-per group (the median over its seeds), the interquartile band and the seeds as
-faint lines; a figure whose columns no run has is skipped with a note.
+per group (the median over its seeds) in that group's colour (the same in every
+figure), with the interquartile band and the seeds as faint lines when the group
+has two or more seeds; chosen is solid and rejected dashed; each caption says
+what is drawn. A figure whose columns no run has is skipped with a note.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from ..analysis.seeds import row_quantiles, seed_matrix
 from ..analysis.summary import run_layer_arrays, summarize_groups
 from ..runs import Run
 from ..runs import schema
-from .draw import add_legend, draw_index, draw_seeds, finish, legend_label, panel_grid, save_figure, single_axis, step_axis
+from .draw import (
+    add_legend, draw_index, draw_seeds, finish, legend_label, panel_grid, ratio_axis, save_figure, seeds_caption, single_axis,
+    step_axis,
+)  # fmt: skip
 from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
-from .style import CHOSEN_COLOR, REJECTED_COLOR, color_for, plt
+from .style import SIDE_LINESTYLES, group_colors, plt
 
 HEATMAP_BINS = 400
 HEATMAP_CMAP = "RdBu_r"  # diverging ColorBrewer map, safe for colour-blind readers
@@ -77,7 +82,13 @@ def _require(groups: RunGroups, *columns: str, table: str = "steps") -> None:
 
 
 def _colors(groups: RunGroups) -> dict[str, str]:
-    return {label: color_for(i) for i, label in enumerate(groups)}
+    return group_colors(list(groups))
+
+
+def _caption(groups: RunGroups, options: PlotOptions, table: str = "steps") -> str:
+    """The seeds caption for a figure of ``table`` columns (evals are never smoothed)."""
+    counts = [sum(1 for f in _frames(runs, table) if not f.empty) for runs in groups.values()]
+    return seeds_caption(counts, options.smooth if table == "steps" else 1)
 
 
 # -------------------------------------------------------------------- figures
@@ -104,13 +115,18 @@ def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str
     """One panel per group with the chosen and the rejected series of that group."""
     _require(groups, chosen, rejected)
     fig, axes = panel_grid(len(groups))
+    colors = _colors(groups)
     drawn = False
     for ax, (label, runs) in zip(axes, groups.items()):
         frames, name = _frames(runs), legend_label(label, len(runs))
-        for column, color, style, part in ((chosen, CHOSEN_COLOR, "-", "chosen"), (rejected, REJECTED_COLOR, "--", "rejected")):
-            drawn |= draw_seeds(ax, frames, column, color=color, label=f"{name}: {part} {what}", smooth=options.smooth, positive=log, linestyle=style)
+        # The group's colour; chosen solid, rejected dashed (the same convention in every figure).
+        for column, part in ((chosen, "chosen"), (rejected, "rejected")):
+            drawn |= draw_seeds(
+                ax, frames, column, color=colors[label], label=f"{part} {what}", smooth=options.smooth, positive=log,
+                linestyle=SIDE_LINESTYLES[part],
+            )  # fmt: skip
         if log:
-            ax.set_yscale("log")
+            ratio_axis(ax)  # plain tick labels (0.5, 1, 2), never 6×10⁻¹
         ax.set_title(name)
         step_axis(ax)
         add_legend(ax)
@@ -121,7 +137,7 @@ def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str
 def fig_norms(groups: RunGroups, options: PlotOptions):
     fig, axes = _chosen_rejected_panels(groups, options, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, log=True, what="‖g‖")
     axes[0].set_ylabel("gradient norm (log scale)")
-    finish(fig, "Gradient norms of the chosen and rejected terms")
+    finish(fig, "Gradient norms of the chosen (solid) and rejected (dashed) terms", _caption(groups, options))
     return fig
 
 
@@ -144,12 +160,12 @@ def fig_ratio(groups: RunGroups, options: PlotOptions):
         frames = [_ratio_frame(f) for f in _frames(runs)]
         drawn |= draw_seeds(ax, frames, schema.GRAD_RATIO, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=True)
     _skip_if_empty(fig, drawn, schema.GRAD_RATIO)
-    ax.set_yscale("log")
+    ratio_axis(ax)
     step_axis(ax)
-    ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (balanced)")
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (equal norms)")
     ax.set_ylabel("ρ = ‖g_rejected‖ / ‖g_chosen‖ (log scale)")
     add_legend(ax)
-    finish(fig, "Gradient ratio ρ (above 1: the rejected term dominates)")
+    finish(fig, "Gradient ratio ρ (above 1: the rejected term dominates)", _caption(groups, options))
     return fig
 
 
@@ -159,23 +175,23 @@ def fig_cosine(groups: RunGroups, options: PlotOptions):
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("cos(g_chosen, g_rejected)")
     add_legend(ax)
-    finish(fig, "Cosine between the chosen and rejected gradients")
+    finish(fig, "Cosine between the chosen and rejected gradients", _caption(groups, options))
     return fig
 
 
 def fig_logps(groups: RunGroups, options: PlotOptions):
     fig, axes = _chosen_rejected_panels(groups, options, schema.LOGPS_CHOSEN, schema.LOGPS_REJECTED, log=False, what="log p")
     axes[0].set_ylabel("sequence log-probability (nats)")
-    finish(fig, "Log-probabilities of chosen and rejected responses")
+    finish(fig, "Log-probabilities of chosen (solid) and rejected (dashed) responses", _caption(groups, options))
     return fig
 
 
 def fig_pw_over_pl(groups: RunGroups, options: PlotOptions):
     fig, ax = _one_column_per_group(groups, options, schema.LOG_PW_OVER_PL)
     ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0, label="p_w = p_l")
-    ax.set_ylabel("mean log(p_w / p_l) (nats)")
+    ax.set_ylabel("mean ln(p_w / p_l) (nats)")
     add_legend(ax)
-    finish(fig, "Probability-space ratio p_w / p_l (the factor between the two sensitivities)")
+    finish(fig, "Log probability ratio ln(p_w / p_l) (p_w / p_l: the factor between the two sensitivities)", _caption(groups, options))
     return fig
 
 
@@ -195,7 +211,7 @@ def fig_rewards(groups: RunGroups, options: PlotOptions):
     _skip_if_empty(fig, drawn, "rewards/*")
     axes[0].set_ylabel("implicit reward β(ℓ − ℓ_ref) (nats)")
     add_legend(axes[0])
-    finish(fig, "Implicit rewards and margins")
+    finish(fig, "Implicit rewards and margins", _caption(groups, options))
     return fig
 
 
@@ -203,7 +219,7 @@ def fig_loss(groups: RunGroups, options: PlotOptions):
     fig, ax = _one_column_per_group(groups, options, schema.LOSS)
     ax.set_ylabel("DPO loss (nats)")
     add_legend(ax)
-    finish(fig, "Training loss (the DPO value, for every method)")
+    finish(fig, "Training loss (the DPO value, for every method)", _caption(groups, options))
     return fig
 
 
@@ -229,7 +245,7 @@ def fig_kl_to_optimum(groups: RunGroups, options: PlotOptions):
     for ax in axes:
         step_axis(ax)
     add_legend(axes[0])
-    finish(fig, "Convergence to π* ∝ π_ref·exp(r/β) (tabular)")
+    finish(fig, "Convergence to π* ∝ π_ref·exp(r/β) (tabular)", _caption(groups, options, "evals"))
     return fig
 
 
@@ -264,7 +280,12 @@ def fig_reward_kl_frontier(groups: RunGroups, options: PlotOptions):
     ax.set_xlabel("KL(π_θ ‖ π_ref) (nats)")
     ax.set_ylabel("true reward of samples (mean)")
     add_legend(ax)
-    finish(fig, "Reward–KL frontier (star: last evaluation)", caption="points: median over seeds per evaluation · bars: interquartile range · faint lines: individual seeds")
+    several = any(sum(1 for e in _frames(runs, "evals") if not e.empty) > 1 for runs in groups.values())
+    caption = (
+        "points: median over seeds per evaluation · bars: interquartile range over seeds · faint lines: individual seeds"
+        if several else "points: each evaluation of the single run of each group"
+    )  # fmt: skip
+    finish(fig, "Reward–KL frontier (star: last evaluation)", caption)
     return fig
 
 
@@ -305,8 +326,10 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
     axes[0].set_yticks(range(0, len(names), every), [names[i] for i in range(0, len(names), every)], fontsize=7 if len(names) > 15 else 9)
     axes[0].set_ylabel("layer (module path)")
     bar = fig.colorbar(image, ax=axes, shrink=0.9)
-    bar.set_label("log ρ  (> 0: rejected dominates)")
-    finish(fig, "Per-layer gradient ratio (median over seeds)", caption="grey: no finite value · colour scale clipped at the 99th percentile of |log ρ|")
+    bar.set_label("ln ρ  (natural log; > 0: rejected dominates)")
+    several = any(len(group) > 1 for group in arrays.values())
+    what = "median over seeds of each bin's mean ln ρ" if several else "each bin's mean ln ρ (one run per group)"
+    finish(fig, "Per-layer gradient ratio ln ρ", f"{what} · grey: no finite value · colour scale clipped at the 99th percentile of |ln ρ|")
     return fig
 
 
@@ -316,7 +339,7 @@ TERMINAL_COLUMNS = [
     "ratio_median", "ratio_iqr", "ratio_final", "mean_log_ratio", "dominated_frac", "onset_step", "onset_runs",
     "cosine_median", "log_pw_over_pl_final", "chosen_logp_fall_frac", "chosen_logp_change", "rejected_logp_change",
     "loss_final", "loss_final_seed_sd", "loss_spikes", "grad_norm_spikes",
-    "kl_to_optimum_final", "true_reward_final", "kl_to_ref_final", "pref_accuracy_final", "imbalance_layers",
+    "kl_to_optimum_final", "true_reward_final", "kl_to_ref_final", "pref_accuracy_final", "train_pair_accuracy_final", "imbalance_layers",
 ]  # fmt: skip
 
 FIGURES: list[tuple[str, Callable]] = [
@@ -351,7 +374,7 @@ def figures(groups: RunGroups, options: PlotOptions) -> list[Path]:
 def summarize(groups: RunGroups, options: PlotOptions) -> pd.DataFrame:
     """One row per group. The per-run table, per-layer attribution and the group
     comparison travel in ``summary.attrs["tables"]`` for the command to write."""
-    result = summarize_groups(groups, layers_of=_layers_of)
+    result = summarize_groups(groups, layers_of=_layers_of, ci=options.ci)
     summary = result.summary
     summary.attrs["tables"] = {"runs": result.per_run, "layers": result.layers, "comparison": result.comparison}
     summary.attrs["terminal_columns"] = [c for c in TERMINAL_COLUMNS if c in summary.columns]

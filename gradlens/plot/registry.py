@@ -23,8 +23,9 @@ RunGroups = dict[str, list[Run]]
 class PlotOptions:
     out: Path
     formats: list[str] = field(default_factory=lambda: ["png"])
-    smooth: int = 1
+    smooth: int = 1            # rolling-median window for drawing step series; 1: raw
     group_by: str = "loss"
+    ci: str = "bootstrap"      # interval of the comparison table: "bootstrap" or "t"
 
 
 @dataclass
@@ -35,6 +36,8 @@ class KindPlotter:
     figures: Callable[[RunGroups, PlotOptions], list[Path]]
     # How a run's group label is derived when --group-by is not given.
     default_group_by: str = "loss"
+    # A config key whose values the plotter keeps apart itself (see analysis.groups.split_by_settings).
+    split_within: str | None = None
 
 
 PLOTTERS: dict[str, KindPlotter] = {}
@@ -44,6 +47,9 @@ PLOTTER_MODULES = {"preference": "gradlens.plot.preference", "langevin": "gradle
 
 
 def register_plotter(kind: str, plotter: KindPlotter) -> None:
+    """Add the plotter for runs of ``kind``; a kind has one plotter, so a second registration raises."""
+    if kind in PLOTTERS:
+        raise ValueError(f"a plotter for run kind {kind!r} is already registered")
     PLOTTERS[kind] = plotter
 
 

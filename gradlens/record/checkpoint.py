@@ -2,7 +2,9 @@
 
 ``checkpoints/step_N/`` holds the state after N optimizer steps (rows 0..N-1
 are logged): ``model.safetensors``, ``optimizer.pt`` (tensors and plain Python
-values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``.
+values only, loaded with ``torch.load(weights_only=True)``) and ``state.json``;
+LoRA runs add ``adapter/`` (peft's ``adapter_model.safetensors`` and
+``adapter_config.json``).
 A checkpoint is written into a temporary directory and renamed, so a run killed
 mid-write leaves the previous checkpoint intact. Every file is checked
 (``read_state``, ``check_weights``, ``read_optimizer_state``) before a resumed
@@ -42,6 +44,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 REFERENCE_DIR = "reference"
+ADAPTER_DIR = "adapter"
 KEEP_LAST = 2
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -105,7 +108,14 @@ def save_checkpoint(
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
-    save_hf_files(model, tmp, tokenizer)
+    if hasattr(model, "peft_config"):
+        # LoRA: model.safetensors holds peft's names (for --resume), which from_pretrained would not
+        # match: no config.json beside it; the adapter and tokenizer go to adapter/ for PeftModel.from_pretrained.
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / ADAPTER_DIR)
+    else:
+        save_hf_files(model, tmp, tokenizer)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -10,9 +10,7 @@ The resolved config -- every field concrete -- is what a run directory stores.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -59,6 +57,12 @@ class RecordConfig:
     sft_steps: int | None = None      # tiny-gpt2 warm-start steps
     device: str = "auto"
     dtype: str = "float32"
+    # LoRA (--env user, needs peft): rank 0 trains every weight; alpha defaults to 2 x rank.
+    lora_r: int = 0
+    lora_alpha: float | None = None
+    lora_target_modules: str = "all-linear"   # comma-separated module names, or peft's "all-linear"
+    lora_dropout: float = 0.0          # stored in the adapter; `gradlens record` turns every dropout off
+    fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
     out: str | None = None
 
 
@@ -129,42 +133,6 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-def _parse_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)  # safe_load builds plain data only, never Python objects
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ValueError(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}") from exc
-
-
-def _parse_file(path: Path) -> Any:
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".json", ".yaml", ".yml"):
-        raise ValueError(f"{path}: config files must end in .toml, .json, .yaml or .yml, not {path.suffix or '(no suffix)'!r}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from exc
-    if suffix in (".yaml", ".yml"):
-        return _parse_yaml(text, path)
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # its message carries the line and column
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-
-
 def _from_trl_names(data: dict, path: Path) -> dict:
     """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
     out, ignored = {}, []
@@ -199,12 +167,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     ``loss`` may be one name, a comma-separated string or a list: one run per loss.
     """
+    from ..settings_file import read_settings_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: config file not found")
-    data = _parse_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a table/object of settings")
+    data = read_settings_file(path)
     out: dict[str, Any] = {}
     for name, value in _from_trl_names(data, path).items():
         if name == "loss":
@@ -269,6 +235,9 @@ def validate(cfg: RecordConfig) -> RecordConfig:
         raise ValueError(f"--grad-accum {cfg.grad_accum} is larger than --batch-size {cfg.batch_size}: a micro-batch needs at least one pair")
     if cfg.max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {cfg.max_length}")
+    _validate_lora(cfg)
+    if cfg.fsdp and cfg.env != "user":
+        raise ValueError(f"--fsdp is for --env user (the {cfg.env} environment's model is too small to shard)")
     if cfg.env == "user":
         if not cfg.model or not cfg.data:
             raise ValueError("--env user needs --model DIR (a local Hugging Face model directory) and --data FILE (JSONL, CSV or Parquet)")
@@ -283,6 +252,24 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     if any(not c.strip() for c in columns) or len(set(columns)) < len(columns):
         raise ValueError(f"--prompt-column, --chosen-column and --rejected-column must be three different non-empty names, got {columns}")
     return cfg
+
+
+def _validate_lora(cfg: RecordConfig) -> None:
+    if cfg.lora_r < 0:
+        raise ValueError(f"--lora-r must be 0 (no LoRA) or a positive rank, got {cfg.lora_r}")
+    if not cfg.lora_r:
+        changed = [n for n in ("lora_alpha", "lora_target_modules", "lora_dropout") if getattr(cfg, n) != getattr(RecordConfig, n)]
+        if changed:
+            raise ValueError(f"--{changed[0].replace('_', '-')} needs --lora-r RANK (LoRA is off at rank 0)")
+        return
+    if cfg.env != "user":
+        raise ValueError(f"--lora-r is only used with --env user (the {cfg.env} environment trains its own small model in full)")
+    if cfg.lora_alpha is not None and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha must be a positive number, got {cfg.lora_alpha}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not [m for m in cfg.lora_target_modules.split(",") if m.strip()]:
+        raise ValueError("--lora-target-modules is empty; give module names (q_proj,v_proj) or all-linear")
 
 
 def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> list[RecordConfig]:

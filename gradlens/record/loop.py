@@ -32,12 +32,12 @@ from torch import nn
 from ..gradients.recorder import GradientRecorder
 from ..losses import PreferenceLossOutput, preference_loss
 from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
-from ..runs import schema, write_json_atomic
+from ..runs import schema
 from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
 from . import resume as R
 from .config import RecordConfig, to_dict
-from .distributed import DistContext
+from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
 from .resume import ResumePoint
@@ -230,6 +230,8 @@ def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = D
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {env.num_pairs()} usable training pairs")
     if ctx.world > 1 and cfg.batch_size < ctx.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world} processes; each needs at least one pair")
+    if cfg.fsdp and ctx.world == 1:
+        raise ValueError("--fsdp shards the model over torchrun processes: run it as torchrun --nproc_per_node N -m gradlens record ...")
     if ctx.world > 1 and cfg.per_row:
         raise ValueError("--per-row is recorded in single-process runs only (per-row norms are per rank under torchrun)")
 
@@ -243,6 +245,7 @@ def record_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     dist: DistContext = DistContext(),
+    tensorboard: bool = True,
 ) -> RunResult:
     """Train one run into ``run_dir`` (already prepared by the caller).
 
@@ -262,17 +265,26 @@ def record_run(
         disable_dropout(model)
         model.eval()  # no dropout anywhere: gradients are a deterministic function of the batch
     reference.requires_grad_(False)
+    sharded = cfg.fsdp and dist.world > 1  # --fsdp: FSDP2 replaces the parameters, so before the optimizer
+    if sharded:
+        checkpoints = ShardedCheckpoints(policy, dist)
+        dist.fully_shard(policy)
     optimizer = build_optimizer(cfg, policy.parameters())
 
     point = R.plan_resume(run_dir, cfg, R.saved_config(run_dir)) if resume is True else (resume or None)
     resume = point is not None
-    start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
+    if resume and sharded:
+        start, state = checkpoints.restore(point, policy, optimizer)
+    else:
+        start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
     config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
     main = dist.is_main
     if main:
         if resume:
             R.begin(run_dir, point, config)  # the first write of a resumed run
-        out = PreferenceRunLog(run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row)
+        out = PreferenceRunLog(
+            run_dir, config, resume_at=start if resume else None, evals=True, per_row=cfg.per_row, tensorboard=tensorboard
+        )
     else:
         out = _NoLog()
     if main and env.save_reference and not ckpt.reference_path(run_dir).is_file():
@@ -292,7 +304,7 @@ def record_run(
     status, message, step = STATUS_COMPLETE, "", start
 
     def evaluate(at: int) -> None:
-        if main:
+        if main or sharded:  # a sharded forward needs every rank; rank 0 logs
             out.log_eval({schema.STEP: at, **env.evaluate(policy, reference, beta=cfg.beta, device=device)})
 
     def elapsed() -> float:
@@ -320,9 +332,12 @@ def record_run(
                     break
                 say(f"step {step}: non-finite loss or gradient ({detail}); update skipped ({nonfinite_steps} so far)")
             done = step + 1
-            if main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 saved = {"nonfinite_steps": nonfinite_steps, "wall_time_s": elapsed()}
-                ckpt.save_checkpoint(run_dir, done, policy, optimizer, saved, tokenizer=env.tokenizer)
+                if sharded:  # every rank gathers, rank 0 writes
+                    checkpoints.save(run_dir, done, policy, optimizer, saved, tokenizer=env.tokenizer)
+                elif main:
+                    ckpt.save_checkpoint(run_dir, done, policy, optimizer, saved, tokenizer=env.tokenizer)
                 out.flush()
         else:
             step = cfg.steps

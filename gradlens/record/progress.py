@@ -31,7 +31,11 @@ class Progress:
         )
 
     def step(self, loss: float, grad_chosen: float, grad_rejected: float) -> None:
-        self.bar.set_postfix_str(f"loss={_fmt(loss)} |g_c|={_fmt(grad_chosen)} |g_r|={_fmt(grad_rejected)}", refresh=False)
+        self.advance(f"loss={_fmt(loss)} |g_c|={_fmt(grad_chosen)} |g_r|={_fmt(grad_rejected)}")
+
+    def advance(self, postfix: str = "") -> None:
+        """One step done; ``postfix`` is shown after the timing."""
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(1)
 
     def write(self, message: str) -> None:

@@ -11,10 +11,11 @@ duplicates. All of it lives here, in the order it happens:
    checkpoint that is gone. Nothing is written.
 2. ``check_weights_fit``: once the environment is built, the checkpoint's
    tensors must fit the model (names and shapes). Nothing is written.
-3. ``begin`` (the writer lock is held by then): cut the tables back to the
-   checkpoint, note the resume in config.json, drop summary.json, remove
-   checkpoint directories a kill left half-pruned. The first write.
-4. ``restore``: load the weights and optimizer state into the fresh model.
+3. ``restore``: load the weights and optimizer state into the fresh model.
+4. ``begin`` (the writer lock is held by then): note the resume in
+   config.json and remove checkpoint directories a kill left half-pruned. The
+   first write; ``PreferenceRunLog(resume_at=N)`` then cuts the tables back to
+   the checkpoint (checked in step 1) and drops summary.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import schema, write_json_atomic
-from ..runs.tables import CsvTable, table_steps
+from ..runs.tables import table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
 
@@ -127,15 +128,11 @@ def begin(run_dir: Path, point: ResumePoint, config: dict) -> None:
     from ..runs.run_dir import environment_versions
 
     run_dir = Path(run_dir)
-    for name in (schema.STEPS, schema.LAYERS, schema.EVALS, schema.ROWS):
-        if (run_dir / name).exists():
-            CsvTable(run_dir / name).keep_steps_upto(point.start - 1)
     path = run_dir / schema.CONFIG
     header = json.loads(path.read_text(encoding="utf-8"))
     header["config"] = config  # current settings (e.g. a new --steps)
     header.setdefault("resumes", []).append({"from_step": point.start, "versions": environment_versions()})
     write_json_atomic(path, header)
-    (run_dir / schema.SUMMARY).unlink(missing_ok=True)
     ckpt.prune_checkpoints(run_dir)
 
 

@@ -57,8 +57,12 @@ class PreferenceRunLog:
                 self.rows.keep_steps_upto(resume_at - 1)
             (self.path / schema.SUMMARY).unlink(missing_ok=True)
             self._count_kept_rows()
-        layout = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT + (EVAL_LAYOUT if evals else [])
-        self.tb = TensorBoardLogger(self.path, layout, purge_step=resume_at) if tensorboard else None
+        # The evaluation charts appear for the metrics the first evaluation row holds.
+        self.tb = (
+            TensorBoardLogger(self.path, PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT, purge_step=resume_at, optional_layout=EVAL_LAYOUT if evals else ())
+            if tensorboard
+            else None
+        )
         self.unattributed: set[str] = set()
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
@@ -85,7 +89,7 @@ class PreferenceRunLog:
         if layers is not None:
             self.writer.log_layers(step, layers)
             if self.tb is not None:
-                self.tb.ratio_histograms(step, layers)
+                self.tb.layer_ratios(step, layers)
         self.unattributed.update(unattributed)
         self.steps_logged += 1
         self.nonfinite_steps += int(row.get(schema.NONFINITE) or 0)

@@ -8,7 +8,6 @@ A run directory (``runs/NAME/``) holds:
 ``evals.csv``     one row per evaluation; append-only
 ``summary.json``  written once, at the end of a run
 ``events.out.tfevents.*``  TensorBoard event files (same scalar names as the CSVs)
-``rows.csv``      ``--per-row`` only: one row per (step, pair, side) with that row's gradient norm
 ``checkpoints/step_N/``    safetensors weights + optimizer state (weights_only loadable); with
                   a Hugging Face model, also its ``config.json`` and tokenizer (``from_pretrained``)
 
@@ -83,8 +82,7 @@ GROUPS_STEP_COLUMNS = (STEP, LOSS, LR, *GRADIENT_COLUMNS, NONFINITE)
 # A steps.csv name that is spelled differently in transformers.Trainer's logs.
 TRAINER_NAMES = {LR: "learning_rate"}
 
-# Per-row table (``--per-row``).
-ROWS = "rows.csv"
+# Per-row table (``ROWS``, ``--per-row``).
 ROW_PAIR = "pair"
 ROW_SIDE = "side"
 ROW_GRAD_NORM = "grad_norm"
@@ -94,6 +92,7 @@ ROW_COLUMNS = (STEP, ROW_PAIR, ROW_SIDE, ROW_GRAD_NORM)
 EVAL_LOGPS_CHOSEN = "eval/logps/chosen"        # held-out mean log p(chosen)
 EVAL_LOGPS_REJECTED = "eval/logps/rejected"
 EVAL_PREF_ACCURACY = "eval/pref_accuracy"      # share of held-out pairs with a positive implicit-reward margin
+EVAL_TRAIN_PAIR_ACCURACY = "eval/train_pair_accuracy"  # the same on training pairs (user env without --eval-data)
 EVAL_MARGIN = "eval/margin"                    # mean implicit-reward margin
 EVAL_DPO_LOSS = "eval/dpo_loss"
 EVAL_TRUE_REWARD = "eval/true_reward"          # ground-truth reward of samples (built-in environments)
@@ -119,8 +118,6 @@ SUMMARY_KEYS = (
     SUMMARY_STATUS, SUMMARY_MESSAGE, SUMMARY_STEPS, SUMMARY_STEPS_LOGGED, SUMMARY_STOPPED_AT, SUMMARY_NONFINITE_STEPS,
     SUMMARY_SKIPPED_STEPS, SUMMARY_UNATTRIBUTED, SUMMARY_WALL_TIME, SUMMARY_RESUMED_FROM, SUMMARY_FINAL, SUMMARY_FINAL_EVAL,
 )  # fmt: skip
-STATUS_COMPLETE = "complete"
-STATUS_NONFINITE = "nonfinite"
 
 # Layer-table columns (long format).
 LAYER = "layer"

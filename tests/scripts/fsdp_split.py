@@ -19,7 +19,19 @@ import gradlens  # noqa: E402
 from models import sequence_logps, tiny_gpt2, tiny_llama  # noqa: E402
 
 PAIRS, T, PROMPT = 4, 8, 3
-FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def odd_llama(dtype=torch.float32, seed: int = 0):
+    """Odd row counts (vocab 41, MLP 33): FSDP pads the last rank's shard, and so must the recorder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=41, hidden_size=16, intermediate_size=33, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "odd-llama": odd_llama}
 
 
 def global_batch():
@@ -95,7 +107,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {f"{family}/{dtype}": record_family(family, getattr(torch, dtype), rank, world)
-              for family in FAMILIES for dtype in ("float32", "float64")}
+              for family in FAMILIES for dtype in ("float32", "float64") if family != "odd-llama" or dtype == "float32"}
     result["refusals"] = refusals()
     gathered = [None] * world
     dist.all_gather_object(gathered, {k: (v["piece_bytes"], v["temporary_bytes"]) for k, v in result.items() if k != "refusals"})

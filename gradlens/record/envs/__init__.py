@@ -8,8 +8,9 @@ from ..config import RecordConfig
 from .base import PreferenceEnv
 
 
-def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=print) -> PreferenceEnv:
-    """The environment ``cfg.env``; ``reference_weights`` replaces a warm-start on resume."""
+def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=print, progress: bool = False) -> PreferenceEnv:
+    """The environment ``cfg.env``; ``reference_weights`` replaces a warm-start on resume;
+    ``progress`` shows a bar for slow set-up work (tiny-gpt2's SFT warm-start)."""
     if cfg.env == "tabular":
         from .tabular import TabularEnv
 
@@ -17,7 +18,7 @@ def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=p
     if cfg.env == "tiny-gpt2":
         from .tiny_gpt2 import TinyGPT2Env
 
-        return TinyGPT2Env(cfg, reference_weights=reference_weights, log=log)
+        return TinyGPT2Env(cfg, reference_weights=reference_weights, log=log, progress=progress)
     if cfg.env == "user":
         from .user import UserEnv
 
@@ -26,6 +27,7 @@ def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=p
 
 
 # Config fields that decide what an environment builds; runs that agree on them share one.
-ENV_FIELDS = ("env", "model", "data", "eval_data", "prompt_column", "chosen_column", "rejected_column", "seed", "max_length", "sft_steps", "dtype", "batch_size")
+ENV_FIELDS = ("env", "model", "data", "eval_data", "prompt_column", "chosen_column", "rejected_column", "seed", "max_length", "sft_steps", "dtype", "batch_size",
+              "lora_r", "lora_alpha", "lora_target_modules", "lora_dropout")
 
 __all__ = ["ENV_FIELDS", "PreferenceEnv", "build_env"]

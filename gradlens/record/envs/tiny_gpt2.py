@@ -112,8 +112,13 @@ def build_model(seed: int) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def sft_warm_start(model: nn.Module, language: SyntheticLanguage, steps: int, seed: int, log) -> float:
-    """Completion-only next-token training on the synthetic language; returns the last loss."""
+def sft_warm_start(model: nn.Module, language: SyntheticLanguage, steps: int, seed: int, log, progress: bool = False) -> float:
+    """Completion-only next-token training on the synthetic language; returns the last loss.
+
+    ``progress``: a bar on stderr (the warm-start takes ~20 s on a laptop CPU; silence looks like a hang)."""
+    from ..progress import Progress
+
+    bar = Progress(steps, desc="tiny-gpt2 SFT warm-start", enabled=progress and steps > 0)
     rng = random.Random(f"gradlens-tiny-gpt2-sft-{seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=0.0)
     model.train()
@@ -127,6 +132,8 @@ def sft_warm_start(model: nn.Module, language: SyntheticLanguage, steps: int, se
         loss.backward()
         optimizer.step()
         loss_value = loss.item()
+        bar.advance(f"nll={loss_value:.3g}")
+    bar.close()
     model.eval()
     if steps:
         log(f"tiny-gpt2: SFT warm-start {steps} steps, final per-token NLL {loss_value:.3f}")
@@ -137,7 +144,7 @@ class TinyGPT2Env(TokenPairsEnv):
     name = "tiny-gpt2"
     save_reference = True  # the SFT result depends on float arithmetic: keep it
 
-    def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print):
+    def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print, progress: bool = False):
         self.seed = cfg.seed
         self.pad_token_id = PAD
         self.language = SyntheticLanguage(cfg.seed)
@@ -153,7 +160,7 @@ class TinyGPT2Env(TokenPairsEnv):
             load_model(self.policy, str(reference_weights))
             self.sft_loss = None
         else:
-            self.sft_loss = sft_warm_start(self.policy, self.language, cfg.sft_steps, cfg.seed, log)
+            self.sft_loss = sft_warm_start(self.policy, self.language, cfg.sft_steps, cfg.seed, log, progress)
         self.policy.eval()
 
     @torch.no_grad()

@@ -6,7 +6,8 @@ directory in TRL's standard, conversational or implicit-prompt format (see ``gra
 (``gradlens.record.tokenization``). Evaluations use ``--eval-data`` when given,
 otherwise a fixed subset (the first ``EVAL_SUBSET`` pairs) of the training data,
 and report the policy's log-probs of chosen and rejected, the preference accuracy
-of the implicit reward, its mean margin and the DPO loss.
+of the implicit reward, its mean margin and the DPO loss. Without ``--eval-data``
+the accuracy is logged as ``eval/train_pair_accuracy``, never as held-out accuracy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ..config import ENV_DEFAULTS, RecordConfig
 from ..data import Columns, load_preferences
 from ..tokenization import collate_pairs, tokenize_preferences
+from ...runs.schema import EVAL_PREF_ACCURACY, EVAL_TRAIN_PAIR_ACCURACY
 from .base import TokenPairsEnv, pair_margins
 
 EVAL_SUBSET = 64
@@ -55,6 +57,26 @@ def load_model_and_tokenizer(path: Path, dtype: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def add_lora(model: nn.Module, cfg: RecordConfig) -> nn.Module:
+    """``model`` with a fresh LoRA adapter (B = 0: the policy starts as the base model, the reference)."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ValueError("--lora-r needs peft, which is not installed: pip install 'gradlens[peft]'") from exc
+    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+    config = peft.LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_r,
+        target_modules=targets[0] if targets == ["all-linear"] else targets, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)  # the adapter's A matrices are random
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: peft fixes it itself
+            return peft.get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules not found in the model
+        raise ValueError(f"--lora-target-modules {cfg.lora_target_modules!r}: {exc}") from exc
+
+
 def max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions"):
@@ -74,6 +96,8 @@ class UserEnv(TokenPairsEnv):
         data = load_preferences(cfg.data, columns)
         eval_data = load_preferences(cfg.eval_data, columns) if cfg.eval_data else None
         self.policy, self.tokenizer = load_model_and_tokenizer(model_dir, cfg.dtype)
+        if cfg.lora_r:
+            self.policy = add_lora(self.policy, cfg)
         self.policy.eval()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if pad is None:
@@ -96,6 +120,10 @@ class UserEnv(TokenPairsEnv):
             "implicit_prompts": data.implicit_prompts,
             "max_length_used": self.max_length,
         }
+        if cfg.lora_r:
+            trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+            self._info["lora"] = {"trainable_parameters": trainable, "parameters": sum(p.numel() for p in self.policy.parameters()),
+                                  "target_modules": sorted(self.policy.peft_config["default"].target_modules)}
         if tokenized.truncated:
             warnings.warn(
                 f"{data.path}: {tokenized.truncated} pair(s) were longer than --max-length {self.max_length} tokens and were "
@@ -110,6 +138,7 @@ class UserEnv(TokenPairsEnv):
                 UserWarning,
                 stacklevel=2,
             )
+        self.eval_on_training_pairs = eval_data is None
         if eval_data is not None:
             self.eval_pairs = tokenize_preferences(self.tokenizer, eval_data, self.max_length).pairs
             self._info["eval_source"] = str(eval_data.path)
@@ -122,7 +151,11 @@ class UserEnv(TokenPairsEnv):
     def evaluate(self, policy: nn.Module, reference: nn.Module, *, beta: float, device: torch.device) -> dict[str, float]:
         step = self.eval_batch
         batches = [collate_pairs(self.eval_pairs[i : i + step], self.pad_token_id, device) for i in range(0, len(self.eval_pairs), step)]
-        return pair_margins(self.logps, policy, reference, batches, beta)
+        metrics = pair_margins(self.logps, policy, reference, batches, beta)
+        if self.eval_on_training_pairs:
+            # Accuracy on pairs the policy trains on is not held-out accuracy: name it so.
+            metrics[EVAL_TRAIN_PAIR_ACCURACY] = metrics.pop(EVAL_PREF_ACCURACY)
+        return metrics
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)

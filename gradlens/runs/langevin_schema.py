@@ -1,4 +1,5 @@
-"""Column names of Langevin run tables and their TensorBoard layout.
+"""Column names of Langevin run tables and their TensorBoard layout (torch-free:
+the Langevin runner writes these names, `gradlens plot` reads them).
 
 The same names are the CSV headers of ``steps.csv`` / ``sweep.csv`` and the
 TensorBoard scalar tags, so a curve can be found by one name everywhere.
