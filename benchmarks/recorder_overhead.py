@@ -1,104 +1,412 @@
-"""Recorder overhead: one DPO training step with and without gradlens, side by side.
+"""Recorder overhead: a DPO training step with and without gradlens, side by side.
 
-Three step variants run interleaved (so machine noise hits all of them alike) on
-a 4-layer, 256-wide GPT-2 with B pairs of T tokens:
+For each configuration the step variants run interleaved in one process (so
+machine noise hits all of them alike), and the table reports median step-time
+ratios:
 
-  plain     policy forward on 2B rows, reference forward (no grad), DPO loss,
-            backward, AdamW step: what a DPO trainer does
-  recorder  the same step inside ``GradientRecorder.capture``, plus reading the
-            norms, cosine and the per-layer table
-  naive     the same step, but the chosen and rejected gradients come from two
-            separate ``torch.autograd.grad`` passes (then summed into .grad)
+  plain        policy forward on 2B rows, DPO loss, backward, AdamW step
+  recorded     the same step inside ``GradientRecorder.capture`` (the default:
+               split backward, norms streamed), plus reading the norms, the
+               cosine and the per-layer table
+  +ref         both again with the reference model's forward included (what a
+               DPO trainer does; it dilutes the ratio)
+  bit-exact    the recorder with ``split_backward=False`` (p.grad bit-identical)
+  naive        chosen and rejected gradients from two separate
+               ``torch.autograd.grad`` passes (then summed into .grad)
 
-Prints median step times and the ratios to ``plain``.
-Usage: python benchmarks/recorder_overhead.py [--threads 2] [--steps 20] [--vocab 50257]
+Peak memory is measured in separate processes, one per variant: ``ru_maxrss``
+on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+
+The per-row configuration compares per-row gradient norms (``per_row=True``)
+with Opacus 1.6 on a model Opacus supports (embedding, MLP, LayerNorm, head):
+``GradSampleModule`` (per-sample gradients, then norms) and ghost clipping
+(``GradSampleModuleFastGradientClipping``, per-sample norms only). Its plain
+step is a forward and backward (no optimizer), as in Opacus's own use.
+
+Usage:
+  python benchmarks/recorder_overhead.py                      # every configuration
+  python benchmarks/recorder_overhead.py --configs gpt2-4x256,per-row --steps 10
+  python benchmarks/recorder_overhead.py --smoke              # tiny models, seconds
+  python benchmarks/recorder_overhead.py --device cuda --autocast bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
-import gradlens
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import gradlens  # noqa: E402
 
 
-def sequence_logps(model, ids, prompt_len):
-    logits = model(input_ids=ids).logits[:, :-1]
-    logp = F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+@dataclass(frozen=True)
+class Config:
+    name: str
+    family: str  # gpt2 | llama | mlp
+    layers: int
+    width: int
+    vocab: int
+    pairs: int  # B: the batch has 2B rows (or N = 2B rows for per-row)
+    seq: int
+    micro_batches: int = 1
+    heads: int = 4
+    kv_heads: int = 4
+
+
+CONFIGS = {
+    "gpt2-4x256": Config("GPT-2 4 x 256, vocab 50257, B = 8, T = 64", "gpt2", 4, 256, 50257, 8, 64, heads=4),
+    "gpt2-124m": Config("GPT-2 12 x 768 (124M), vocab 50257, B = 2, T = 64", "gpt2", 12, 768, 50257, 2, 64, heads=12),
+    "llama-8x512": Config("Llama 8 x 512, GQA 8/2, vocab 32000, B = 4, T = 128", "llama", 8, 512, 32000, 4, 128, heads=8, kv_heads=2),
+    "llama-8x512-accum4": Config(
+        "same, 4 micro-batches of 1 pair", "llama", 8, 512, 32000, 4, 128, micro_batches=4, heads=8, kv_heads=2
+    ),
+    "per-row": Config("per-row norms: embedding+MLP+LayerNorm+head, V = 2000, D = 256, T = 64, N = 16", "mlp", 1, 256, 2000, 8, 64),
+}
+SMOKE = {
+    "gpt2-4x256": Config("smoke GPT-2 2 x 32", "gpt2", 2, 32, 300, 2, 16, heads=2),
+    "llama-8x512": Config("smoke Llama 2 x 32 GQA", "llama", 2, 32, 300, 2, 16, heads=4, kv_heads=2),
+    "llama-8x512-accum4": Config("smoke Llama, 2 micro-batches", "llama", 2, 32, 300, 2, 16, micro_batches=2, heads=4, kv_heads=2),
+    "per-row": Config("smoke per-row", "mlp", 1, 32, 200, 4, 16),
+}
+DEFAULT_CONFIGS = ["gpt2-4x256", "gpt2-124m", "llama-8x512", "llama-8x512-accum4", "per-row"]
+TARGETS = {"time": 1.05, "memory": 1.10, "per-row": 1.25}
+
+
+# ---- models --------------------------------------------------------------------------------
+
+
+class MlpLM(nn.Module):
+    """Embedding -> MLP -> LayerNorm -> head: layers Opacus supports, rows independent."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(self.norm(x + self.down(F.gelu(self.up(x)))))
+
+
+def build_model(cfg: Config) -> nn.Module:
+    if cfg.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = GPT2Config(vocab_size=cfg.vocab, n_positions=cfg.seq, n_embd=cfg.width, n_layer=cfg.layers, n_head=cfg.heads,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(c)
+    if cfg.family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        c = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=int(cfg.width * 8 / 3) // 64 * 64 or 64,
+                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                        max_position_embeddings=cfg.seq, tie_word_embeddings=False)
+        return LlamaForCausalLM(c)
+    return MlpLM(cfg.vocab, cfg.width)
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids) if hasattr(model, "config") else model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def sequence_logps(model: nn.Module, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    logp = F.log_softmax(logits_of(model, ids)[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return logp[:, prompt_len - 1 :].sum(-1)
+
+
+# ---- one configuration's step variants -----------------------------------------------------
+
+
+class DpoBench:
+    """A policy, its frozen reference, AdamW, a fixed batch; ``variants()`` are the step functions."""
+
+    def __init__(self, cfg: Config, device: str, autocast: str | None):
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.policy = build_model(cfg).to(device).train()
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-5)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.ids = torch.randint(0, cfg.vocab, (2 * cfg.pairs, cfg.seq), device=device)
+        self.prompt = cfg.seq // 4
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
+        self.autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else None
+
+    def _forward(self, model, ids):
+        if self.autocast is None:
+            return sequence_logps(model, ids, self.prompt)
+        with self.autocast():
+            return sequence_logps(model, ids, self.prompt)
+
+    def _chunks(self):
+        """Micro-batches as (ids, pairs): pair k is rows k and B + k of the full batch."""
+        b, m = self.cfg.pairs, self.cfg.micro_batches
+        size = b // m
+        for k in range(m):
+            rows = list(range(k * size, (k + 1) * size)) + list(range(b + k * size, b + (k + 1) * size))
+            yield self.ids[rows], size
+
+    def _loss(self, lp, ids, b, with_ref):
+        if with_ref:
+            with torch.no_grad():
+                ref = self._forward(self.reference, ids)
+        else:
+            ref = torch.zeros_like(lp)  # a constant reference: the policy's work is the same
+        return gradlens.preference_loss(lp[:b], lp[b:], ref[:b], ref[b:], beta=0.1).loss / self.cfg.micro_batches
+
+    def plain(self, with_ref=False):
+        self.opt.zero_grad(set_to_none=True)
+        for ids, b in self._chunks():
+            self._loss(self._forward(self.policy, ids), ids, b, with_ref).backward()
+        self.opt.step()
+
+    def recorded(self, with_ref=False, **recorder_options):
+        self.opt.zero_grad(set_to_none=True)
+        rec = gradlens.GradientRecorder(self.policy, **recorder_options)  # attach + close are part of the cost
+        b = self.cfg.pairs // self.cfg.micro_batches
+        groups = {"chosen": slice(0, b), "rejected": slice(b, 2 * b)}
+        with rec.capture(groups=groups, accumulate=self.cfg.micro_batches > 1) as cap:
+            for ids, b in self._chunks():
+                self._loss(self._forward(self.policy, ids), ids, b, with_ref).backward()
+        cap.norm("chosen"), cap.norm("rejected"), cap.cosine("chosen", "rejected"), cap.layer_table()
+        rec.close()
+        self.opt.step()
+
+    def naive(self):
+        self.opt.zero_grad(set_to_none=True)
+        for ids, b in self._chunks():
+            lp = self._forward(self.policy, ids)
+            (w,) = torch.autograd.grad(self._loss(lp, ids, b, False), lp, retain_graph=True)
+            gc = torch.autograd.grad(lp[:b], self.params, w[:b], retain_graph=True)
+            gr = torch.autograd.grad(lp[b:], self.params, w[b:])
+            for p, a, r in zip(self.params, gc, gr):
+                p.grad = a + r if p.grad is None else p.grad + a + r
+        # (norms of the last micro-batch's pieces only: accumulation would need buffers here too)
+        [a.pow(2).sum() for a in gc], [r.pow(2).sum() for r in gr], [(a * r).sum() for a, r in zip(gc, gr)]
+        self.opt.step()
+
+    def variants(self) -> dict[str, Callable[[], None]]:
+        return {
+            "plain": self.plain,
+            "recorded": self.recorded,
+            "plain+ref": lambda: self.plain(with_ref=True),
+            "recorded+ref": lambda: self.recorded(with_ref=True),
+            "bit-exact": lambda: self.recorded(split_backward=False),
+            "naive": self.naive,
+        }
+
+
+class PerRowBench:
+    """Per-row gradient norms: gradlens ``per_row=True`` against Opacus, forward + backward only."""
+
+    def __init__(self, cfg: Config, device: str, autocast: str | None):
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = build_model(cfg).to(device).train()
+        self.n = 2 * cfg.pairs
+        self.ids = torch.randint(0, cfg.vocab, (self.n, cfg.seq), device=device)
+        self.groups = {"chosen": slice(0, cfg.pairs), "rejected": slice(cfg.pairs, self.n)}
+        self._opacus: dict[str, nn.Module] = {}
+
+    def _loss(self, model):
+        logits = model(self.ids)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, self.cfg.vocab), self.ids[:, 1:].reshape(-1), reduction="sum")
+
+    def plain(self):
+        self.model.zero_grad(set_to_none=True)
+        self._loss(self.model).backward()
+
+    def gradlens(self) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        rec = gradlens.GradientRecorder(self.model)
+        with rec.capture(groups=self.groups, per_row=True) as cap:
+            self._loss(self.model).backward()
+        rec.close()
+        return cap.per_row_norms()
+
+    def opacus(self, kind: str) -> torch.Tensor:
+        from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+
+        module = self._opacus.get(kind)
+        if module is None:
+            inner = copy.deepcopy(self.model)
+            if kind == "ghost":
+                module = GradSampleModuleFastGradientClipping(inner, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
+            else:
+                module = GradSampleModule(inner, loss_reduction="sum")
+            self._opacus[kind] = module
+        module.zero_grad(set_to_none=True)
+        self._loss(module).backward()
+        if kind == "ghost":
+            return module.get_norm_sample()
+        per_param = [p.grad_sample.reshape(self.n, -1).pow(2).sum(1) for p in module.parameters() if p.requires_grad]
+        for p in module.parameters():
+            p.grad_sample = None
+        return torch.stack(per_param).sum(0).sqrt()
+
+    def variants(self) -> dict[str, Callable[[], None]]:
+        return {
+            "plain": self.plain,
+            "recorded": self.gradlens,
+            "opacus-gsm": lambda: self.opacus("gsm"),
+            "opacus-ghost": lambda: self.opacus("ghost"),
+        }
+
+    def check_agreement(self) -> float:
+        """Largest relative difference between gradlens's and Opacus's per-row norms (all exact)."""
+        ours = self.gradlens().double()
+        worst = 0.0
+        for kind in ("gsm", "ghost"):
+            theirs = self.opacus(kind).double().to(ours.device)
+            worst = max(worst, float(((ours - theirs).abs() / theirs.abs()).max()))
+        return worst
+
+
+def make_bench(cfg: Config, device: str, autocast: str | None):
+    return PerRowBench(cfg, device, autocast) if cfg.family == "mlp" else DpoBench(cfg, device, autocast)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(bench, steps: int, warmup: int, device: str, only: str | None = None) -> dict[str, float]:
+    """Median seconds per step of every variant, interleaved step by step."""
+    variants = bench.variants()
+    if only:
+        keep = {"plain", "recorded", *only.split(",")}
+        variants = {k: v for k, v in variants.items() if k in keep}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + steps):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- peak memory, one process per variant --------------------------------------------------
+
+
+def peak_memory_child(config_key: str, variant: str, steps: int, device: str, autocast: str | None, smoke: bool) -> None:
+    cfg = (SMOKE if smoke else CONFIGS)[config_key]
+    bench = make_bench(cfg, device, autocast)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    fn = bench.variants()[variant]
+    for _ in range(steps):
+        fn()
+    sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_memory(config_key: str, variant: str, args) -> float:
+    cmd = [sys.executable, __file__, "--child", config_key, variant, "--steps", str(args.memory_steps),
+           "--device", args.device, "--threads", str(args.threads)]
+    if args.autocast:
+        cmd += ["--autocast", args.autocast]
+    if args.smoke:
+        cmd.append("--smoke")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+# ---- the table -----------------------------------------------------------------------------
+
+
+def machine(args) -> str:
+    if args.device.startswith("cuda"):
+        what = torch.cuda.get_device_name()
+    else:
+        what = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{what}; torch {torch.__version__}; {args.device} {args.autocast or 'fp32'}; load average {load:.1f} at start"
+
+
+def run_config(key: str, args, *, memory: bool = True) -> list[str]:
+    cfg = (SMOKE if args.smoke else CONFIGS)[key]
+    memory_cell = "not measured in this run"
+    if memory:
+        mem_plain, mem_rec = peak_memory(key, "plain", args), peak_memory(key, "recorded", args)
+        memory_cell = f"{mem_rec / mem_plain:.3f}x ({mem_plain / 2**20:.0f} -> {mem_rec / 2**20:.0f} MiB)"
+    if args.memory_only:
+        return [f"| {cfg.name} | not timed | {memory_cell} | |"]
+    bench = make_bench(cfg, args.device, args.autocast)
+    med = time_variants(bench, args.steps, args.warmup, args.device, args.variants)
+    base = med["plain"]
+    cells = [f"{k} {med[k] / base:.3f}" for k in med if k not in ("plain", "plain+ref", "recorded+ref")]
+    if "recorded+ref" in med:
+        cells.insert(1, f"recorded+ref/plain+ref {med['recorded+ref'] / med['plain+ref']:.3f}")
+    rows = [
+        f"| {cfg.name} | {med['recorded'] / base:.3f}x | {memory_cell} | plain {base * 1e3:.0f} ms; " + "; ".join(cells) + " |"
+    ]
+    if isinstance(bench, PerRowBench):
+        rows.append(f"|   (per-row norms agree with Opacus to {bench.check_agreement():.1e} relative) | | | |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--memory-steps", type=int, default=3, help="steps per memory process")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the step variants (plain is always run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--autocast", choices=["bf16", "fp16"], default=None)
+    ap.add_argument("--no-memory", action="store_true", help="time only (memory measured in another run)")
+    ap.add_argument("--memory-only", action="store_true", help="peak memory only (for configurations too slow to time here)")
+    ap.add_argument("--smoke", action="store_true", help="tiny models, 2 steps: checks the benchmark runs")
+    ap.add_argument("--child", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=256, n_layer=4, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    policy = GPT2LMHeadModel(cfg).train()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    B, T, prompt = args.pairs, args.seq, args.seq // 4
-    ids = torch.randint(0, args.vocab, (2 * B, T))
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    recorder = gradlens.GradientRecorder(policy)
-    groups = {"chosen": slice(0, B), "rejected": slice(B, 2 * B)}
-    params = [p for p in policy.parameters()]
-
-    def loss_of(lp):
-        with torch.no_grad():
-            ref = sequence_logps(reference, ids, prompt)
-        return gradlens.preference_loss(lp[:B], lp[B:], ref[:B], ref[B:], beta=0.1).loss
-
-    def plain():
-        opt.zero_grad(set_to_none=True)
-        loss_of(sequence_logps(policy, ids, prompt)).backward()
-        opt.step()
-
-    def recorded():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_of(sequence_logps(policy, ids, prompt))
-        with recorder.capture(groups=groups) as cap:
-            loss.backward()
-        cap.norm("chosen"), cap.norm("rejected"), cap.cosine("chosen", "rejected"), cap.layer_table()
-        opt.step()
-
-    def naive():
-        opt.zero_grad(set_to_none=True)
-        lp = sequence_logps(policy, ids, prompt)
-        (w,) = torch.autograd.grad(loss_of(lp), lp, retain_graph=True)
-        gc = torch.autograd.grad(lp[:B], params, w[:B], retain_graph=True)
-        gr = torch.autograd.grad(lp[B:], params, w[B:])
-        for p, a, b in zip(params, gc, gr):
-            p.grad = a + b
-        sum(a.pow(2).sum() for a in gc).sqrt(), sum(b.pow(2).sum() for b in gr).sqrt(), sum((a * b).sum() for a, b in zip(gc, gr))
-        opt.step()
-
-    variants = {"plain": plain, "recorder": recorded, "naive": naive}
-    times = {k: [] for k in variants}
-    for i in range(args.warmup + args.steps):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads")
-    print(f"model: GPT-2 4 layers x 256, vocab {args.vocab}; batch {B} pairs x {T} tokens; {args.steps} steps per variant")
-    for k in variants:
-        print(f"{k:>9}: median {med[k] * 1e3:8.1f} ms   ratio to plain {med[k] / med['plain']:.3f}")
+    if args.child:
+        peak_memory_child(args.child[0], args.child[1], args.memory_steps, args.device, args.autocast, args.smoke)
+        return
+    if args.smoke:
+        args.steps, args.warmup, args.memory_steps = 1, 0, 1
+    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    table = SMOKE if args.smoke else CONFIGS
+    unknown = [k for k in keys if k not in table]
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; choose from {', '.join(table)}")
+    print(f"machine: {machine(args)}")
+    print(f"median of {args.steps} interleaved steps per variant (after {args.warmup} warm-up); "
+          f"peak memory: {'max_memory_allocated' if args.device.startswith('cuda') else 'ru_maxrss'}, one process per variant")
+    print(f"targets: time <= {TARGETS['time']}x, memory <= {TARGETS['memory']}x, per-row <= {TARGETS['per-row']}x")
+    print("| configuration | time ratio | peak memory ratio | other variants (time / plain) |")
+    print("|---|---|---|---|")
+    for i, key in enumerate(keys):
+        for row in run_config(key, args, memory=not args.no_memory and (not args.smoke or i == 0)):  # smoke: one memory pair only
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def record(cfg, run_dir: Path, env=None, log=None):
     ``cfg`` is a RecordConfig with the fields that matter set; the environment's
     defaults fill the rest and the result is validated as the CLI would.
     """
-    from gradlens.runs import prepare_run_dir
+    from gradlens.runs import RunLock, prepare_run_dir
     from gradlens.record.config import validate, with_env_defaults
     from gradlens.record.envs import build_env
     from gradlens.record.loop import record_run
@@ -76,10 +76,11 @@ def record(cfg, run_dir: Path, env=None, log=None):
     cfg = validate(with_env_defaults(replace(cfg, out=str(run_dir))))
     if is_done(run_dir, cfg.steps):
         return "kept"
-    prepare_run_dir(run_dir, overwrite=Path(run_dir).exists())
     if env is None:
         env = build_env(cfg, log=log or (lambda message: None))
-    return record_run(cfg, Path(run_dir), env, progress=False, log=log or (lambda message: None)).status
+    with RunLock(run_dir):  # one writer per run directory, as for `gradlens record`
+        prepare_run_dir(run_dir, overwrite=Path(run_dir).exists())  # an unfinished run of ours: replaced
+        return record_run(cfg, Path(run_dir), env, progress=False, log=log or (lambda message: None)).status
 
 
 def is_done(run_dir: Path, steps: int) -> bool:

@@ -178,8 +178,8 @@ def headline(comparison: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
 
 def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
     """rho_t, KL(pi || pi*) and OOD mass over training for the representative optimizer/lr, one column per beta."""
-    from gradlens.plot.draw import add_legend, draw_seeds, legend_label, step_axis
-    from gradlens.plot.style import apply_style, color_for, plt
+    from gradlens.plot.draw import add_legend, draw_seeds, legend_label, ratio_axis, step_axis
+    from gradlens.plot.style import apply_style, line_style, plt
     from gradlens.runs import schema
     from gradlens.runs import load_run
 
@@ -188,15 +188,15 @@ def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
     apply_style()
     fig, axes = plt.subplots(3, len(betas), figsize=(4.6 * len(betas), 9.0), squeeze=False, layout="constrained")
     for j, beta in enumerate(betas):
-        for i, loss in enumerate(LOSSES):
+        for loss in LOSSES:
             sel = per_run[(per_run.optimizer == opt) & (per_run.lr == lr) & (per_run.beta == beta) & (per_run.loss == loss)]
             runs = [load_run(p) for p in sel["path"]]
             label = legend_label(NAMES[loss], len(runs))
-            kw = dict(color=color_for(i), label=label)
+            kw = dict(color=line_style(loss, LOSSES)["color"], label=label)
             draw_seeds(axes[0, j], [r.steps for r in runs], schema.GRAD_RATIO, positive=True, smooth=5, **kw)
             draw_seeds(axes[1, j], [r.evals for r in runs], "eval/kl_to_optimum", positive=True, **kw)
             draw_seeds(axes[2, j], [r.evals for r in runs], "eval/ood_mass", **kw)
-        axes[0, j].set_yscale("log")
+        ratio_axis(axes[0, j])
         axes[0, j].axhline(1.0, color="black", linestyle=":", linewidth=1.0)
         axes[0, j].set_title(f"β = {beta:g}")
         for ax in axes[:, j]:
@@ -213,7 +213,7 @@ def fig_trajectories(per_run: pd.DataFrame, grid, figures: Path) -> Path:
 
 def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
     """Paired differences from DPO (final KL to pi*, final true reward) with 95 % CIs, every setting."""
-    from gradlens.plot.style import apply_style, color_for, plt
+    from gradlens.plot.style import apply_style, line_style, plt
 
     settings = [(opt, lr) for opt, lrs in grid["optimizers"].items() for lr in lrs]
     metrics = (("kl_to_optimum_final", "Δ final KL(π_θ‖π*) vs DPO"), ("kl_to_optimum_min", "Δ min KL(π_θ‖π*) vs DPO"), ("true_reward_final", "Δ final true reward vs DPO"))
@@ -223,13 +223,13 @@ def fig_grid(comparison: pd.DataFrame, grid, figures: Path) -> Path:
     for j, (opt, lr) in enumerate(settings):
         for i, (metric, label) in enumerate(metrics):
             ax = axes[i, j]
-            for k, method in enumerate(("Balanced-DPO", "AdaDPO")):
+            for k, (loss, method) in enumerate((("balanced", "Balanced-DPO"), ("adadpo", "AdaDPO"))):
                 sel = comparison[(comparison.optimizer == opt) & (comparison.lr == lr) & (comparison.metric == metric) & (comparison.method == method)]
                 sel = sel.set_index("beta").reindex(betas)
                 x = np.arange(len(betas)) + (k - 0.5) * 0.22
                 y = sel["diff"].to_numpy(float)
                 err = np.vstack([y - sel["ci_low"].to_numpy(float), sel["ci_high"].to_numpy(float) - y])
-                ax.errorbar(x, y, yerr=err, fmt="o", color=color_for(k + 1), capsize=3, markersize=5, label=method)
+                ax.errorbar(x, y, yerr=err, fmt="o", color=line_style(loss, LOSSES)["color"], capsize=3, markersize=5, label=method)
             ax.axhline(0.0, color="black", linewidth=1.0)
             ax.set_xticks(range(len(betas)), [f"β={b:g}" for b in betas])
             ax.set_xlim(-0.5, len(betas) - 0.5)

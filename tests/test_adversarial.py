@@ -83,6 +83,26 @@ def test_overwrite_refuses_foreign_files_inside_a_run(tmp_path, capsys):
             "not part of a gradlens run", "my_notes.txt", "nothing was deleted")
 
 
+def test_overwrite_accepts_the_hugging_face_files_of_a_checkpoint(tmp_path):
+    """A user-model checkpoint also holds save_pretrained's config and tokenizer files: run files too."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from gradlens.record.checkpoint import save_hf_files
+    from gradlens.runs import check_overwritable, run_contents
+
+    out = tmp_path / "run"
+    record(out)
+    step = out / schema.CHECKPOINTS / "step_3"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1}, unk_token="<unk>")), unk_token="<unk>")
+    tok.chat_template = "{{ messages }}"
+    save_hf_files(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=2)), step, tok)
+    assert len(list(step.iterdir())) > 4 and run_contents(out).foreign == []
+    check_overwritable(out)
+    assert main(["record", *JOB, "--steps", "2", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / schema.CHECKPOINTS).iterdir()) == ["step_2"]
+
+
 def test_overwrite_of_runs_in_a_parent_touches_only_those_runs(tmp_path):
     parent = tmp_path / "B"
     argv = ["record", "--env", "tabular", "--loss", "dpo,balanced", "--steps", "2", "--quiet", "--out", str(parent)]
@@ -139,6 +159,27 @@ def test_second_writer_fails_at_once_naming_the_holder_pid(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_overwrite_during_a_running_record_fails_naming_its_pid(tmp_path, capsys):
+    """Two writers on one directory: the second (here --overwrite, which would wipe the first) fails at once."""
+    out = tmp_path / "run"
+    argv = ["record", *JOB, "--steps", "100000", "--checkpoint-every", "0", "--out", str(out)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-m", "gradlens", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / schema.STEPS).is_file() or (out / schema.STEPS).read_bytes().count(b"\n") < 3:
+            assert first.poll() is None and time.monotonic() < deadline, "the first writer did not start"
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert main([*argv, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"another gradlens process (PID {first.pid}) is writing this run directory" in err and "Traceback" not in err
+        assert first.poll() is None and read_table(out / schema.STEPS)[schema.STEP].iloc[0] == 0  # untouched, still running
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_lock_is_exclusive_within_and_across_processes(tmp_path):

@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.colors as mcolors
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -229,9 +230,10 @@ def test_langevin_plot_never_imports_torch_and_uses_a_log_iteration_axis(tmp_pat
     assert (tmp_path / "out" / "langevin_kl.png").is_file()
     from gradlens.plot import langevin as L
 
-    fig, ax = plt.subplots()
+    fig, (ax, ax2) = plt.subplots(1, 2)
     try:
-        assert "log" in L._iteration_axis(ax, [pd.Series([0, 1, 10, 1000]).to_numpy(float)]) and ax.get_xscale() == "symlog"
+        assert L._iteration_axis(ax, [np.array([0.0, 1, 10, 1000])]) and ax.get_xscale() == "symlog"
+        assert not L._iteration_axis(ax2, [np.array([0.0, 10, 50])]) and ax2.get_xscale() == "linear"
     finally:
         plt.close(fig)
     groups = {"gauss d10": [load_run(run)]}

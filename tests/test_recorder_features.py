@@ -84,7 +84,7 @@ def test_accumulation_over_micro_batches_with_a_smaller_last_one():
     chosen_ref = group_grad(model, full_ids, w, slice(0, 5))
     rejected_ref = group_grad(model, full_ids, w, slice(5, 10))
     rec = gradlens.GradientRecorder(model)
-    with rec.capture(groups={"chosen": slice(0, 3), "rejected": slice(3, 6)}) as cap:
+    with rec.capture(groups={"chosen": slice(0, 3), "rejected": slice(3, 6)}, accumulate=True) as cap:
         for k, (lo, hi) in enumerate([(0, 3), (3, 5)]):
             rows = list(range(lo, hi)) + list(range(5 + lo, 5 + hi))
             m = hi - lo
@@ -94,6 +94,20 @@ def test_accumulation_over_micro_batches_with_a_smaller_last_one():
             (lp * w[rows]).sum().backward()
     assert math.isclose(cap.norm("chosen"), chosen_ref.norm().item(), rel_tol=1e-10)
     assert math.isclose(cap.norm("rejected"), rejected_ref.norm().item(), rel_tol=1e-10)
+
+
+def test_a_second_backward_needs_accumulate():
+    model = MODELS["gpt2"](torch.float32)
+    ids, w = batch(), weights(2 * B, dtype=torch.float32)
+    rec = gradlens.GradientRecorder(model)
+    with pytest.raises(RuntimeError, match="accumulate=True"):
+        with rec.capture(groups={"chosen": slice(0, B), "rejected": slice(B, 2 * B)}):
+            (sequence_logps(model, ids, PROMPT) * w).sum().backward()
+            (sequence_logps(model, ids, PROMPT) * w).sum().backward()
+    with pytest.raises(ValueError, match="accumulate=True"):
+        with rec.capture(groups={"chosen": slice(0, B), "rejected": slice(B, 2 * B)}) as cap:
+            (sequence_logps(model, ids, PROMPT) * w).sum().backward()
+            cap.set_groups({"chosen": slice(0, B), "rejected": slice(B, 2 * B)})
 
 
 def test_bf16_autocast_accumulates_in_float32():

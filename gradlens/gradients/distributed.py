@@ -17,12 +17,11 @@ import torch.distributed as dist
 
 def all_reduce_states(capture, states: list) -> list:
     """Average every bucket of every parameter over ranks; returns states in a rank-independent order."""
-    recorder = capture._recorder
-    params = [p for p in recorder.model.parameters() if p.requires_grad]
+    params = capture.index.trainable()
     by_id = {id(st.param): st for st in states}
     ordered = [by_id.get(id(p)) or capture._state(p) for p in params]  # same order and set on every rank
     names = capture.groups.names
-    buckets = ["__total__"] + [g for g in names if not (capture.complement and g == names[-1])]
+    buckets = [None] + [g for g in names if not (capture.complement and g == names[-1])]  # None: the total
     world = dist.get_world_size()
     device = params[0].device if params else torch.device("cpu")
     for bucket in buckets:
@@ -32,7 +31,11 @@ def all_reduce_states(capture, states: list) -> list:
         offset = 0
         for st in ordered:
             n = st.param.numel()
-            st.groups[bucket] = flat[offset : offset + n].view(st.param.shape)
+            piece = flat[offset : offset + n].view(st.param.shape)
+            if bucket is None:
+                st.total, st.total_is_grad = piece, False
+            else:
+                st.groups[bucket] = piece
             offset += n
     flags = torch.tensor([float(st.unattributed) for st in ordered], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -41,6 +44,6 @@ def all_reduce_states(capture, states: list) -> list:
     return ordered
 
 
-def _buffer(st, bucket: str, device) -> torch.Tensor:
-    t = st.groups.get(bucket)
+def _buffer(st, bucket, device) -> torch.Tensor:
+    t = st.total if bucket is None else st.groups.get(bucket)
     return t if t is not None else torch.zeros(st.param.shape, dtype=st.dtype, device=device)

@@ -31,6 +31,7 @@ dims, DeepSpeed ZeRO-3 partitions -- raises at attach time, never a silent 0.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -45,10 +46,11 @@ class UnsupportedShardingError(ValueError):
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch built without distributed
+    # A model can only hold DTensors once torch.distributed.tensor was imported: skip the import otherwise.
+    if "torch.distributed.tensor" not in sys.modules:
         return None, None
+    from torch.distributed.tensor import DTensor, Shard
+
     return DTensor, Shard
 
 
@@ -125,7 +127,7 @@ class ShardedParams:
     def own_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return self._own[id(module)]
 
-    def begin(self, *, distributed: str, per_row: bool) -> None:
+    def begin(self, *, distributed: str, per_row: bool, keep_pieces: bool = False) -> None:
         """Start a capture: check its options, note every ``.grad`` shard (captures may follow accumulation)."""
         if distributed != "global":
             raise ValueError(
@@ -134,6 +136,8 @@ class ShardedParams:
             )
         if per_row:
             raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
+        if keep_pieces:
+            raise ValueError("keep_pieces is not available for FSDP2-sharded models: each rank holds only its rows of every piece")
         self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
         self.temporary_bytes = 0
 
@@ -163,12 +167,14 @@ class ShardedParams:
             start = self._start.get(id(st.param))
             if local is not None and start is not None:
                 local = local - start
-            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype)
-            st.groups["__total__"] = total
-        self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for k, t in st.groups.items() if k != "__total__")
+            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
+            st.total = total
+        self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for t in st.groups.values())
         self._probe_check(capture, ordered)
         for st in ordered:
-            capture._split_norms(st)
+            total, st.total = st.total, None
+            capture._take_norms(st, total)
+        capture._read_norms(ordered)
         self._sum_over_ranks(capture, ordered)
         self._start = {}
         return ordered
@@ -193,13 +199,14 @@ class ShardedParams:
 
         rows = []
         for st in ordered:
-            vectors = capture._recorder._probe_vectors(st.param)
+            vectors = capture.index.probe_vectors(st.param)
             start, stop = self._rows(st.param)
             local = (vectors[0][start:stop],) + tuple(vectors[1:])
-            total = st.groups["__total__"]
+            total = st.total
             value, scale = probe_dense(total, local) if total.numel() else (torch.zeros(()), torch.zeros(()))
+            hooks, hook_scale = (st.probe[0], st.probe[1]) if st.probe is not None else (0.0, 0.0)
             rows.append(torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in
-                                     (value, scale, st.probe_hooks, st.probe_scale, float(st.uses), float(st.low_precision))]))
+                                     (value, scale, hooks, hook_scale, float(st.uses), float(st.low_precision))]))
         table = (torch.stack(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)).to(self.device)
         dist.all_reduce(table, group=self.group)
         for st, (value, scale, hooks, hook_scale, uses, low) in zip(ordered, table.tolist()):

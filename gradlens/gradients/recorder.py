@@ -1,18 +1,29 @@
 """``GradientRecorder``: hooks on an unmodified model that split backward passes into row groups.
 
 How it works, in order:
-1. At construction, every module that owns parameters (directly) gets a forward
-   hook; the model is not wrapped and its ``forward`` is untouched. Every
-   parameter gets a tensor hook that sees its real gradient.
-2. Each forward call with grad enabled registers a hook on that call's output
-   tensors, closing over that call's inputs. Pairing inputs with gradients per
-   *call* (not per module) is what makes activation checkpointing safe: a
-   recomputed forward registers its own hook, a no-grad forward registers none.
-3. Inside ``capture()``, the output hooks hand each use to the ``Capture``,
-   which applies the layer's rule per group. Outside a capture hooks do nothing.
+1. At construction the model is checked (rows must be independent along dim 0,
+   see ``rules.validate``). Every module that owns parameters (directly) gets a
+   forward hook; the model is not wrapped and its ``forward`` is untouched. Every
+   parameter gets a tensor hook that sees its real gradient, once per backward.
+2. Each forward call with grad enabled is paired with that call's output
+   gradient. Pairing per *call* (not per module) is what makes activation
+   checkpointing safe: a recomputed forward registers its own hook, a no-grad
+   forward registers none. Two kinds of pairing:
+   - *split* (linear layers, the default): the hook re-parents the output onto
+     ``route.SplitBackward`` (same storage and values), whose backward computes
+     the weight gradient as the sum of the groups' pieces: no extra product.
+   - *observed* (every other rule, or ``split_backward=False``): a hook on the
+     output tensors reads the output gradient; the rule computes the pieces.
+3. Inside ``capture()`` each use goes to the ``Capture``; outside a capture
+   observed hooks do nothing and split layers compute their usual gradient.
 
-The hooks only read tensors; they never return a value, so ``p.grad`` is
-bit-identical with and without the recorder.
+What the hooks change, outside and inside captures: split layers' outputs are
+new tensors (a view of the same storage with the same values; only ``grad_fn``
+differs). An output of batch 1 that the model broadcasts over a batch of N rows
+(GPT-2's position embeddings) is expanded to N rows (a view, no copy) so that
+its gradient arrives per row; consumers that broadcast see the same values.
+``p.grad`` equals a plain backward up to float rounding (split layers sum the
+groups' pieces), or bit for bit with ``split_backward=False``.
 """
 
 from __future__ import annotations
@@ -22,25 +33,26 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
+from . import route
 from .capture import Capture
 from .fsdp import ShardedParams
 from .groups import GroupSpec, make_groups
+from .params import ParamIndex, world_size
 from .precision import autocast_state, no_autocast
-from torch.utils._pytree import tree_map
-
-from .rules import RECOMPUTE_RULES, Rule, Use, _tensor_leaves, rule_for
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from .rules import Rule, Use, rule_for, tensor_leaves, validate
 
 
 def _expand_rows(x, n: int):
     if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
         return x.expand(n, *x.shape[1:])
     return x
+
+
+def _accumulation_dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(recurse=False))
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class GradientRecorder:
@@ -52,57 +64,50 @@ class GradientRecorder:
     >>> cap.norm("chosen"), cap.norm("rejected"), cap.cosine("chosen", "rejected")
     >>> rec.close()
 
-    Gradient accumulation: one capture may span several backward calls; call
-    ``cap.set_groups(...)`` before each micro-batch's backward when its rows differ.
-    The recorded pieces are summed exactly like ``p.grad`` is.
+    ``split_backward=False`` keeps every layer's own backward, so ``p.grad`` is bit-identical
+    to a run without the recorder, at the cost of one extra half product per linear layer.
+
+    Gradient accumulation: one capture may span several backward calls when opened with
+    ``accumulate=True``; call ``cap.set_groups(...)`` before each later micro-batch's
+    backward. The recorded pieces are summed exactly like ``p.grad`` is.
     """
 
-    def __init__(self, model: nn.Module, *, probe_seed: int = 0):
+    def __init__(self, model: nn.Module, *, probe_seed: int = 0, split_backward: bool = True):
+        validate(model)
         self.model = model
+        self.index = ParamIndex(model, probe_seed=probe_seed)  # names, owners, probe vectors
+        # FSDP2-sharded parameters (gradients/fsdp.py), else None; raises for sharding it cannot split.
+        self.sharded: Optional[ShardedParams] = ShardedParams.detect(model)
+        # FSDP2 swaps in unsharded copies around each use: keep its own backward there.
+        self.split_backward = split_backward and self.sharded is None
         self._capture: Optional[Capture] = None
         self._paused = 0
         self._closed = False
         self._handles: list = []
         self._rng_before: dict[int, tuple] = {}
         self._batch_rows: Optional[int] = None
-        self._probe_seed = probe_seed
-        self._probes: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._names: dict[int, str] = {}
-        self._owners: dict[int, list[str]] = {}
         self.rules: dict[str, Rule] = {}
-        # FSDP2-sharded parameters (gradients/fsdp.py), else None; raises for sharding it cannot split.
-        self.sharded: Optional[ShardedParams] = ShardedParams.detect(model)
         self._attach()
 
     # ---- hooks -------------------------------------------------------------------------------
 
     def _attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._note_batch_rows, with_kwargs=True))
-        for name, p in self.model.named_parameters():
-            self._names.setdefault(id(p), name)
         for path, module in self.model.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False)]
-            for n, p in own:
-                self._owners.setdefault(id(p), []).append(f"{path}.{n}" if path else n)
-            wanted = tuple(n for n, p in own if p.requires_grad)
+            wanted = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
             if not wanted:
                 continue
             rule = rule_for(module)
             self.rules[path] = rule
-            if rule.name in RECOMPUTE_RULES:
+            if rule.recompute:
                 self._handles.append(module.register_forward_pre_hook(self._save_rng))
-            self._handles.append(
-                module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True)
-            )
-        seen = set()
-        for p in self.model.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                self._handles.append(p.register_hook(self._param_hook(p)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True))
+        for p in self.index.trainable():
+            self._handles.append(p.register_hook(self._param_hook(p)))
 
     def _note_batch_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The batch size N of the model's input: rows are counted along its dim 0."""
-        first = next((t for t in _tensor_leaves((args, kwargs), floating=False) if t.dim() > 0), None)
+        first = next((t for t in tensor_leaves((args, kwargs), floating=False) if t.dim() > 0), None)
         self._batch_rows = first.shape[0] if first is not None else None
 
     def _save_rng(self, module: nn.Module, args) -> None:
@@ -115,61 +120,67 @@ class GradientRecorder:
         self._rng_before[id(module)] = (torch.random.get_rng_state(), cuda)
 
     def _forward_hook(self, path: str, rule: Rule, wanted: tuple[str, ...]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
             if self._paused or self._closed or not torch.is_grad_enabled():
-                return
+                return None
             rng = self._rng_before.pop(id(module), None)
             n = self._batch_rows
+            result = None
             if isinstance(output, torch.Tensor) and output.requires_grad and n and n > 1 and output.dim() and output.shape[0] == 1:
                 # A batch-1 output broadcast over the batch (e.g. GPT-2's position embeddings):
                 # expand it so its gradient arrives per row. The consumer then adds equal
                 # shapes and ExpandBackward reduces with the same sum_to_size, so the
                 # parameter gradient is unchanged.
-                output = output.expand(n, *output.shape[1:])
+                output = result = output.expand(n, *output.shape[1:])
                 args, kwargs = tree_map(lambda x: _expand_rows(x, n), (args, kwargs))
-                result = output
-            else:
-                result = None
-            leaves = _tensor_leaves(output)
-            needs = [i for i, t in enumerate(leaves) if t.requires_grad]
-            if not needs:
-                return result
-
-            # The hook must not reference the output tensors it is registered on: their
-            # grad_fn holds the hook, and that cycle through C++ is never collected.
-            num_leaves = len(leaves)
-            amp = autocast_state()
-
-            def on_grads(grads) -> None:
-                full = [None] * num_leaves
-                for i, g in zip(needs, grads):
-                    full[i] = g
-                self._on_use(Use(module, args, kwargs, tuple(full), wanted, torch.float32, rng, autocast=amp), rule, path)
-
-            if len(needs) == 1:
-                leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
-            else:
-                torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in needs], on_grads)
+            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast=autocast_state())
+            if self.split_backward and route.can_route(rule, module, args, kwargs, output):
+                return route.route(output, args[0], module, use, rule, lambda u: self._weight_grads(u, rule, path))
+            self._observe(output, use, rule, path)
             return result
 
         return hook
 
+    def _observe(self, output, use: Use, rule: Rule, path: str) -> None:
+        leaves = tensor_leaves(output)
+        needs = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if not needs:
+            return
+        # The hook must not reference the output tensors it is registered on: their
+        # grad_fn holds the hook, and that cycle through C++ is never collected.
+        num_leaves = len(leaves)
+
+        def on_grads(grads) -> None:
+            full = [None] * num_leaves
+            for i, g in zip(needs, grads):
+                full[i] = g
+            use.grad_outputs = tuple(full)
+            cap = self._capture
+            if cap is not None and not self._closed:
+                use.recompute = self._paused_call
+                with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
+                    cap.add_use(use, rule, path)
+
+        if len(needs) == 1:
+            leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
+        else:
+            torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in needs], on_grads)
+
+    def _weight_grads(self, use: Use, rule: Rule, path: str) -> dict[str, torch.Tensor]:
+        """A split layer's full parameter gradients: the capture's sum of group pieces, if one is open."""
+        cap = self._capture
+        with no_autocast():  # split layers only run where no autocast was on at forward
+            if cap is None or self._closed:
+                return rule.contribution(use, lambda x: x)
+            return cap.add_use(use, rule, path, totals=True)
+
     def _param_hook(self, p: torch.nn.Parameter):
         def hook(grad: torch.Tensor) -> None:
             if self._capture is not None and not self._closed:
-                self._capture.add_total(p, grad)
+                with no_autocast():  # norms and probes in float32 even when backward runs inside autocast
+                    self._capture.add_total(p, grad)
 
         return hook
-
-    def _on_use(self, use: Use, rule: Rule, path: str) -> None:
-        cap = self._capture
-        if cap is None or self._closed:
-            return
-        p = next(use.module.parameters(recurse=False))
-        use.dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        use.recompute = self._paused_call
-        with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
-            cap.add_use(use, rule, path)
 
     def _paused_call(self, fn):
         """Run ``fn`` (a rule re-running a module) with this recorder's hooks switched off."""
@@ -178,34 +189,6 @@ class GradientRecorder:
             return fn()
         finally:
             self._paused -= 1
-
-    # ---- parameter bookkeeping used by captures ----------------------------------------------
-
-    def _describe(self, p: torch.nn.Parameter) -> tuple[str, list[str]]:
-        owners = self._owners.get(id(p), [])
-        modules = [o.rsplit(".", 1)[0] if "." in o else "" for o in owners]
-        return self._names.get(id(p), owners[0] if owners else "?"), modules
-
-    def _params_without_grad(self) -> set[int]:
-        """Parameters whose ``.grad`` is None now; their final ``.grad`` will be exactly the
-        captured total. Not under multi-process DDP, where ``.grad`` becomes the all-reduced mean."""
-        if _world_size() > 1:
-            return set()
-        return {id(p) for p in self.model.parameters() if p.requires_grad and p.grad is None}
-
-    def _is_shared(self, p: torch.nn.Parameter) -> bool:
-        return len(self._owners.get(id(p), ())) > 1
-
-    def _probe_vectors(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, ...]:
-        """Fixed random probe vectors for ``p`` (own generator: the global RNG is untouched)."""
-        vectors = self._probes.get(id(p))
-        if vectors is None:
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            gen = torch.Generator().manual_seed(self._probe_seed + len(self._probes))
-            shapes = (p.shape[0], p.numel() // p.shape[0]) if p.dim() >= 2 else (p.numel(),)
-            vectors = tuple(torch.randn(s, generator=gen, dtype=dtype).to(p.device) for s in shapes)
-            self._probes[id(p)] = vectors
-        return vectors
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -217,6 +200,7 @@ class GradientRecorder:
         num_rows: int | None = None,
         per_row: bool = False,
         verify: bool = False,
+        accumulate: bool = False,
         distributed: str | None = None,
         keep_pieces: bool = False,
     ) -> Iterator[Capture]:
@@ -227,6 +211,12 @@ class GradientRecorder:
         ``per_row=True`` also records each row's own gradient norm (ghost norms where
         cheaper). ``verify=True`` computes every group explicitly instead of taking the
         last one as the remainder (slower; for tests and audits).
+
+        By default a capture holds one backward pass, and each parameter's norms are
+        taken the moment its gradient is complete, so no gradient-sized buffer outlives
+        its layer. ``accumulate=True`` lets several backward calls (micro-batches) add up,
+        like ``p.grad``; that keeps one buffer per explicitly computed group per parameter
+        until the block ends.
 
         ``distributed``: under a multi-process group (DDP), ``"global"`` (the default
         there) all-reduces the group pieces so the norms are those of the global,
@@ -243,12 +233,13 @@ class GradientRecorder:
         if self._capture is not None:
             raise RuntimeError("a capture is already open on this recorder; captures cannot nest")
         if distributed is None:
-            distributed = "global" if _world_size() > 1 else "local"
+            distributed = "global" if world_size() > 1 else "local"
         self._check_parameters_unchanged()
         if self.sharded is not None:
-            self.sharded.begin(distributed=distributed, per_row=per_row)
+            self.sharded.begin(distributed=distributed, per_row=per_row, keep_pieces=keep_pieces)
         cap = Capture(
-            self, make_groups(groups, num_rows), per_row=per_row, verify=verify, distributed=distributed, keep_pieces=keep_pieces
+            self.index, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
+            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,
         )
         self._capture = cap
         try:
@@ -265,7 +256,7 @@ class GradientRecorder:
         if self.sharded is not None:
             return
         for name, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in self._names:
+            if p.requires_grad and not self.index.knows(p):
                 raise RuntimeError(
                     f"parameter {name!r} was replaced after the GradientRecorder was attached (e.g. by fully_shard or "
                     "by loading new parameter objects); its gradient would be missed. Create the recorder after sharding"

@@ -16,6 +16,18 @@ reading ``module.weight`` directly) and the parameter is reported unattributed.
 
 Rules see tensors already cast to the accumulation dtype (float32, or float64
 for float64 parameters), so bf16/fp16 activations are accumulated in float32.
+
+Precondition (checked by ``validate`` when a recorder attaches): rows are
+independent along dim 0. Row i's output depends only on row i's input, so the
+gradient of a group of rows is the sum of per-row pieces. Modules whose output
+for one row depends on other rows (BatchNorm normalises with batch statistics)
+break this, and the recorder refuses them, as Opacus's validator does.
+
+A rule with ``grad_input`` can also *split* the layer's backward: the recorder
+routes the layer's output through a small autograd function whose backward
+computes the input gradient with ``grad_input`` and the weight gradient as the
+sum of the groups' ``contribution``s. That is the same reduction over rows,
+partitioned, so the split costs no extra matrix product.
 """
 
 from __future__ import annotations
@@ -67,7 +79,8 @@ class IndexedRows:
     shape: torch.Size
 
     def dense(self) -> torch.Tensor:
-        return torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).index_add_(0, self.index, self.values)
+        # the kernel autograd itself uses for embeddings (much faster than zeros + index_add_)
+        return torch.ops.aten.embedding_dense_backward(self.values, self.index, self.shape[0], -1, False).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -77,17 +90,45 @@ class Rule:
     probe: Optional[Callable[[Use, Probes], ProbeResult]] = None
     # Per-row squared norms for every row, for a module used once: {param: (N,)}.
     per_row_sq: Optional[Callable[[Use], dict[str, torch.Tensor]]] = None
+    # True when ``contribution`` re-runs the module (cost per group, not per row slice):
+    # then every group is computed explicitly and the probe comes from the groups' sum.
+    recompute: bool = False
+    # (module, output gradient) -> input gradient, for a one-input module with an
+    # exact formula; lets the recorder split the layer's own backward (see above).
+    grad_input: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    # module -> whether its forward is exactly the one ``grad_input`` differentiates (not a
+    # subclass overriding forward); only then is the layer's backward split.
+    splits: Optional[Callable[[nn.Module], bool]] = None
+    # (use, rows, base) -> {param: base[param] + contribution}, as one fused operation
+    # (``addmm``), so that the split's full gradient needs no extra temporary.
+    add_contribution: Optional[Callable[[Use, RowSelector, dict], dict[str, torch.Tensor]]] = None
 
 
 _BY_TYPE: dict[type, Rule] = {}
 _BY_PREDICATE: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+_BY_NAME: dict[str, Rule] = {}
 
 
 def register_rule(*module_types: type, predicate: Callable[[nn.Module], bool] | None = None):
-    """Decorator: ``@register_rule(nn.Linear)`` on a function returning a ``Rule``'s parts."""
+    """Decorator: ``@register_rule(MyLayer)`` on a function returning a ``Rule``.
+
+    The rule is used for ``MyLayer`` and its subclasses (or for every module where
+    ``predicate(module)`` is true). Registering a rule name or a module type twice
+    raises, like the other gradlens registries. Returns the ``Rule``.
+    """
+    if not module_types and predicate is None:
+        raise ValueError("register_rule needs module types or a predicate")
 
     def decorate(build: Callable[[], Rule]) -> Rule:
         rule = build()
+        if not isinstance(rule, Rule):
+            raise TypeError(f"@register_rule: {build.__name__} must return a Rule, got {type(rule).__name__}")
+        if rule.name in _BY_NAME or rule.name == "fallback":
+            raise ValueError(f"a recorder rule named {rule.name!r} is already registered")
+        for t in module_types:
+            if t in _BY_TYPE:
+                raise ValueError(f"{t.__name__} already has the recorder rule {_BY_TYPE[t].name!r}")
+        _BY_NAME[rule.name] = rule
         for t in module_types:
             _BY_TYPE[t] = rule
         if predicate is not None:
@@ -95,6 +136,21 @@ def register_rule(*module_types: type, predicate: Callable[[nn.Module], bool] | 
         return rule
 
     return decorate
+
+
+# Modules whose output for one row depends on other rows of the batch.
+ROW_MIXING = (nn.modules.batchnorm._BatchNorm,)
+
+
+def validate(model: nn.Module) -> None:
+    """Refuse models that break the rows-are-independent precondition, naming the module."""
+    for path, module in model.named_modules():
+        if isinstance(module, ROW_MIXING):
+            raise ValueError(
+                f"module {path or '(model)'!r} ({type(module).__name__}) mixes the rows of a batch: its statistics are "
+                "taken over dim 0, so the gradient of one group of rows is not defined on its own. gradlens needs rows "
+                "that are independent along dim 0; use LayerNorm or GroupNorm instead (as Opacus requires too)"
+            )
 
 
 def rule_for(module: nn.Module) -> Rule:
@@ -173,7 +229,23 @@ def _linear() -> Rule:
             out["bias"] = g.sum(1).pow(2).sum(1)
         return out
 
-    return Rule("linear", contribution, probe, per_row_sq)
+    def add_contribution(use: Use, rows: RowSelector, base: dict) -> dict[str, torch.Tensor]:
+        m = use.module
+        g = _flat(rows(use.grad()), m.out_features, use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = torch.addmm(base["weight"], g.T, _flat(rows(use.input()), m.in_features, use.dtype))
+        if "bias" in use.wanted:
+            out["bias"] = base["bias"] + g.sum(0)
+        return out
+
+    def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g @ m.weight
+
+    def splits(m: nn.Module) -> bool:
+        return type(m).forward is nn.Linear.forward
+
+    return Rule("linear", contribution, probe, per_row_sq, grad_input=grad_input, splits=splits, add_contribution=add_contribution)
 
 
 # ---- transformers Conv1D (GPT-2): y = x W + b, W is (in, out) -------------------------------
@@ -216,7 +288,24 @@ def _conv1d() -> Rule:
             out["bias"] = g.sum(1).pow(2).sum(1)
         return out
 
-    return Rule("conv1d", contribution, probe, per_row_sq)
+    def add_contribution(use: Use, rows: RowSelector, base: dict) -> dict[str, torch.Tensor]:
+        w = use.module.weight
+        g = _flat(rows(use.grad()), w.shape[1], use.dtype)
+        out = {}
+        if "weight" in use.wanted:
+            out["weight"] = torch.addmm(base["weight"], _flat(rows(use.input()), w.shape[0], use.dtype).T, g)
+        if "bias" in use.wanted:
+            out["bias"] = base["bias"] + g.sum(0)
+        return out
+
+    def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g @ m.weight.T
+
+    def splits(m: nn.Module) -> bool:
+        forward = type(m).forward
+        return forward.__qualname__ == "Conv1D.forward" and forward.__module__.startswith("transformers.")
+
+    return Rule("conv1d", contribution, probe, per_row_sq, grad_input=grad_input, splits=splits, add_contribution=add_contribution)
 
 
 # ---- nn.Embedding: rows of W indexed by token ids --------------------------------------------
@@ -320,7 +409,7 @@ def _recomputed(use: Use):
                 return functional_call(m, params, use.args, use.kwargs, strict=False)
 
         outputs = use.recompute(run) if use.recompute is not None else run()
-        use.cache["outputs"], use.cache["params"] = _tensor_leaves(outputs), params
+        use.cache["outputs"], use.cache["params"] = tensor_leaves(outputs), params
     return use.cache["outputs"], use.cache["params"]
 
 
@@ -341,7 +430,7 @@ def _vjp_of_rows(use: Use, rows: RowSelector) -> dict[str, torch.Tensor]:
     return {name: (torch.zeros_like(p) if gr is None else gr).to(use.dtype) for (name, p), gr in zip(params.items(), grads)}
 
 
-def _tensor_leaves(outputs, floating: bool = True) -> list[torch.Tensor]:
+def tensor_leaves(outputs, floating: bool = True) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_leaves
 
     return [o for o in tree_leaves(outputs) if isinstance(o, torch.Tensor) and (o.is_floating_point() or not floating)]
@@ -377,8 +466,7 @@ def _is_rms_norm(module: nn.Module) -> bool:
 def _rms_norm() -> Rule:
     # Elementwise weights whose formula varies by model (float32 upcast, 1 + w, ...):
     # re-running the module's own forward is exact for all of them and cheap.
-    return Rule("rmsnorm", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq)
+    return Rule("rmsnorm", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq, recompute=True)
 
 
-FALLBACK = Rule("fallback", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq)
-RECOMPUTE_RULES = ("rmsnorm", "fallback")
+FALLBACK = Rule("fallback", _vjp_of_rows, _recompute_probe, _recompute_per_row_sq, recompute=True)

@@ -19,7 +19,7 @@ import torch
 from ..gradients import Capture
 from ..losses import PreferenceLossOutput
 from ..pairs import CHOSEN, REJECTED
-from ..runs import prepare_run_dir, schema
+from ..runs import RunLock, prepare_run_dir, schema
 from ..runs.preference_log import PreferenceRunLog
 from .stepper import StepResult
 
@@ -108,9 +108,14 @@ class RunLog:
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
         resume = resume_at is not None and (os.path.isfile(os.path.join(path, schema.CONFIG)))
-        self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
-        columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
-        self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
+        self._lock = RunLock(path).acquire()  # one writer per run directory; released by close() or the OS
+        try:
+            self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
+            columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
+            self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
+        except BaseException:
+            self._lock.release()
+            raise
         self.resumed_from = resume_at if resume else None
         self.pair, self.extra_groups, self.layers_every = pair, tuple(extra_groups), layers_every
         self._t0 = time.perf_counter()
@@ -121,13 +126,19 @@ class RunLog:
         row.update(gradient_columns(cap, self.pair, self.extra_groups))
         finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
         row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
-        layers = cap.layer_table(*self.pair) if cap is not None and result.step % self.layers_every == 0 else None
+        layers = None
+        if cap is not None and result.step % self.layers_every == 0:
+            a, b = self.pair  # layer_table's keys follow the group names; the run log's columns are fixed
+            layers = {layer: {schema.CHOSEN_SQ: v[f"{a}_sq"], schema.REJECTED_SQ: v[f"{b}_sq"], schema.DOT: v["dot"]}
+                      for layer, v in cap.layer_table(a, b).items()}  # fmt: skip
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
     def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:
         self.out.finish(
             status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0, resumed_from_step=self.resumed_from
         )
+        self._lock.release()  # the run is written: another writer may continue it
 
     def close(self) -> None:
         self.out.close()
+        self._lock.release()

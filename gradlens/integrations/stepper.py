@@ -46,7 +46,8 @@ class StepCapture:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
         self.recorder = GradientRecorder(model)
         self.record_every = record_every
-        self.capture_options = dict(capture_options or {})  # extra GradientRecorder.capture() arguments
+        # extra GradientRecorder.capture() arguments; a step may span several micro-batches
+        self.capture_options = {"accumulate": True, **(capture_options or {})}
         self.micro_batches_seen = 0
         self._stack: Optional[contextlib.ExitStack] = None
         self._capture: Optional[Capture] = None

@@ -26,15 +26,15 @@ def legend_label(group: str, n: int) -> str:
     return f"{group} ({n} seeds)" if n != 1 else f"{group} (1 run)"
 
 
-def seeds_caption(counts: Sequence[int], smooth: int = 1, *, what: str = "line") -> str:
+def seeds_caption(counts: Sequence[int], smooth: int = 1) -> str:
     """What a figure drawn by ``draw_seeds`` shows, for the seed counts it had: no
     band or faint lines are promised for groups with one run, and smoothing is named."""
     counts = [n for n in counts if n > 0]
     several = [n for n in counts if n > 1]
     if not several:
-        parts = [f"{what}: the single run of each group" if len(counts) > 1 else f"{what}: one run"]
+        parts = ["line: the single run of each group" if len(counts) > 1 else "line: one run"]
     else:
-        parts = [f"{what}: median over seeds", "band: interquartile range over seeds", "faint lines: individual seeds"]
+        parts = ["line: median over seeds", "band: interquartile range over seeds", "faint lines: individual seeds"]
         if len(several) < len(counts):
             parts.append("groups with one run: that run only")
     if smooth > 1:

@@ -146,15 +146,16 @@ def _positive(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return frame[keep]
 
 
-def _iteration_axis(ax, steps: list[np.ndarray]) -> str:
-    """A log x axis (symlog, so k = 0 stays) when the runs span two or more decades of iterations."""
+def _iteration_axis(ax, steps: list[np.ndarray]) -> bool:
+    """A log x axis (symlog, so k = 0 stays) when the runs span two or more decades of
+    iterations, else a linear one; returns whether it is logarithmic."""
     positive = np.concatenate([s[s > 0] for s in steps]) if steps else np.array([])
     if positive.size and positive.max() / max(positive.min(), 1.0) >= 100:
         ax.set_xscale("symlog", linthresh=1.0, linscale=0.2)
         ax.set_xlabel("iteration k (log scale; linear between 0 and 1)")
-        return "x: log scale"
+        return True
     ax.set_xlabel("iteration k")
-    return ""
+    return False
 
 
 def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:

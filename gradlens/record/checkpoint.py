@@ -106,11 +106,16 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
-    if hasattr(model, "peft_config"):  # LoRA: also the adapter alone, loadable with peft.PeftModel.from_pretrained
-        model.save_pretrained(str(tmp / ADAPTER_DIR))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
-    save_hf_files(model, tmp, tokenizer)
+    if hasattr(model, "peft_config"):
+        # LoRA: model.safetensors holds peft's names (for --resume), which from_pretrained would not
+        # match: no config.json beside it; the adapter and tokenizer go to adapter/ for PeftModel.from_pretrained.
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / ADAPTER_DIR)
+    else:
+        save_hf_files(model, tmp, tokenizer)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -146,9 +146,31 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
+# TRL's ModelConfig defaults for its LoRA settings, used when a recipe says use_peft: true.
+TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear"}
+LORA_FIELDS = tuple(TRL_LORA_DEFAULTS)
+
+
+def _trl_peft(data: dict) -> dict:
+    """TRL's LoRA keys as gradlens's: ``use_peft: true`` turns LoRA on with TRL's defaults; ``use_peft: false``
+    turns it off (its lora_* keys are then ignored, as TRL ignores them); without ``use_peft`` the lora_* keys
+    are gradlens's own. A list of target modules becomes a comma-separated string."""
+    data = {_normalise_key(str(k)): v for k, v in data.items()}
+    use_peft = data.pop("use_peft", None)
+    if use_peft is False:
+        return {k: v for k, v in data.items() if k not in LORA_FIELDS} | {"use_peft": False}
+    if use_peft is True:
+        data = {**TRL_LORA_DEFAULTS, **{k: v for k, v in data.items() if v is not None or k not in LORA_FIELDS}}
+    modules = data.get("lora_target_modules")
+    if isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
+        data["lora_target_modules"] = ",".join(modules)
+    return data
+
+
 def _from_trl_names(data: dict, path: Path) -> dict:
     """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
     out, ignored = {}, []
+    data = _trl_peft(data)
     for key, value in data.items():
         name = _normalise_key(str(key))
         if name in TRL_IGNORED and name not in _FIELD_TYPES:
@@ -251,8 +273,10 @@ def _check_options_used(losses: tuple[str, ...], options: Mapping[str, Any]) -> 
 
 
 def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
-    """Fill fields left None with the environment's defaults."""
-    defaults = ENV_DEFAULTS[cfg.env]
+    """Fill fields left None with the environment's defaults (and LoRA's alpha with 2 x rank)."""
+    defaults = dict(ENV_DEFAULTS[cfg.env])
+    if cfg.lora_r and cfg.lora_alpha is None:
+        defaults["lora_alpha"] = 2.0 * cfg.lora_r
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 

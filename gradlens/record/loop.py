@@ -367,7 +367,9 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
     outputs, chosen_logps, rejected_logps = [], [], []
     method, options = get_reweighting(cfg.loss), method_options(cfg)
     keep = method.rebalance is not None  # the parameter-space step rewrites p.grad from the recorded pieces
-    with ctx.recorder.capture(groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, keep_pieces=keep) as cap:
+    with ctx.recorder.capture(
+        groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, accumulate=len(chunks) > 1, keep_pieces=keep
+    ) as cap:
         for k, chunk in enumerate(chunks):
             b = len(chunk)
             cap.set_groups(pair_groups(b))  # the last micro-batch may be smaller

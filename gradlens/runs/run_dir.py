@@ -81,7 +81,12 @@ _TOP_FILES = re.compile(
     r"|^" + re.escape(schema.LOCK) + r"$"
 )
 _CHECKPOINT_DIRS = re.compile(r"^step_\d+$|^\.step_\d+\.tmp$|^reference$")
-_CHECKPOINT_FILES = re.compile(r"^(model\.safetensors|optimizer\.pt|state\.json)(\.tmp)?$")
+_CHECKPOINT_FILES = re.compile(
+    r"^(model\.safetensors|optimizer\.pt|state\.json)(\.tmp)?$"
+    # record/checkpoint.save_hf_files: what save_pretrained writes for a model's config and its tokenizer
+    r"|^(config|generation_config)\.json$"
+    r"|^(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template|spiece|sentencepiece)([._-].*)?$"
+)
 # Present in a directory that was never started: a writer killed before config.json was in place.
 _NOT_STARTED = {schema.LOCK, schema.CONFIG + ".tmp"}
 
