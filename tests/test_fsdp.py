@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from fsdp_split import FAMILIES, PAIRS, PROMPT, global_batch  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_split.py"
-TOL = 1e-5  # the bound; float64 runs agree to ~1e-12, float32 to ~1e-7
+TOL = 1e-5  # the required bound; measured (2026-12-02): float32 <= 4.4e-8, float64 <= 1.3e-16
 
 
 def _free_port() -> int:
