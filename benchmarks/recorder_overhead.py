@@ -312,6 +312,8 @@ def time_variants(bench, steps: int, warmup: int, device: str, only: str | None 
 
 
 def peak_memory_child(config_key: str, variant: str, steps: int, device: str, autocast: str | None, smoke: bool) -> None:
+    import gradlens.gradients  # noqa: F401  (every variant pays the library's import, so the ratio is the steps')
+
     cfg = (SMOKE if smoke else CONFIGS)[config_key]
     bench = make_bench(cfg, device, autocast)
     if device.startswith("cuda"):
