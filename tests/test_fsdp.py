@@ -169,7 +169,11 @@ def test_record_fsdp_two_processes_match_a_single_process_and_resume(model_dir, 
     assert fsdp.config["fsdp"] is True and fsdp.config["world_size"] == 2
     assert list(fsdp.steps.step) == [0, 1, 2] and fsdp.summary["status"] == "complete"
     for column in RECORD_COMPARED:
-        np.testing.assert_allclose(fsdp.steps[column], single.steps[column], rtol=1e-5, atol=1e-8, err_msg=column)
+        # step 0: the same parameters, so float32 rounding of the split only; later steps also carry
+        # the runs' drift (FSDP and one process sum gradients in different orders, Adam at lr 1e-2
+        # amplifies it): measured 1.8e-5 relative on grad/dot at step 2
+        np.testing.assert_allclose(fsdp.steps[column][:1], single.steps[column][:1], rtol=1e-5, atol=1e-8, err_msg=column)
+        np.testing.assert_allclose(fsdp.steps[column], single.steps[column], rtol=1e-4, atol=1e-8, err_msg=column)
     np.testing.assert_allclose(fsdp.layers["chosen_sq"], single.layers["chosen_sq"], rtol=1e-4, atol=1e-12)
     np.testing.assert_allclose(fsdp.evals.filter(like="eval/").to_numpy(), single.evals.filter(like="eval/").to_numpy(), rtol=1e-5)
     from safetensors import safe_open
