@@ -176,7 +176,7 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
             if C.BOUND_THEOREM1 in steps and steps[C.BOUND_THEOREM1].notna().any():
                 s = _positive(_thin(steps.dropna(subset=[C.BOUND_THEOREM1])), C.BOUND_THEOREM1)
                 ax.plot(s[C.STEP], s[C.BOUND_THEOREM1], color=color, lw=1.2, ls="--",
-                        label="Theorem 1 bound" if first else None)
+                        label="Vempala–Wibisono bound (α = m), where valid" if first else None)
             if C.KL_STATIONARY in steps and steps[C.KL_STATIONARY].notna().any():
                 bias = float(steps[C.KL_STATIONARY].dropna().iloc[-1])
                 if bias > 0:
@@ -195,7 +195,7 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
     ax.set_yscale("log")
     _iteration_axis(ax, iterations)
     ax.set_ylabel("KL(p_k || p*)")
-    ax.set_title("ULA: KL to the target, Theorem 1 bound and stationary bias")
+    ax.set_title("ULA: KL to the target, Vempala–Wibisono bound (α = m) and stationary bias")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.text(0.01, -0.02, "k-NN estimates <= 0 cannot be shown on a log axis and are omitted", fontsize=8)
     return _save(fig, options, "langevin_kl")
