@@ -65,7 +65,7 @@ LANGEVIN_LAYOUT: list[tuple[str, list[tuple[str, list[str]]]]] = [
     (
         "gradlens: Langevin KL",
         [
-            ("KL(p_k || p*) with Theorem 1 bound and stationary bias",
+            ("KL(p_k || p*) with the Vempala-Wibisono bound (alpha = m) and stationary bias",
              ["^kl$", "^kl_stationary$", "^bound/", "^kl_estimate/"]),
             ("dissipation: KL decrement vs h * relative Fisher information", ["^kl_decrement$", "^h_fisher$"]),
             ("relative Fisher information", ["^fisher$"]),
