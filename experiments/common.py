@@ -26,9 +26,14 @@ FIGURES = REPO / "figures"
 RUNS = REPO / "experiments" / "runs"
 
 
-def parse_args(description: str, name: str) -> argparse.Namespace:
-    """``--smoke`` and ``--out``; full runs go to experiments/runs/NAME and results to figures/."""
+def parse_args(description: str, name: str, extra=None) -> argparse.Namespace:
+    """``--smoke`` and ``--out``; full runs go to experiments/runs/NAME and results to figures/.
+
+    ``extra(parser)`` adds a script's own flags.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for the tests")
     parser.add_argument(
         "--out", default=None, metavar="DIR",

@@ -1,7 +1,7 @@
 """E3 -- Langevin KL rates (Cheng & Bartlett, 2018), with KL computed exactly.
 
     python experiments/e3_langevin.py            # ~5-10 min on 2 cores
-    python experiments/e3_langevin.py --smoke    # small dimensions, short runs, seconds
+    python experiments/e3_langevin.py --smoke    # small dimensions, short runs (45-60 s on these 2-core machines)
 
 What it does, all through gradlens's API (``gradlens.langevin``):
 
@@ -10,14 +10,18 @@ What it does, all through gradlens's API (``gradlens.langevin``):
    * the Gaussian, d = 10, condition number 10 (m = 1, L = 10),
    * the strongly convex product target phi(x) = x²/2 + log cosh x (m = 1, L = 2), d = 10,
    * the weakly convex product target phi(x) = log cosh x (m = 0, L = 1), d = 10,
-   with Theorem 1's bound curve and the stationary bias. Each run records the KL
+   with the stationary bias, Cheng-Bartlett's Theorem 1 as what it states -- KL <= eps
+   after its k steps at its h, a point at (k, eps) -- and Vempala-Wibisono's bound with
+   alpha = m, e^{-mhk}KL_0 + 8hdL^2/m, drawn only where it is a bound (h <= m/(4L^2)).
+   Each run records the KL
    decrement per step and h x the relative Fisher information: the gradient-flow
    dissipation identity dKL/dt = -Fisher, checked step by step.
 2. Iterations to reach KL <= eps for d in {1, 10, 100, 1000} and eps in {0.1, 0.03, 0.01}:
    * Gaussian cond 10 and the strongly convex product: ``run_sweep`` (``gradlens
      langevin sweep``): Theorem 1's (h, k), the exact KL after those k steps, the
      exact first k with KL <= eps at Theorem 1's h, and at the best h
-     (``best_h_for_eps``);
+     (``best_h_for_eps``). The best h is an *oracle* choice: it is searched with the
+     exact KL, which a user of the theorem would not have;
    * Gaussian cond 1: the same cells through the same API calls (``theorem1``,
      ``GaussianTrack``, ``best_h_for_eps``) but with the target N(1, I): with mean 0 the
      prescribed start N(0, I/m) *is* the target (KL_0 = 0, zero iterations). The shift
@@ -27,6 +31,8 @@ What it does, all through gradlens's API (``gradlens.langevin``):
      steps where k_theory <= 5e4), and at the best h.
    Log-log slopes of k against d (per eps) and 1/eps (per d) are fitted where a
    series has at least 3 computable cells, then averaged.
+   The cells are kept in OUT/sweep_cells.csv and reused by a re-run (``--recompute-sweep``
+   recomputes them), as finished KL-vs-k runs are.
 3. Figures with ``gradlens.plot.style``; the standard ``gradlens plot`` report over
    the KL-vs-k runs goes to experiments/runs/e3/plot/ (not committed).
 
@@ -98,22 +104,38 @@ def kl_runs(args, grid) -> list[dict]:
             label = f"{name}, h={h:.3g}" + (" (Theorem 1)" if is_theorem else "")
             spec = RunSpec(dim=grid["dim"], step=h, eps=EPS_RUN, steps=steps, particles=0, max_rows=grid["max_rows"], label=label, **fields)
             path = args.out / "kl_vs_k" / f"{name.replace(' ', '_').replace('=', '')}-h{h:.3g}"
-            summary = run_langevin(spec, path, overwrite=True, tensorboard=False, echo=lambda s: None)
-            index.append(dict(target=name, h=h, theorem_h=is_theorem, path=path, summary=summary))
+            summary = _finished_summary(path, steps)
+            kept = summary is not None
+            if not kept:
+                summary = run_langevin(spec, path, overwrite=True, tensorboard=False, echo=lambda s: None)
+            index.append(dict(target=name, h=h, theorem_h=is_theorem, path=path, summary=summary, kept=kept))
             print(f"{label}: {summary['steps']} steps, KL {summary['kl0']:.3g} -> {summary['kl_final']:.3g}", flush=True)
     return index
 
 
+def _finished_summary(path: Path, steps: int) -> dict | None:
+    """The summary of a run this script already finished with the same number of steps (else None): kept, not redone."""
+    from gradlens.runs import load_run
+
+    try:
+        run = load_run(path)
+        summary = run.summary
+    except Exception:  # missing or unfinished: run it again
+        return None
+    return summary if summary and summary.get("steps") == steps else None
+
+
 def run_table(index: list[dict]) -> pd.DataFrame:
-    """Per run: KL at the start and end, the stationary bias, measured k to eps, whether Theorem 1's
-    curve bounds the exact KL at every logged k, and how far the one-step KL decrement is from h x Fisher."""
+    """Per run: KL at the start and end, the stationary bias, measured k to eps, whether Vempala-Wibisono's
+    bound (alpha = m) holds at every logged k where it applies (h <= m/(4L²)), and how far the one-step KL
+    decrement is from h x Fisher."""
     from gradlens.runs import langevin_schema as C
     from gradlens.runs import load_run
 
     rows = []
     for item in index:
         steps, s = load_run(item["path"]).steps, item["summary"]
-        kl, bound = steps[C.KL].to_numpy(float), steps[C.BOUND_THEOREM1].to_numpy(float)
+        kl, bound = steps[C.KL].to_numpy(float), steps[C.BOUND_VW].to_numpy(float)  # NaN where h > m/(4L²)
         dec, hf = steps[C.KL_DECREMENT].to_numpy(float), steps[C.H_FISHER].to_numpy(float)
         # Dissipation: only where KL is well above the stationary bias (there the flow dominates).
         active = (kl > 10 * s["kl_stationary"] + 1e-12) & (hf > 0) & np.isfinite(dec)
@@ -124,8 +146,9 @@ def run_table(index: list[dict]) -> pd.DataFrame:
             "target": item["target"], "h": item["h"], "h_is_theorem1": item["theorem_h"], "steps": s["steps"],
             "kl0": s["kl0"], "kl_final": s["kl_final"], "kl_stationary": s["kl_stationary"],
             f"k_to_eps{EPS_RUN:g}": s.get("measured_k"),
-            "theorem1_curve_holds": bool(np.all(kl <= bound * (1 + 1e-9) + 1e-15)) if has_bound else None,
-            "max_kl_over_curve": float(np.nanmax(kl / bound)) if has_bound else math.nan,
+            "vw_bound_applies": bool(has_bound),
+            "vw_bound_holds": bool(np.all(kl <= bound * (1 + 1e-9) + 1e-15)) if has_bound else None,
+            "max_kl_over_vw_bound": float(np.nanmax(kl / bound)) if has_bound else math.nan,
             "dissipation_rel_err_median": float(np.median(rel)) if rel.size else math.nan,
             "dissipation_rel_err_max": float(np.max(rel)) if rel.size else math.nan,
             "theorem1_k": th.get("k"), "theorem1_kl_at_k": th.get("kl_at_k"),
@@ -138,6 +161,18 @@ def run_table(index: list[dict]) -> pd.DataFrame:
 
 
 def sweeps(args, grid) -> pd.DataFrame:
+    """Every (target, d, eps) cell, or the cells a finished run of this grid left in OUT/sweep_cells.csv."""
+    cache = args.out / f"sweep_cells{'_smoke' if args.smoke else ''}.csv"
+    args.sweep_cells_kept = cache.is_file() and not args.recompute_sweep
+    if args.sweep_cells_kept:
+        print(f"sweep cells kept from {cache} (--recompute-sweep recomputes them)", flush=True)
+        return pd.read_csv(cache)
+    cells = compute_sweeps(args, grid)
+    cells.to_csv(cache, index=False)
+    return cells
+
+
+def compute_sweeps(args, grid) -> pd.DataFrame:
     """Every (target, d, eps) cell; the built-in sweep where it applies, the same API calls otherwise."""
     from gradlens.runs import langevin_schema as C
     from gradlens.langevin.runner import SweepSpec, run_sweep
@@ -221,15 +256,15 @@ def slope_table(cells: pd.DataFrame) -> pd.DataFrame:
         if t.empty:
             continue
         row = {"target": target, "theorem": t["theorem"].iloc[0]}
-        for key, label in ((C.K_THEORY, "theory k"), (C.K_MEASURED, "k at theory h"), (C.K_BEST, "k at best h")):
+        for key, label in ((C.K_THEORY, "theory k"), (C.K_MEASURED, "k at theory h"), (C.K_BEST, "k at oracle best h")):
             vs_d = [_slope(g[C.DIM], g[key].astype(float)) for _, g in t.groupby(C.EPS)]
             vs_eps = [_slope(1.0 / g[C.EPS], g[key].astype(float)) for _, g in t.groupby(C.DIM)]
             row[f"slope vs d: {label}"] = _mean(vs_d)
             row[f"slope vs 1/eps: {label}"] = _mean(vs_eps)
         loose = pd.to_numeric(t[C.LOOSENESS], errors="coerce").replace([np.inf], np.nan)
-        row["k_theory / k measured (min-max)"] = f"{loose.min():.3g}-{loose.max():.3g}" if loose.notna().any() else "n/a"
+        row["k_theory / k at theory h (min-max)"] = f"{loose.min():.3g}-{loose.max():.3g}" if loose.notna().any() else "n/a"
         ratio = t[C.K_THEORY].astype(float) / t[C.K_BEST].astype(float).where(t[C.K_BEST] > 0)
-        row["k_theory / k best-h (min-max)"] = f"{ratio.min():.3g}-{ratio.max():.3g}" if ratio.notna().any() else "n/a"
+        row["k_theory / k at oracle best h (min-max)"] = f"{ratio.min():.3g}-{ratio.max():.3g}" if ratio.notna().any() else "n/a"
         held = pd.to_numeric(t[C.BOUND_HOLDS], errors="coerce").dropna()
         row["KL(k_theory) <= eps"] = f"{int(held.sum())}/{len(held)} checked" + (f" ({len(t) - len(held)} not computable)" if len(held) < len(t) else "")
         rows.append(row)
@@ -245,32 +280,44 @@ def _mean(values) -> float:
 
 
 def fig_kl_vs_k(index: list[dict], dim: int, figures: Path) -> Path:
+    """Exact KL against k per h; Cheng-Bartlett's Theorem 1 as the point (k, ε) at its h; Vempala-Wibisono
+    (α = m) dashed, only for the runs whose h is in its range h <= m/(4L²); stationary biases dotted."""
     from gradlens.runs import langevin_schema as C
+    from gradlens.langevin import theorem1
     from gradlens.plot.style import apply_style, color_for, plt
     from gradlens.runs import load_run
 
     apply_style()
     names = list(TARGETS)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.4 * len(names), 4.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, len(names), figsize=(5.4 * len(names), 4.8), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], names):
+        _, m, L = TARGETS[name]
+        vw_drawn = False
         for i, item in enumerate(x for x in index if x["target"] == name):
             steps = load_run(item["path"]).steps
             k, kl = steps[C.STEP].to_numpy(float), steps[C.KL].to_numpy(float)
             keep = (k > 0) & (kl > 0)
             color = color_for(i)
-            tag = " (Thm 1)" if item["theorem_h"] else ""
+            tag = " (Thm 1's h)" if item["theorem_h"] else ""
             ax.plot(k[keep], kl[keep], color=color, lw=1.7, label=f"h={item['h']:.3g}{tag}")
-            bound = steps[C.BOUND_THEOREM1].to_numpy(float)
-            if item["theorem_h"] and np.isfinite(bound).any():
-                ax.plot(k[keep], bound[keep], color=color, lw=1.0, ls="--", label="Theorem 1 curve at its h")
+            bound = steps[C.BOUND_VW].to_numpy(float)  # NaN unless h <= m/(4L²)
+            if np.isfinite(bound).any():
+                ax.plot(k[keep], bound[keep], color=color, lw=1.0, ls="--",
+                        label=None if vw_drawn else "Vempala–Wibisono (α=m), where h ≤ m/(4L²)")
+                vw_drawn = True
+            if item["theorem_h"]:
+                th = theorem1(dim, EPS_RUN, m, L)
+                ax.plot([th.k], [EPS_RUN], marker="*", ms=14, color=color, mec="black", ls="none",
+                        label=f"Cheng–Bartlett Thm 1: KL ≤ {EPS_RUN:g} after k={th.k:.3g}")
             bias = item["summary"]["kl_stationary"]
             if bias > 0:
                 ax.axhline(bias, color=color, lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("iteration k")
-        ax.set_title(f"{name}, d={dim}")
-        ax.legend(fontsize=7, loc="lower left")
+        title = f"{name}, d={dim}" + (f"\nm={m:g}, L={L:g}: VW valid for h ≤ {m / (4 * L * L):.3g}" if m > 0 else "\nm=0: no Theorem 1, no VW with α=m")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6.5, loc="lower left")
     axes[0, 0].set_ylabel("exact KL(p_k ‖ p*)")
     fig.suptitle("E3: ULA's exact KL against iteration for several step sizes (dotted: stationary bias KL(p_∞^h ‖ p*))", fontsize=12)
     return common.save(fig, figures, "e3_langevin_kl_vs_k")
@@ -304,8 +351,8 @@ def fig_iterations(cells: pd.DataFrame, figures: Path) -> Path:
                 ax.set_ylabel("iterations to KL ≤ ε")
             if row == 0:
                 ax.set_title(f"{target}\n({t['theorem'].iloc[0]})", fontsize=10)
-            ax.legend(fontsize=6.5, loc="upper left", title="best-h fit", title_fontsize=6.5)
-    fig.suptitle("E3: iterations to reach KL ≤ ε  —  × dotted: theorem's k · ● solid: exact k at the theorem's h · □ dashed: exact k at the best h", fontsize=11)
+            ax.legend(fontsize=6.5, loc="upper left", title="oracle best-h fit", title_fontsize=6.5)
+    fig.suptitle("E3: iterations to reach KL ≤ ε  —  × dotted: theorem's k · ● solid: exact k at the theorem's h · □ dashed: exact k at the oracle best h", fontsize=11)
     return common.save(fig, figures, "e3_langevin_iterations")
 
 
@@ -353,7 +400,8 @@ def standard_report(args) -> None:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__, "e3")
+    args = common.parse_args(__doc__, "e3", extra=lambda p: p.add_argument(
+        "--recompute-sweep", action="store_true", help="recompute the (d, eps) cells even when OUT/sweep_cells.csv holds them"))
     common.quiet_threads()
     grid = SMOKE if args.smoke else FULL
     timer = common.Timer()
@@ -370,7 +418,9 @@ def main() -> None:
     fig_dissipation(index, args.figures)
     standard_report(args)
     timer.lap("figures")
-    timer.write(args.figures / "e3_langevin_runtime.json", smoke=args.smoke)
+    kept = sum(bool(item.get("kept")) for item in index)
+    timer.write(args.figures / "e3_langevin_runtime.json", smoke=args.smoke, kl_vs_k_runs_kept_from_before=kept,
+                kl_vs_k_runs=len(index), sweep_cells_kept_from_before=args.sweep_cells_kept)  # fmt: skip
     common.check_outputs(args.figures, FIGURES)
     print(f"E3 done; results in {args.figures}")
 

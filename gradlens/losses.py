@@ -31,17 +31,39 @@ saturate the sigmoid.
 
 **AdaDPO-style comparator.** β_w = β·min(sg(p_w/p_l), C), C = 2; β_l = β.
 
+**The probability-space family ("power").** a_w ∝ p_w^τ, a_l ∝ p_l^τ with
+a_w + a_l = 2, i.e. a_w = 2σ(τ(ℓ_w − ℓ_l)). τ = 0 is DPO, τ = 1 is Balanced-DPO;
+τ in between balances partly. Once ℓ_w − ℓ_l is a few nats, τ = 1 drives a_l to 0
+and the update becomes σ-weighted SFT on the chosen response; a smaller τ
+saturates later.
+
+**Parameter-space balancing ("norm_balanced").** Not a per-pair weighting: the
+loss is DPO's, and after backward the step's recorded chosen and rejected
+gradient pieces g_c, g_r (which the recorder already holds) are rescaled to
+equal norms, m = (‖g_c‖ + ‖g_r‖)/2, so the update
+m·(g_c/‖g_c‖ + g_r/‖g_r‖) keeps DPO's scale (the sum of the two piece norms).
+It needs no extra backward pass. ``balance_scope="per_layer"`` does the same
+per parameter tensor. Training loops apply it through
+``Reweighting.rebalance`` (``gradlens record`` does); a loop that cannot
+(e.g. one without a recorder) must refuse the method rather than run DPO
+under its name.
+
 To add a method, write one function ``(ctx: PairContext) -> (beta_w, beta_l, a_w, a_l)``
-and decorate it with ``@register_reweighting("name")``.
+and decorate it with ``@register_reweighting("name", options=...)``. The
+registry is what ``gradlens record --loss`` offers, and the method's
+``options`` are what ``--loss-option KEY=VALUE`` accepts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from . import metric_names as names
+from .balance import rebalance_capture
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -59,48 +81,140 @@ class PairContext:
     options: dict
 
 
-REWEIGHTINGS: dict[str, Callable[[PairContext], Weights]] = {}
+@dataclass(frozen=True)
+class Option:
+    """One setting a method accepts: ``--loss-option NAME=VALUE`` on the CLI."""
+
+    name: str
+    default: object
+    help: str
+    choices: tuple | None = None
+    positive: bool = False  # numbers only: must be > 0 (else >= 0)
+
+    def parse(self, value: object, method: str) -> object:
+        """Coerce ``value`` (a string from the CLI, or a config value) to the default's type and check it."""
+        where = f"method {method!r}, option {self.name!r}"
+        if isinstance(self.default, float):
+            try:
+                number = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            low_ok = number > 0 if self.positive else number >= 0
+            if not (number == number and abs(number) != float("inf") and low_ok):
+                raise ValueError(f"{where}: must be a finite number {'> 0' if self.positive else '>= 0'}, got {value!r}")
+            return number
+        value = str(value)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{where}: must be one of {list(self.choices)}, got {value!r}")
+        return value
 
 
-def register_reweighting(name: str):
-    """Register ``fn(ctx) -> (beta_w, beta_l, a_w, a_l)`` under ``name``."""
+@dataclass(frozen=True)
+class Reweighting:
+    """A registered method: its per-pair weights, its options and (optionally) a parameter-space step.
+
+    ``rebalance``, when set, is applied by the training loop after backward to the
+    step's recorded chosen/rejected gradient pieces (see ``gradlens.balance``).
+    """
+
+    name: str
+    weights: Callable[[PairContext], Weights]
+    options: tuple[Option, ...] = ()
+    rebalance: Callable | None = None
+
+    def resolve_options(self, given: Mapping[str, object]) -> dict[str, object]:
+        """Defaults overridden by ``given``; an option the method does not have is an error."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            offer = ", ".join(sorted(known)) or "none"
+            raise ValueError(f"method {self.name!r} has no option {unknown[0]!r}; its options: {offer}")
+        return {name: known[name].parse(given[name], self.name) if name in given else o.default for name, o in known.items()}
+
+
+REWEIGHTINGS: dict[str, Reweighting] = {}
+
+
+def register_reweighting(name: str, *, options: tuple[Option, ...] = (), rebalance: Callable | None = None):
+    """Register ``fn(ctx) -> (beta_w, beta_l, a_w, a_l)`` under ``name``; a duplicate name raises.
+
+    ``options`` are the settings ``fn`` reads from ``ctx.options``; ``rebalance``
+    is a parameter-space step on the recorded gradient pieces (``gradlens.balance``).
+    The function is returned unchanged, so it can still be called directly.
+    """
 
     def decorate(fn: Callable[[PairContext], Weights]):
         if name in REWEIGHTINGS:
             raise ValueError(f"reweighting {name!r} is already registered")
-        REWEIGHTINGS[name] = fn
+        REWEIGHTINGS[name] = Reweighting(name, fn, tuple(options), rebalance)
         return fn
 
     return decorate
 
 
-@register_reweighting("dpo")
-def _dpo(ctx: PairContext) -> Weights:
+def get_reweighting(name: str) -> Reweighting:
+    """The registered method ``name``; an unknown name lists the registry."""
+    if name not in REWEIGHTINGS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REWEIGHTINGS)}")
+    return REWEIGHTINGS[name]
+
+
+BALANCE_SPACE = Option(
+    "balance_space", "sequence", "weights from sequence log-probs or per-token means (needs completion lengths)",
+    choices=("sequence", "token_mean"),
+)  # fmt: skip
+ADADPO_CAP = Option("adadpo_cap", 2.0, "AdaDPO cap C on p_w/p_l", positive=True)
+TAU = Option("tau", 0.5, "exponent τ of a_w ∝ p_w^τ, a_l ∝ p_l^τ (0 = DPO, 1 = Balanced-DPO)")
+BALANCE_SCOPE = Option(
+    "balance_scope", "global", "equalise the chosen/rejected piece norms over the whole model or per parameter tensor",
+    choices=("global", "per_layer"),
+)  # fmt: skip
+
+
+def _ones(ctx: PairContext) -> Weights:
     ones = torch.ones_like(ctx.u)
     return ctx.beta * ones, ctx.beta * ones, ones, ones
 
 
-@register_reweighting("balanced")
-def _balanced(ctx: PairContext) -> Weights:
+def _log_ratio(ctx: PairContext) -> torch.Tensor:
+    """ℓ_w − ℓ_l in the option's space: whole sequences or per-token means."""
     space = ctx.options.get("balance_space", "sequence")
     if space == "sequence":
-        diff = ctx.chosen_logps - ctx.rejected_logps
-    elif space == "token_mean":
+        return ctx.chosen_logps - ctx.rejected_logps
+    if space == "token_mean":
         if ctx.chosen_lengths is None or ctx.rejected_lengths is None:
             raise ValueError("balance_space='token_mean' needs chosen_lengths and rejected_lengths (completion token counts)")
-        diff = ctx.chosen_logps / ctx.chosen_lengths - ctx.rejected_logps / ctx.rejected_lengths
-    else:
-        raise ValueError(f"balance_space must be 'sequence' or 'token_mean', got {space!r}")
+        return ctx.chosen_logps / ctx.chosen_lengths - ctx.rejected_logps / ctx.rejected_lengths
+    raise ValueError(f"balance_space must be 'sequence' or 'token_mean', got {space!r}")
+
+
+register_reweighting("dpo")(_ones)
+
+
+@register_reweighting("balanced", options=(BALANCE_SPACE,))
+def _balanced(ctx: PairContext) -> Weights:
+    diff = _log_ratio(ctx)
     ones = torch.ones_like(ctx.u)
     return ctx.beta * ones, ctx.beta * ones, 2 * torch.sigmoid(diff), 2 * torch.sigmoid(-diff)
 
 
-@register_reweighting("adadpo")
+@register_reweighting("power", options=(TAU, BALANCE_SPACE))
+def _power(ctx: PairContext) -> Weights:
+    # a_w / a_l = (p_w / p_l)^τ and a_w + a_l = 2  =>  a_w = 2σ(τ(ℓ_w − ℓ_l)).
+    diff = float(ctx.options.get("tau", TAU.default)) * _log_ratio(ctx)
+    ones = torch.ones_like(ctx.u)
+    return ctx.beta * ones, ctx.beta * ones, 2 * torch.sigmoid(diff), 2 * torch.sigmoid(-diff)
+
+
+@register_reweighting("adadpo", options=(ADADPO_CAP,))
 def _adadpo(ctx: PairContext) -> Weights:
     cap = float(ctx.options.get("adadpo_cap", 2.0))
     ratio = torch.exp(ctx.chosen_logps - ctx.rejected_logps)  # p_w / p_l
     ones = torch.ones_like(ctx.u)
     return ctx.beta * torch.clamp(ratio, max=cap), ctx.beta * ones, ones, ones
+
+
+register_reweighting("norm_balanced", options=(BALANCE_SCOPE,), rebalance=rebalance_capture)(_ones)
 
 
 @dataclass
@@ -132,18 +246,16 @@ class PreferenceLossOutput:
 
     def metrics(self) -> dict[str, float]:
         """Batch means under TRL's names (plus gradlens's own)."""
-        from .runs import schema
-
         return {
-            schema.LOSS: self.dpo_loss.item(),
-            schema.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
-            schema.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
-            schema.REWARDS_MARGINS: self.margins.mean().item(),
-            schema.REWARDS_ACCURACIES: self._accuracy(),
-            schema.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
-            schema.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
-            schema.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
-            schema.WEIGHT_REJECTED: self.weight_rejected.mean().item(),
+            names.LOSS: self.dpo_loss.item(),
+            names.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
+            names.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
+            names.REWARDS_MARGINS: self.margins.mean().item(),
+            names.REWARDS_ACCURACIES: self._accuracy(),
+            names.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
+            names.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
+            names.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
+            names.WEIGHT_REJECTED: self.weight_rejected.mean().item(),
         }
 
 
@@ -166,14 +278,22 @@ def preference_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     adadpo_cap: float = 2.0,
+    options: Mapping[str, object] | None = None,
 ) -> PreferenceLossOutput:
-    """DPO, Balanced-DPO or AdaDPO from summed completion log-probs of shape (B,).
+    """A registered method's loss from summed completion log-probs of shape (B,).
+
+    ``options`` are the method's own settings (``REWEIGHTINGS[method].options``);
+    ``balance_space`` and ``adadpo_cap`` are kept as keywords and reach only the
+    methods that declare them. For methods with weights 1 (``dpo``,
+    ``norm_balanced``) ``.loss`` is the DPO loss itself.
 
     NaN inputs propagate: the loss becomes NaN and ``.nonfinite`` is True; nothing
     is replaced or dropped.
     """
-    if method not in REWEIGHTINGS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(REWEIGHTINGS)}")
+    rw = get_reweighting(method)
+    declared = {o.name for o in rw.options}
+    keywords = {k: v for k, v in (("balance_space", balance_space), ("adadpo_cap", adadpo_cap)) if k in declared}
+    resolved = rw.resolve_options({**keywords, **(options or {})})
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
     _check_shapes(
@@ -196,11 +316,11 @@ def preference_loss(
         beta=float(beta),
         chosen_lengths=None if chosen_lengths is None else chosen_lengths.detach().to(chosen_logps.dtype),
         rejected_lengths=None if rejected_lengths is None else rejected_lengths.detach().to(chosen_logps.dtype),
-        options={"balance_space": balance_space, "adadpo_cap": adadpo_cap},
+        options=resolved,
     )
-    beta_w, beta_l, a_w, a_l = (t.detach() for t in REWEIGHTINGS[method](ctx))
+    beta_w, beta_l, a_w, a_l = (t.detach() for t in rw.weights(ctx))
     coeff = torch.sigmoid(-u.detach())
-    if method == "dpo":
+    if rw.weights is _ones:
         loss = dpo_loss
     else:
         loss = (coeff * (-beta_w * a_w * chosen_logps + beta_l * a_l * rejected_logps)).mean()

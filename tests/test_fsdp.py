@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 from fsdp_split import FAMILIES, PAIRS, PROMPT, global_batch  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_split.py"
-TOL = 1e-5  # the issue's bound; float64 runs agree to ~1e-12, float32 to ~1e-7
+TOL = 1e-5  # the required bound; measured (2026-12-02): float32 <= 4.4e-8, float64 <= 1.3e-16
 
 
 def _free_port() -> int:
@@ -162,7 +162,9 @@ def test_record_fsdp_two_processes_match_a_single_process_and_resume(model_dir, 
     two = [*torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlens", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
     run([*two, "--steps", "2"])
     run([*two[:4], str(_free_port()), *two[5:], "--steps", "3", "--resume"])  # from checkpoint step_2, sharded again
-    run([sys.executable, "-m", "gradlens", *args, "--steps", "3", "--out", str(tmp_path / "single")])
+    from gradlens.cli import main
+
+    assert main([*args, "--steps", "3", "--out", str(tmp_path / "single")]) == 0  # one process, in this one
     fsdp, single = load_run(tmp_path / "fsdp"), load_run(tmp_path / "single")
     assert fsdp.config["fsdp"] is True and fsdp.config["world_size"] == 2
     assert list(fsdp.steps.step) == [0, 1, 2] and fsdp.summary["status"] == "complete"
@@ -179,6 +181,29 @@ def test_record_fsdp_two_processes_match_a_single_process_and_resume(model_dir, 
     with safe_open(str(tmp_path / "fsdp" / "checkpoints" / "step_3" / "model.safetensors"), "pt") as f:
         first = next(iter(f.keys()))
         assert tuple(f.get_tensor(first).shape) == tuple(single_shape(tmp_path / "single", first))  # full, unsharded weights
+
+
+def test_record_fsdp_with_lora_matches_a_single_process(model_dir, tmp_path):
+    """--fsdp with --lora-r: FSDP2 shards the frozen base and the adapter alike; only the adapter is split."""
+    pytest.importorskip("peft")
+    from gradlens.cli import main
+    from gradlens.runs import load_run
+    from test_record_user import STANDARD, _write_jsonl
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    args = ["record", "--env", "user", "--model", str(model_dir), "--data", str(data), "--loss", "dpo", "--no-shuffle", "--batch-size", "4",
+            "--steps", "2", "--lr", "1e-2", "--lora-r", "4", "--lora-target-modules", "c_attn", "--eval-every", "0", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    torchrun = (shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run").split()
+    cmd = [*torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "gradlens", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    fsdp, single = load_run(tmp_path / "fsdp"), load_run(tmp_path / "single")
+    assert set(fsdp.layers.layer) and all("lora_" in layer for layer in set(fsdp.layers.layer))
+    for column in RECORD_COMPARED:
+        np.testing.assert_allclose(fsdp.steps[column], single.steps[column], rtol=1e-5, atol=1e-8, err_msg=column)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_2" / "adapter" / "adapter_config.json").is_file()
 
 
 def single_shape(run_dir: Path, key: str):

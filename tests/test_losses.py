@@ -112,3 +112,60 @@ def test_registering_a_method_is_one_function():
             register_reweighting("half_rejected")(half)
     finally:
         REWEIGHTINGS.pop("half_rejected")
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.25, 0.5, 1.0])
+def test_power_family_closed_form(tau):
+    """a_w ∝ p_w^τ, a_l ∝ p_l^τ, a_w + a_l = 2: a_w = 2σ(τ(ℓ_w − ℓ_l)); τ = 0 is DPO, τ = 1 Balanced-DPO."""
+    out, gw, gl, u, lw, ll = grads("power", options={"tau": tau})
+    s = torch.sigmoid(-u)
+    a_w = 2 * torch.sigmoid(tau * (lw - ll))
+    torch.testing.assert_close(gw, -BETA * s * a_w / B, rtol=1e-13, atol=0)
+    torch.testing.assert_close(gl, BETA * s * (2 - a_w) / B, rtol=1e-13, atol=1e-15)
+    # the ratio of the weights is (p_w / p_l)^τ
+    torch.testing.assert_close(torch.log(out.weight_chosen) - torch.log(out.weight_rejected), tau * (lw - ll), rtol=1e-12, atol=1e-12)
+    same = {0.0: "dpo", 1.0: "balanced"}.get(tau)
+    if same:
+        _, gw2, gl2, *_ = grads(same)
+        torch.testing.assert_close(gw, gw2, rtol=1e-13, atol=0)
+        torch.testing.assert_close(gl, gl2, rtol=1e-13, atol=0)
+
+
+def test_method_options_come_from_the_registry():
+    with pytest.raises(ValueError, match="has no option 'tau'.*balance_space"):
+        grads("balanced", options={"tau": 0.5})
+    with pytest.raises(ValueError, match="option 'tau'.*>= 0"):
+        grads("power", options={"tau": -1})
+    with pytest.raises(ValueError, match="option 'balance_scope'.*per_layer"):
+        grads("norm_balanced", options={"balance_scope": "rows"})
+    assert REWEIGHTINGS["power"].resolve_options({"tau": "0.25"}) == {"tau": 0.25, "balance_space": "sequence"}
+    # the DPO-weight methods keep DPO's own loss
+    out, *_ = grads("norm_balanced")
+    assert torch.equal(out.loss.detach(), out.dpo_loss)
+
+
+def test_a_registered_method_is_offered_by_the_cli_with_its_options():
+    from gradlens.losses import Option
+    from gradlens.record.config import RecordConfig, loss_names, parse_loss_options, resolve
+
+    @register_reweighting("scaled_rejected", options=(Option("scale", 0.5, "weight of the rejected term", positive=True),))
+    def scaled(ctx):
+        ones = torch.ones_like(ctx.u)
+        return ctx.beta * ones, ctx.beta * ones, ones, float(ctx.options["scale"]) * ones
+
+    try:
+        assert "scaled_rejected" in loss_names()
+        options = parse_loss_options(["scale=0.25"])
+        (cfg,) = resolve({}, {"env": "tabular", "loss": ("scaled_rejected",), "loss_options": options})
+        assert cfg.loss == "scaled_rejected" and cfg.loss_options == {"scale": 0.25}
+        dpo, power = resolve({}, {"env": "tabular", "loss": ("dpo", "power"), "loss_options": {"tau": "0.5"}})
+        assert dpo.loss_options == {} and power.loss_options == {"tau": 0.5}  # each run gets the options its method has
+        with pytest.raises(ValueError, match="no requested loss has this option"):
+            resolve({}, {"env": "tabular", "loss": ("dpo",), "loss_options": {"scale": "1"}})
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            parse_loss_options(["scale"])
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            resolve({}, {"env": "tabular", "loss": ("scaled_rejected",), "loss_options": {"scale": "0"}})
+        assert RecordConfig().loss_options == {}
+    finally:
+        REWEIGHTINGS.pop("scaled_rejected")

@@ -47,6 +47,15 @@ def test_lora_settings_in_config_adapter_in_checkpoints_and_resume(model_dir, tm
     assert list(_steps(out).step) == [0, 1, 2]
 
 
+def test_lora_alpha_default_is_stored_resolved():
+    from gradlens.record.config import resolve
+
+    (cfg,) = resolve({}, {"env": "user", "model": "m", "data": "d.jsonl", "loss": ("dpo",), "lora_r": 8})
+    assert cfg.lora_alpha == 16.0 and cfg.lora_target_modules == "all-linear"
+    (cfg,) = resolve({}, {"env": "user", "model": "m", "data": "d.jsonl", "loss": ("dpo",)})
+    assert cfg.lora_r == 0 and cfg.lora_alpha is None  # no LoRA: nothing to resolve
+
+
 def test_lora_flags_need_a_rank_and_the_user_env(capsys, tmp_path):
     assert main(["record", "--env", "tabular", "--lora-r", "4", "--out", str(tmp_path / "a")]) == 2
     assert "--lora-r is only used with --env user" in capsys.readouterr().err
@@ -81,3 +90,18 @@ def test_dtype_bfloat16_end_to_end(model_dir, tmp_path):
 
     with safe_open(str(out / "checkpoints" / "step_2" / "model.safetensors"), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+
+
+def test_trl_recipe_lora_keys(tmp_path):
+    """A TRL recipe's use_peft and lora_* keys: on with TRL's defaults, off when use_peft is false."""
+    from gradlens.record.config import load_config_file
+
+    on = tmp_path / "on.yaml"
+    on.write_text("use_peft: true\nlora_r: 8\nlora_target_modules: [q_proj, v_proj]\n")
+    values = load_config_file(on)
+    assert (values["lora_r"], values["lora_alpha"], values["lora_dropout"], values["lora_target_modules"]) == (8, 32.0, 0.05, "q_proj,v_proj")
+    off = tmp_path / "off.yaml"
+    off.write_text("use_peft: false\nlora_r: 8\nlora_alpha: 16\n")
+    with pytest.warns(UserWarning, match="use_peft"):
+        values = load_config_file(off)
+    assert not any(k.startswith("lora_") for k in values)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..runs import schema
+from ..numerics import loglog_slope  # noqa: F401  (re-exported: analysis.loglog_slope)
 from .finite import as_float_array, column, first_finite, last_finite
 
 # Short names for the evals.csv columns used here (defined in the run schema).
@@ -94,12 +95,3 @@ def accuracy_stats(evals: pd.DataFrame, level: float = 0.9) -> dict[str, float]:
     reached = steps_to_level(evals, level)
     out.update({"pref_accuracy_final": last_finite(accuracy), f"steps_to_acc_{level:g}": float("nan") if reached is None else float(reached)})
     return out
-
-
-def loglog_slope(x, y) -> float:
-    """Least-squares slope of log y against log x over the finite, positive points (NaN if < 2 distinct x)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    if ok.sum() < 2 or np.unique(x[ok]).size < 2:
-        return math.nan
-    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])

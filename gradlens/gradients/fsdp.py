@@ -167,7 +167,7 @@ class ShardedParams:
             start = self._start.get(id(st.param))
             if local is not None and start is not None:
                 local = local - start
-            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype)
+            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
             st.total = total
         self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for t in st.groups.values())
         self._probe_check(capture, ordered)

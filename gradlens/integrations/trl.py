@@ -111,6 +111,8 @@ class GradlensDPOMixin(GradlensTrainerMixin):
     ):
         if loss not in REWEIGHTINGS:
             raise ValueError(f"loss={loss!r}: choose one of {sorted(REWEIGHTINGS)}")
+        if REWEIGHTINGS[loss].rebalance is not None:  # would silently train DPO under its name
+            raise ValueError(f"loss={loss!r} rewrites the gradient from the recorder's pieces; it runs in `gradlens record` only")
         if balance_space not in ("sequence", "token_mean"):
             raise ValueError(f"balance_space must be 'sequence' or 'token_mean', got {balance_space!r}")
         super().__init__(*args, gradlens_dir=gradlens_dir, **kwargs)

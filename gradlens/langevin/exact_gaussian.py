@@ -79,9 +79,14 @@ class GaussianTrack:
     E_{p_k}|∇log(p_k/p*)|², and W2(p_k, p*) at the sorted steps ``ks``.
     """
 
+    method = "closed form"
+    # best_h_for_eps settings for a sweep cell: the closed form makes a fine search cheap
+    BEST_H_SEARCH = dict(max_steps=10**6, points=24, refine=30)
+
     def __init__(self, target: GaussianTarget, h: float, init_mean=None, init_cov=None):
         check_step_size(h, target.L)
         self.target, self.h = target, float(h)
+        self._start = (init_mean, init_cov)
         a = target.a
         self.a = a
         self.c = self.h * a
@@ -103,6 +108,28 @@ class GaussianTrack:
         else:
             sa = np.sqrt(a)
             self.T0 = sa[:, None] * S0 * sa[None, :] - np.eye(target.dim)
+
+    # -- what a run summary reports ------------------------------------------
+    @property
+    def kl_at_any_k(self) -> bool:
+        """True when KL at any k is a closed form (commuting start), so no iteration is needed."""
+        return self.commuting
+
+    def facts(self, ks, kl, mass, *, grid_check: bool) -> dict:
+        """How the exact KL was computed, for the run summary."""
+        return {"commuting_start": bool(self.commuting)}
+
+    def with_step(self, h: float) -> "GaussianTrack | None":
+        """The same target and start at step size ``h``, when its KL is a closed form at any k (else None)."""
+        other = GaussianTrack(self.target, h, *self._start)
+        return other if other.kl_at_any_k else None
+
+    def sweep_limits(self, max_work: float, k: int) -> tuple[float, int]:
+        """(largest step whose KL a sweep cell computes, the search limit for the first k below eps)."""
+        return math.inf, 10**6
+
+    def stationary_kl_at(self, h: float) -> float | None:
+        return stationary_kl(self.target, h)
 
     # -- stationary law -----------------------------------------------------
     @property

@@ -90,6 +90,11 @@ class GridTrack:
     law at the sorted steps ``ks``, plus the grid's mass (1 - mass = what it lost).
     """
 
+    method = "density grid"
+    # best_h_for_eps settings for a sweep cell: every candidate h steps a grid
+    BEST_H_SEARCH = dict(max_steps=20000, points=10, refine=8)
+    kl_at_any_k = False  # KL at step k needs k grid steps
+
     def __init__(self, target: ProductTarget | str, h: float, init_mean: float = 0.0, init_var: float | None = None,
                  *, resolution: float = 1.0, dim: int | None = None):
         if isinstance(target, str):
@@ -275,6 +280,27 @@ class GridTrack:
     def describe(self) -> dict:
         return {"points": self.n, "dx": self.dx, "lo": float(self.x[0]), "hi": float(self.x[-1]),
                 "kernel_sigmas": KERNEL_SIGMAS, "resolution": self.resolution}
+
+    # -- what a run summary reports ---------------------------------------------
+    def facts(self, ks, kl, mass, *, grid_check: bool) -> dict:
+        """The grid, the mass it lost and (optionally) an estimate of its KL error, for the run summary."""
+        grid = {**self.describe(), "mass_error": float(np.max(np.abs(1.0 - mass)))}
+        if grid_check:
+            grid["error_estimate"] = grid_error(self, ks, kl)
+            grid["error_note"] = "max |KL - KL on a 1.5x coarser grid|: an upper estimate of this grid's KL error"
+        return {"grid": grid}
+
+    def with_step(self, h: float) -> None:
+        """Another step size means another whole grid run: not done for a summary's side table."""
+        return None
+
+    def sweep_limits(self, max_work: float, k: int) -> tuple[float, int]:
+        """(largest step whose KL a sweep cell computes, the search limit): the grid steps ``max_work`` allows, at most k."""
+        budget = int(max_work // max(1, self.K._nnz()))
+        return budget, min(k, budget)
+
+    def stationary_kl_at(self, h: float) -> None:
+        return None  # a dense solve per best h: not part of a sweep cell
 
 
 def grid_error(track: GridTrack, ks, kl: np.ndarray) -> float:

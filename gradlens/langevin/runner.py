@@ -1,7 +1,7 @@
 """One Langevin run, or a sweep over (d, eps), written as a gradlens run directory.
 
 A run directory of kind "langevin" holds config.json (``config.mode`` = "run" or
-"sweep"), steps.csv, TensorBoard events and summary.json (column names: ``columns.py``).
+"sweep"), steps.csv, TensorBoard events and summary.json (column names: ``gradlens/runs/langevin_schema.py``).
 
 * mode "run": one row of steps.csv per logged iteration k. Every iteration is
   logged when there are at most ``max_rows``; otherwise a log-spaced plus evenly
@@ -22,12 +22,10 @@ from typing import Callable
 import numpy as np
 
 from ..runs import RunWriter, prepare_run_dir
-from ..analysis.convergence import loglog_slope
+from ..numerics import loglog_slope
 from ..runs import schema
 from ..runs import langevin_schema as C
-from .exact import grid_track, track_for
-from .exact_gaussian import GaussianTrack, stationary_kl
-from .grid import grid_error
+from .exact import track_for
 from .knn import METHOD as KNN_METHOD
 from .knn import knn_kl
 from .sampler import ULASampler, gaussian_particles, mala_samples
@@ -36,7 +34,6 @@ from .theory import (
     best_h_for_eps,
     contraction_bound,
     theorem1,
-    theorem1_bound,
     theorem2_for,
     vempala_wibisono,
     vempala_wibisono_bound,
@@ -132,7 +129,7 @@ def _theory(target, eps: float | None, init_mean, init_cov) -> dict:
     if m and m > 0:
         h, k = theorem1(target.dim, eps, m, L)
         return {"theorem": "theorem1", "h": h, "k": k}
-    if isinstance(target, (GaussianTarget, ProductTarget)):
+    if target.kind in ("gaussian", "product"):  # exact targets: Theorem 2's C1, C2 are computable
         t2 = theorem2_for(target, eps, init_mean=init_mean, init_cov=init_cov)
         return {"theorem": "theorem2", "h": t2.h, "k": t2.k, "C1": t2.C1, "C2": t2.C2, "h0": t2.h0}
     return {"note": "no theory: a user potential without --m needs Theorem 2's C1, C2 (not computed)"}
@@ -216,7 +213,7 @@ def run_langevin(spec: RunSpec, out: str | Path, *, overwrite: bool = False, ten
     exact_rows: dict[str, np.ndarray] = {}
     if exact:
         exact_rows, mass = _exact_rows(track, ks, h)
-        summary.update(_exact_summary(track, target, h, ks, exact_rows, mass, spec, theory, init_mean, init_cov))
+        summary.update(_exact_summary(ExactRun(spec, target, track, h, ks, exact_rows, mass, theory)))
     elif theory:
         summary["theory"] = dict(theory)
     kl0 = float(exact_rows[C.KL][0]) if exact else math.nan
@@ -280,73 +277,79 @@ def _bounds(target, h: float, ks: np.ndarray, kl0: float) -> dict[str, np.ndarra
     m, L = target.m, target.L
     if not (m and m > 0 and L) or not math.isfinite(kl0):
         return {}
-    return {
-        C.BOUND_THEOREM1: theorem1_bound(ks, h, target.dim, m, L, kl0),
-        C.BOUND_CONTRACTION: contraction_bound(ks, h, m, kl0),
-        C.BOUND_VW: vempala_wibisono_bound(ks, h, target.dim, m, L, kl0),
-    }
+    # e^{-mhk}KL_0 + 8hdL²/m is Vempala-Wibisono's bound with α = m; it is a bound only for
+    # h <= m/(4L²), so both columns are NaN above that (Cheng-Bartlett's Theorem 1 itself is the
+    # point (k, ε) at its own h, in the summary, not a curve).
+    vw = vempala_wibisono_bound(ks, h, target.dim, m, L, kl0)
+    return {C.BOUND_THEOREM1: vw, C.BOUND_CONTRACTION: contraction_bound(ks, h, m, kl0), C.BOUND_VW: vw}
 
 
-def _exact_summary(track, target, h, ks, rows, mass, spec: RunSpec, theory: dict, init_mean, init_cov) -> dict:
-    kl = rows[C.KL]
-    out = {"exact": "closed form" if isinstance(target, GaussianTarget) else "density grid",
-           "kl0": float(kl[0]), "kl_final": float(kl[-1]), "kl_stationary": float(track.kl_stationary),
-           "fisher_final": float(rows[C.FISHER][-1]), "w2_final": float(rows[C.W2][-1])}
-    if isinstance(target, GaussianTarget):
-        out["commuting_start"] = bool(track.commuting)
-    else:
-        grid = {**track.describe(), "mass_error": float(np.max(np.abs(1.0 - mass)))}
-        if spec.grid_check:
-            grid["error_estimate"] = grid_error(track, ks, kl)
-            grid["error_note"] = "max |KL - KL on a 1.5x coarser grid|: an upper estimate of this grid's KL error"
-        out["grid"] = grid
-    eps = spec.eps
+@dataclass(frozen=True)
+class ExactRun:
+    """What a run with an exact KL knows once its rows are computed: passed whole to the summary helpers."""
+
+    spec: RunSpec
+    target: object
+    track: object            # GaussianTrack or GridTrack: each knows how its KL is computed
+    h: float
+    ks: np.ndarray
+    rows: dict
+    mass: np.ndarray
+    theory: dict
+
+    @property
+    def kl(self) -> np.ndarray:
+        return self.rows[C.KL]
+
+    def kl_at(self, k: int) -> float:
+        """KL after k steps: a logged row, or the closed form when the track has one; NaN otherwise."""
+        logged = np.flatnonzero(self.ks == k)
+        if logged.size:
+            return float(self.kl[logged[0]])
+        return float(self.track.kl([k])[0]) if self.track.kl_at_any_k else math.nan
+
+    def first_k_below(self, eps: float) -> int | None:
+        """First k with exact KL <= eps within the run (a closed-form track: at any k)."""
+        if self.track.kl_at_any_k:
+            return self.track.first_k_below(eps)
+        if len(self.ks) == int(self.ks[-1]) + 1:  # every step is logged
+            hits = np.flatnonzero(self.kl <= eps)
+            return int(self.ks[hits[0]]) if hits.size else None
+        return self.track.first_k_below(eps, max_steps=int(self.ks[-1]))
+
+
+def _exact_summary(run: ExactRun) -> dict:
+    kl, track, eps = run.kl, run.track, run.spec.eps
+    out = {"exact": track.method, "kl0": float(kl[0]), "kl_final": float(kl[-1]), "kl_stationary": float(track.kl_stationary),
+           "fisher_final": float(run.rows[C.FISHER][-1]), "w2_final": float(run.rows[C.W2][-1])}
+    out.update(track.facts(run.ks, kl, run.mass, grid_check=run.spec.grid_check))
     if eps is not None:
-        out.update({"eps": eps, "measured_k": _measured_k(track, ks, kl, eps)})
-    if theory:
-        out["theory"] = dict(theory)
-    if eps is not None and theory.get("theorem") == "theorem1":
-        section = _theorem1_section(track, target, h, ks, kl, eps, theory, out["measured_k"], init_mean, init_cov)
+        out.update({"eps": eps, "measured_k": run.first_k_below(eps)})
+    if run.theory:
+        out["theory"] = dict(run.theory)
+    if eps is not None and run.theory.get("theorem") == "theorem1":
+        section = _theorem1_section(run, out["measured_k"])
         if section:
             out["theorem1"] = section
-        vw = vempala_wibisono(target.dim, eps, target.m, target.L, float(kl[0]))
-        out["vempala_wibisono"] = {"h": vw.h, "k": vw.k, "alpha": target.m}
+        vw = vempala_wibisono(run.target.dim, eps, run.target.m, run.target.L, float(kl[0]))
+        out["vempala_wibisono"] = {"h": vw.h, "k": vw.k, "alpha": run.target.m}
     return out
 
 
-def _measured_k(track, ks: np.ndarray, kl: np.ndarray, eps: float) -> int | None:
-    """First k with exact KL <= eps within the run (a commuting Gaussian: at any k)."""
-    if isinstance(track, GaussianTrack) and track.commuting:
-        return track.first_k_below(eps)
-    if len(ks) == int(ks[-1]) + 1:  # every step is logged
-        hits = np.flatnonzero(kl <= eps)
-        return int(ks[hits[0]]) if hits.size else None
-    return track.first_k_below(eps, max_steps=int(ks[-1]))
-
-
-def _theorem1_section(track, target, h, ks, kl, eps, theory, measured, init_mean, init_cov) -> dict | None:
+def _theorem1_section(run: ExactRun, measured: int | None) -> dict | None:
     """KL at Theorem 1's (h, k) and the looseness k_theory / k_measured, both at Theorem 1's h.
 
-    Available when this run uses Theorem 1's h, or for a Gaussian target from a
-    commuting start (closed form at any k); otherwise None.
+    Available when this run uses Theorem 1's h, or when the track can be re-made at
+    Theorem 1's h with a closed form (a Gaussian from a commuting start); else None.
     """
-    th_h, th_k = theory["h"], theory["k"]
-    if math.isclose(th_h, h, rel_tol=1e-12):
-        logged = np.flatnonzero(ks == th_k)
-        if logged.size:
-            kl_at = float(kl[logged[0]])
-        elif isinstance(track, GaussianTrack) and track.commuting:
-            kl_at = float(track.kl([th_k])[0])
-        else:
-            kl_at = math.nan
-        measured_th = measured
-    elif isinstance(target, GaussianTarget):
-        th_track = GaussianTrack(target, th_h, init_mean, init_cov)
-        if not th_track.commuting:
-            return None
-        kl_at, measured_th = float(th_track.kl([th_k])[0]), th_track.first_k_below(eps)
+    eps, th_h, th_k = run.spec.eps, run.theory["h"], run.theory["k"]
+    if math.isclose(th_h, run.h, rel_tol=1e-12):
+        kl_at, measured_th = run.kl_at(th_k), measured
     else:
-        return None
+        other = run.track.with_step(th_h)
+        if other is None:
+            return None
+        kl_at, measured_th = float(other.kl([th_k])[0]), other.first_k_below(eps)
     return {
         "h": th_h, "k": th_k, "kl_at_k": kl_at,
         "bound_holds": bool(kl_at <= eps) if math.isfinite(kl_at) else None,
@@ -419,40 +422,32 @@ def _echo_summary(summary: dict, echo: Callable[[str], None]) -> None:
 
 
 def _sweep_cell(target, d: int, eps: float, spec: SweepSpec) -> dict:
+    """Theorem 1's (h, k), the exact KL after k steps and the exact first k at that h; the best h."""
     h, k = theorem1(d, eps, target.m, target.L)
     row = {C.DIM: d, C.EPS: eps, C.H_THEORY: h, C.K_THEORY: k}
-    if isinstance(target, GaussianTarget):
-        track = GaussianTrack(target, h)
-        kl0, kl_k = track.kl([0, k])
-        measured = track.first_k_below(eps)
-    else:
-        track = grid_track(target, h)
-        budget = int(spec.max_work // max(1, track.K._nnz()))
-        kl0 = float(track.kl([0])[0])
-        kl_k = float(track.kl([k])[0]) if k <= budget else math.nan
-        measured = track.first_k_below(eps, max_steps=min(k, budget))
-    row.update({C.KL0: float(kl0), C.KL_AT_K_THEORY: float(kl_k),
+    track = track_for(target, h)
+    kl_limit, search_limit = track.sweep_limits(spec.max_work, k)  # what this cell may afford
+    kl0 = float(track.kl([0])[0])
+    kl_k = float(track.kl([k])[0]) if k <= kl_limit else math.nan
+    measured = track.first_k_below(eps, max_steps=search_limit)
+    row.update({C.KL0: kl0, C.KL_AT_K_THEORY: kl_k,
                 C.BOUND_HOLDS: (int(kl_k <= eps) if math.isfinite(kl_k) else None),
                 C.K_MEASURED: measured,
                 C.LOOSENESS: (k / measured) if measured else (math.inf if measured == 0 else None)})
     if spec.best_h:
         try:
-            max_steps = 10**6 if isinstance(target, GaussianTarget) else 20000
-            h_best, k_best = best_h_for_eps(target, eps, max_steps=max_steps,
-                                            points=24 if isinstance(target, GaussianTarget) else 10,
-                                            refine=30 if isinstance(target, GaussianTarget) else 8)
-            row.update({C.H_BEST: h_best, C.K_BEST: k_best})
-            if isinstance(target, GaussianTarget):
-                row[C.KL_STATIONARY_BEST] = stationary_kl(target, h_best)
+            h_best, k_best = best_h_for_eps(target, eps, **track.BEST_H_SEARCH)
         except ValueError:
-            pass
+            return row
+        row.update({C.H_BEST: h_best, C.K_BEST: k_best})
+        stationary = track.stationary_kl_at(h_best)
+        if stationary is not None:
+            row[C.KL_STATIONARY_BEST] = stationary
     return row
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tensorboard: bool = True,
-              echo: Callable[[str], None] = print) -> dict:
-    """Iterations to reach each eps in each d: Theorem 1's k, the exact k at Theorem 1's h, and at the best h."""
-    started = time.perf_counter()
+def _sweep_constants(spec: SweepSpec) -> tuple[float, float]:
+    """Check the sweep's spec; return the targets' (m, L)."""
     if not spec.dims or not spec.eps:
         raise ValueError("a sweep needs at least one dimension (--dims) and one eps (--eps)")
     for eps in spec.eps:
@@ -460,13 +455,36 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tens
             raise ValueError(f"--eps values must be positive, got {eps!r}")
     if spec.target not in ("gaussian", "product"):
         raise ValueError(f"a sweep needs an exact target (gaussian or product), got {spec.target!r}")
-    if spec.target == "product":
-        phi = ProductTarget(spec.phi, 1).phi  # validates the name
-        if not phi.m > 0:
-            raise ValueError(f"the sweep uses Theorem 1, which needs a strongly convex potential; {spec.phi!r} is not")
-        m, L = phi.m, phi.L
-    else:
-        m, L = spec.m, spec.m * spec.cond
+    if spec.target == "gaussian":
+        return spec.m, spec.m * spec.cond
+    phi = ProductTarget(spec.phi, 1).phi  # validates the name
+    if not phi.m > 0:
+        raise ValueError(f"the sweep uses Theorem 1, which needs a strongly convex potential; {spec.phi!r} is not")
+    return phi.m, phi.L
+
+
+def _sweep_target(spec: SweepSpec, d: int):
+    if spec.target == "gaussian":
+        return GaussianTarget.random(d, spec.cond, spec.seed, m=spec.m)
+    return ProductTarget(spec.phi, d)
+
+
+def _log_cell(writer, tb, row: dict, echo: Callable[[str], None]) -> None:
+    """One steps.csv row, its TensorBoard scalars (x = d) and a progress line."""
+    writer.log_step({c: row.get(c) for c in [C.STEP] + C.SWEEP_COLUMNS})
+    if tb is not None:
+        values = {key: row.get(key) for key in (C.K_THEORY, C.K_MEASURED, C.K_BEST, C.LOOSENESS)}
+        tb.scalars(row[C.DIM], {f"sweep/{key}/eps={row[C.EPS]:g}": v for key, v in values.items() if v is not None and math.isfinite(v)})
+    echo(f"  d={row[C.DIM]:<5} eps={row[C.EPS]:<6g} theory k={row[C.K_THEORY]:<12} measured k={row[C.K_MEASURED]} "
+         f"(looseness {_fmt(row[C.LOOSENESS])})  best h={_fmt(row.get(C.H_BEST))} -> "
+         f"k={row.get(C.K_BEST)}  KL(k_theory)={_fmt(row[C.KL_AT_K_THEORY])}")
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tensorboard: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
+    """Iterations to reach each eps in each d: Theorem 1's k, the exact k at Theorem 1's h, and at the best h."""
+    started = time.perf_counter()
+    m, L = _sweep_constants(spec)
     default = f"sweep gaussian cond={spec.cond:g}" if spec.target == "gaussian" else f"sweep product {spec.phi}"
     label = spec.label or default
     config = {"mode": C.MODE_SWEEP, "target": spec.target, "label": label, "m": m, "L": L, "spec": asdict(spec),
@@ -477,24 +495,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tens
     echo(f"gradlens langevin sweep: d in {spec.dims}, eps in {spec.eps} ({label}) -> {path}")
     rows = []
     try:
-        for d in spec.dims:
-            if spec.target == "gaussian":
-                target = GaussianTarget.random(d, spec.cond, spec.seed, m=spec.m)
-            else:
-                target = ProductTarget(spec.phi, d)
-            for eps in spec.eps:
-                row = _sweep_cell(target, d, eps, spec)
-                row[C.STEP] = len(rows)
-                rows.append(row)
-                writer.log_step({c: row.get(c) for c in [C.STEP] + C.SWEEP_COLUMNS})
-                if tb is not None:
-                    for key in (C.K_THEORY, C.K_MEASURED, C.K_BEST, C.LOOSENESS):
-                        v = row.get(key)
-                        if v is not None and math.isfinite(v):
-                            tb.scalars(d, {f"sweep/{key}/eps={eps:g}": v})
-                echo(f"  d={d:<5} eps={eps:<6g} theory k={row[C.K_THEORY]:<12} measured k={row[C.K_MEASURED]} "
-                     f"(looseness {_fmt(row[C.LOOSENESS])})  best h={_fmt(row.get(C.H_BEST))} -> "
-                     f"k={row.get(C.K_BEST)}  KL(k_theory)={_fmt(row[C.KL_AT_K_THEORY])}")
+        cells = ((d, eps, target) for d in spec.dims for target in [_sweep_target(spec, d)] for eps in spec.eps)
+        for d, eps, target in cells:
+            row = {**_sweep_cell(target, d, eps, spec), C.STEP: len(rows)}
+            rows.append(row)
+            _log_cell(writer, tb, row, echo)
         summary = {"mode": C.MODE_SWEEP, "label": label, "cells": len(rows), **_sweep_slopes(rows),
                    "note": ("k_measured, kl_at_k_theory: exact. Product cells whose grid work would pass "
                             "max_work are left empty (n/a), not failed." if spec.target == "product" else

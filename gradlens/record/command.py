@@ -20,7 +20,10 @@ from typing import Any
 from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
 from . import plan as P
 from . import resume as R
-from .config import BALANCE_SPACES, DTYPES, ENV_DEFAULTS, ENVS, OPTIMIZERS, RecordConfig, load_config_file, parse_losses, resolve
+from .config import (
+    BALANCE_SPACES, DTYPES, ENV_DEFAULTS, ENVS, OPTIMIZERS, OPTION_FIELDS, RecordConfig, load_config_file, loss_names,
+    parse_loss_options, parse_losses, resolve,
+)
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 SMALL_ENVS = ("tabular", "tiny-gpt2")
@@ -53,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt-column", metavar="NAME", default=s, help="--env user: the data's prompt column (default prompt; absent: implicit prompt)")
     what.add_argument("--chosen-column", metavar="NAME", default=s, help="--env user: the data's chosen column (default chosen)")
     what.add_argument("--rejected-column", metavar="NAME", default=s, help="--env user: the data's rejected column (default rejected)")
-    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help="dpo, balanced or adadpo; a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
+    what.add_argument("--loss-option", dest="loss_options", metavar="KEY=VALUE", action="append", default=s, help=f"another option of the loss, repeatable: {_option_help()}")
     lora = parser.add_argument_group("LoRA (--env user; pip install 'gradlens[peft]')")
     lora.add_argument("--lora-r", type=int, default=s, help="train a LoRA adapter of this rank instead of every weight (default 0: no LoRA)")
     lora.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha (default 2 x rank)")
@@ -99,12 +103,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="--env user under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
 
 
+def _option_help() -> str:
+    from ..losses import REWEIGHTINGS
+
+    parts = [f"{name}: " + ", ".join(f"{o.name} (default {o.default})" for o in m.options if o.name not in OPTION_FIELDS)
+             for name, m in REWEIGHTINGS.items() if any(o.name not in OPTION_FIELDS for o in m.options)]  # fmt: skip
+    return "; ".join(parts)
+
+
 def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
     """(settings from the config file, settings from flags)."""
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
     if "loss" in flags:
         flags["loss"] = parse_losses(flags["loss"], where="--loss")
+    if "loss_options" in flags:
+        flags["loss_options"] = parse_loss_options(flags["loss_options"])
     return file_values, flags
 
 

@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..losses import BALANCE_SPACE, REWEIGHTINGS, get_reweighting
+
 ENVS = ("tabular", "tiny-gpt2", "user")
-LOSSES = ("dpo", "balanced", "adadpo")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "bfloat16", "float16")
-BALANCE_SPACES = ("sequence", "token_mean")
+BALANCE_SPACES = BALANCE_SPACE.choices  # the registry's option, offered as --balance-space
+# Method options that are also RecordConfig fields (flags of their own, kept for old configs).
+OPTION_FIELDS = ("balance_space", "adadpo_cap")
+
+
+def loss_names() -> tuple[str, ...]:
+    """What --loss accepts: every registered reweighting, including ones registered by the user."""
+    return tuple(REWEIGHTINGS)
 
 # `gradlens record` with no arguments: both methods, one after the other.
 DEFAULT_LOSSES = ("dpo", "balanced")
@@ -54,6 +62,7 @@ class RecordConfig:
     skip_nonfinite: bool = False
     balance_space: str = "sequence"
     adadpo_cap: float = 2.0
+    loss_options: dict = field(default_factory=dict)  # the method's other options (--loss-option KEY=VALUE)
     sft_steps: int | None = None      # tiny-gpt2 warm-start steps
     device: str = "auto"
     dtype: str = "float32"
@@ -112,6 +121,10 @@ def _check_type(name: str, value: Any, where: str) -> Any:
         if "None" in kind:
             return None
         raise ValueError(f"{where}: '{name}' may not be null")
+    if kind.startswith("dict"):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{where}: '{name}' must be a table of KEY = VALUE settings, got {value!r}")
+        return dict(value)
     if kind.startswith("bool"):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: '{name}' must be true or false, got {value!r}")
@@ -133,9 +146,31 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
+# TRL's ModelConfig defaults for its LoRA settings, used when a recipe says use_peft: true.
+TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear"}
+LORA_FIELDS = tuple(TRL_LORA_DEFAULTS)
+
+
+def _trl_peft(data: dict) -> dict:
+    """TRL's LoRA keys as gradlens's: ``use_peft: true`` turns LoRA on with TRL's defaults; ``use_peft: false``
+    turns it off (its lora_* keys are then ignored, as TRL ignores them); without ``use_peft`` the lora_* keys
+    are gradlens's own. A list of target modules becomes a comma-separated string."""
+    data = {_normalise_key(str(k)): v for k, v in data.items()}
+    use_peft = data.pop("use_peft", None)
+    if use_peft is False:
+        return {k: v for k, v in data.items() if k not in LORA_FIELDS} | {"use_peft": False}
+    if use_peft is True:
+        data = {**TRL_LORA_DEFAULTS, **{k: v for k, v in data.items() if v is not None or k not in LORA_FIELDS}}
+    modules = data.get("lora_target_modules")
+    if isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
+        data["lora_target_modules"] = ",".join(modules)
+    return data
+
+
 def _from_trl_names(data: dict, path: Path) -> dict:
     """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
     out, ignored = {}, []
+    data = _trl_peft(data)
     for key, value in data.items():
         name = _normalise_key(str(key))
         if name in TRL_IGNORED and name not in _FIELD_TYPES:
@@ -190,20 +225,58 @@ def parse_losses(value: Any, *, where: str) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         items = [v.strip() for v in value]
     else:
-        raise ValueError(f"{where}: 'loss' must be a name or a list of names from {list(LOSSES)}, got {value!r}")
+        raise ValueError(f"{where}: 'loss' must be a name or a list of names from {list(loss_names())}, got {value!r}")
     if not items:
-        raise ValueError(f"{where}: 'loss' is empty; choose from {list(LOSSES)}")
+        raise ValueError(f"{where}: 'loss' is empty; choose from {list(loss_names())}")
     for item in items:
-        if item not in LOSSES:
-            raise ValueError(f"{where}: unknown loss {item!r}; choose from {list(LOSSES)}")
+        if item not in loss_names():
+            raise ValueError(f"{where}: unknown loss {item!r}; choose from {list(loss_names())}")
     if len(set(items)) != len(items):
         raise ValueError(f"{where}: 'loss' lists a method twice: {items}")
     return tuple(items)
 
 
+def parse_loss_options(items: list[str], *, where: str = "--loss-option") -> dict[str, str]:
+    """['tau=0.5', 'balance_scope=per_layer'] -> {'tau': '0.5', ...}; values are checked per method later."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = _normalise_key(key.strip())
+        if not sep or not key or not value.strip():
+            raise ValueError(f"{where} {item!r}: expected KEY=VALUE, e.g. --loss-option tau=0.5")
+        out[key] = value.strip()
+    return out
+
+
+def method_options(cfg: RecordConfig) -> dict[str, Any]:
+    """Every option of ``cfg.loss`` resolved: registry defaults, the option fields, then ``loss_options``."""
+    method = get_reweighting(cfg.loss)
+    declared = {o.name for o in method.options}
+    given = {name: getattr(cfg, name) for name in OPTION_FIELDS if name in declared}
+    return method.resolve_options({**given, **cfg.loss_options})
+
+
+def _options_for(loss: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``options`` that ``loss`` declares (one --loss-option list serves several losses)."""
+    declared = {o.name: o for o in get_reweighting(loss).options}
+    return {k: declared[k].parse(v, loss) for k, v in options.items() if k in declared}
+
+
+def _check_options_used(losses: tuple[str, ...], options: Mapping[str, Any]) -> None:
+    offered = {name: [o.name for o in get_reweighting(name).options] for name in losses}
+    for key in options:
+        if key in OPTION_FIELDS:
+            raise ValueError(f"--loss-option {key}: use --{key.replace('_', '-')} for this one")
+        if not any(key in names for names in offered.values()):
+            listing = "; ".join(f"{n}: {', '.join(o) or 'none'}" for n, o in offered.items())
+            raise ValueError(f"--loss-option {key}: no requested loss has this option (options per loss: {listing})")
+
+
 def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
-    """Fill fields left None with the environment's defaults."""
-    defaults = ENV_DEFAULTS[cfg.env]
+    """Fill fields left None with the environment's defaults (and LoRA's alpha with 2 x rank)."""
+    defaults = dict(ENV_DEFAULTS[cfg.env])
+    if cfg.lora_r and cfg.lora_alpha is None:
+        defaults["lora_alpha"] = 2.0 * cfg.lora_r
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
@@ -211,14 +284,15 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     """Range and consistency checks; the messages name the flag."""
     if cfg.env not in ENVS:
         raise ValueError(f"--env must be one of {list(ENVS)}, got {cfg.env!r}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {list(LOSSES)}, got {cfg.loss!r}")
+    if cfg.loss not in loss_names():
+        raise ValueError(f"--loss must be one of {list(loss_names())}, got {cfg.loss!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {list(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     if cfg.balance_space not in BALANCE_SPACES:
         raise ValueError(f"--balance-space must be one of {list(BALANCE_SPACES)}, got {cfg.balance_space!r}")
+    method_options(cfg)  # every option known to the method and valid (the message names both)
     for name in ("beta", "lr", "adadpo_cap"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
@@ -278,9 +352,11 @@ def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> l
     if "env" not in merged and ("model" in merged or "data" in merged):
         merged["env"] = "user"  # a model and data of one's own (e.g. from a TRL recipe) mean the user environment
     losses = merged.pop("loss", DEFAULT_LOSSES)
+    options = merged.pop("loss_options", {})
+    _check_options_used(losses, options)
     configs = []
     for loss in losses:
-        cfg = RecordConfig(**merged, loss=loss)
+        cfg = RecordConfig(**merged, loss=loss, loss_options=_options_for(loss, options))
         configs.append(validate(with_env_defaults(cfg)))
     return configs
 

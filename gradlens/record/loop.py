@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from ..gradients.recorder import GradientRecorder
-from ..losses import PreferenceLossOutput, preference_loss
+from ..losses import PreferenceLossOutput, get_reweighting, preference_loss
 from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
 from ..runs import schema
 from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
 from . import resume as R
-from .config import RecordConfig, to_dict
+from .config import RecordConfig, method_options, to_dict
 from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
@@ -234,6 +234,8 @@ def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = D
         raise ValueError("--fsdp shards the model over torchrun processes: run it as torchrun --nproc_per_node N -m gradlens record ...")
     if ctx.world > 1 and cfg.per_row:
         raise ValueError("--per-row is recorded in single-process runs only (per-row norms are per rank under torchrun)")
+    if ctx.world > 1 and get_reweighting(cfg.loss).rebalance is not None:
+        raise ValueError(f"--loss {cfg.loss} rewrites the gradient from the recorded pieces; it runs in single-process runs only")
 
 
 def record_run(
@@ -363,7 +365,11 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
     chunks = micro_batches(indices, cfg.grad_accum)
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
-    with ctx.recorder.capture(groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, accumulate=len(chunks) > 1) as cap:
+    method, options = get_reweighting(cfg.loss), method_options(cfg)
+    keep = method.rebalance is not None  # the parameter-space step rewrites p.grad from the recorded pieces
+    with ctx.recorder.capture(
+        groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, accumulate=len(chunks) > 1, keep_pieces=keep
+    ) as cap:
         for k, chunk in enumerate(chunks):
             b = len(chunk)
             cap.set_groups(pair_groups(b))  # the last micro-batch may be smaller
@@ -372,8 +378,8 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
                 (chosen, rejected), (len_c, len_r) = split_pairs(logps.float()), split_pairs(lengths)
                 ref_chosen, ref_rejected = ctx.reference_logps.get(chunk)
                 result = preference_loss(
-                    chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, method=cfg.loss, balance_space=cfg.balance_space,
-                    chosen_lengths=len_c, rejected_lengths=len_r, adadpo_cap=cfg.adadpo_cap,
+                    chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, method=cfg.loss, options=options,
+                    chosen_lengths=len_c, rejected_lengths=len_r,
                 )  # fmt: skip
                 # b·N/B: DDP averages over N ranks, so p.grad is the full-batch mean gradient.
                 (result.loss * (b * dist.world / cfg.batch_size)).backward()
@@ -400,6 +406,8 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
     else:
+        if method.rebalance is not None:  # the logged norms above are DPO's pieces; the update is rebalanced
+            method.rebalance(cap, dict(ctx.recorder.model.named_parameters()), **options)
         optimizer.step()
     return StepOutput(row, layers, rows, dict(cap.unattributed))
 

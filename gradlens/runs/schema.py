@@ -36,14 +36,15 @@ STATUS_NONFINITE = "nonfinite"   # stopped at a non-finite loss or gradient
 KIND_PREFERENCE = "preference"
 KIND_LANGEVIN = "langevin"
 
-# Step-table columns of preference runs (TRL names where TRL has one).
+# Step-table columns of preference runs (TRL names where TRL has one). The loss's own
+# metrics are named in gradlens/metric_names.py, below both the loss and this module.
+from ..metric_names import (  # noqa: E402  (re-exported: this module lists every column)
+    LOG_PW_OVER_PL, LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED, SIGMOID_NEG_U,
+    WEIGHT_CHOSEN, WEIGHT_REJECTED,
+)
+
 STEP = "step"
-LOSS = "loss"
 LR = "lr"
-REWARDS_CHOSEN = "rewards/chosen"
-REWARDS_REJECTED = "rewards/rejected"
-REWARDS_MARGINS = "rewards/margins"
-REWARDS_ACCURACIES = "rewards/accuracies"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 GRAD_NORM = "grad_norm"                   # ||g||, the whole gradient
@@ -52,10 +53,6 @@ GRAD_NORM_REJECTED = "grad_norm/rejected" # ||g_rejected||
 GRAD_DOT = "grad/dot"                     # <g_chosen, g_rejected>
 GRAD_COSINE = "grad/cosine"
 GRAD_RATIO = "grad/ratio"                 # rho = ||g_rejected|| / ||g_chosen||
-LOG_PW_OVER_PL = "log_pw_over_pl"         # mean log(p_w / p_l) = mean (l_w - l_l)
-SIGMOID_NEG_U = "sigmoid_neg_u"           # mean sigma(-u)
-WEIGHT_CHOSEN = "weights/chosen"          # mean a_w
-WEIGHT_REJECTED = "weights/rejected"      # mean a_l
 NONFINITE = "nonfinite"                   # 1 if the step's loss or gradient was not finite
 
 # steps.csv column order of preference runs (`gradlens record` and the trainer callbacks).

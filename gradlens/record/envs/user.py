@@ -65,7 +65,7 @@ def add_lora(model: nn.Module, cfg: RecordConfig) -> nn.Module:
         raise ValueError("--lora-r needs peft, which is not installed: pip install 'gradlens[peft]'") from exc
     targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
     config = peft.LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_r,
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha,  # config.with_env_defaults resolved the default, 2 x rank
         target_modules=targets[0] if targets == ["all-linear"] else targets, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
     )  # fmt: skip
     torch.manual_seed(cfg.seed)  # the adapter's A matrices are random
