@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import schema, write_json_atomic
+from ..runs.run_dir import read_json
 from ..runs.tables import table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
@@ -53,12 +54,7 @@ class ResumePoint:
 def saved_config(run_dir: Path) -> RecordConfig:
     """The config a run was recorded with, from its config.json (errors name the file)."""
     path = Path(run_dir) / schema.CONFIG
-    try:
-        header = json.loads(path.read_bytes().decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"{path}: cannot be read: {exc}") from None
+    header = read_json(path)
     saved = header.get("config") if isinstance(header, dict) else None
     if not isinstance(saved, dict) or header.get("kind") != schema.KIND_PREFERENCE:
         raise ValueError(f"{path}: not the config of a `gradlens record` run (needs kind {schema.KIND_PREFERENCE!r} and a 'config' object)")

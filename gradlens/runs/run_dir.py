@@ -339,6 +339,16 @@ class Run:
         return is_complete(self.path)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's value; RunFormatError naming the file (and the line) when it cannot be read."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFormatError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise RunFormatError(f"{path}: not a readable JSON file: {exc}") from None
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / schema.CONFIG).is_file()
 
@@ -353,12 +363,7 @@ def load_run(path: str | os.PathLike) -> Run:
     config_path = path / schema.CONFIG
     if not config_path.is_file():
         raise RunFormatError(f"{path}: not a gradlens run (no {schema.CONFIG}); record one with `gradlens record`")
-    try:
-        header = json.loads(config_path.read_bytes().decode("utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunFormatError(f"{config_path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    except (UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise RunFormatError(f"{config_path}: not a readable JSON file: {exc}") from None
+    header = read_json(config_path)
     if not isinstance(header, dict) or "kind" not in header:
         raise RunFormatError(f"{config_path}: missing the 'kind' field; not a gradlens run config")
     if not isinstance(header["kind"], str):
