@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
     "plot": ("gradlens.plot.command", "summarise and plot one or many runs"),
     "langevin": ("gradlens.langevin.command", "run ULA on a target and track KL(p_k || p*) exactly"),
+    "fetch": ("gradlens.pretrained.command", "download, verify and cache a real pretrained model (smollm2) once"),
 }
 EPILOG = "start here: `gradlens record` runs the built-in job (DPO then Balanced-DPO on tiny-gpt2), then `gradlens plot runs`"
 
