@@ -1,0 +1,133 @@
+"""The real pretrained model (SmolLM2-135M-Instruct, fetched by ``gradlens fetch smollm2``).
+
+One model is loaded for the whole module. Without the cached model (no network when
+``.ci/run`` fetched it) every test here is skipped with the reason, never passed.
+
+Exactness at step 0 on chat-templated, right-padded pairs: the recorder's split against
+two separate ``autograd.grad`` passes over the same forward (the chosen rows' and the
+rejected rows' share of the DPO loss). Measured here (torch 2.13, CPU, 3 pairs):
+
+    float32:          global norms and dot <= 1e-5 relative, per-parameter squared norms <= 1e-4
+    bf16 autocast:    against the reference taken under the same autocast, see BF16_TOL
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gradlens
+from gradlens.pretrained.fetch import model_dir
+from gradlens.pretrained.load import load_causal_lm
+from gradlens.pretrained.sources import SMOLLM2
+from gradlens.record.data import PreferenceRecord
+from gradlens.record.logps import sequence_logps
+from gradlens.record.tokenization import collate_pairs, tokenize_record
+from gradlens.verifiable.sampling import messages, offpolicy_pairs
+from gradlens.verifiable.tasks import make_tasks
+
+FP32_TOL = 1e-5
+PARAM_TOL = 1e-4
+BF16_TOL = 2e-3  # measured: see test_bf16_autocast_split
+PARAMS = (
+    "model.embed_tokens.weight",                 # tied to lm_head: two uses
+    "model.layers.3.self_attn.q_proj.weight",
+    "model.layers.17.mlp.down_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.layers.29.post_attention_layernorm.weight",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = model_dir(SMOLLM2)
+    except ValueError as exc:
+        pytest.skip(f"the real model is not available: {exc}")
+    model, tokenizer = load_causal_lm(path)
+    return model.eval(), tokenizer
+
+
+def chat_batch(tokenizer, n: int = 3):
+    """``n`` off-policy pairs through the chat template; rows differ in length, so there is padding."""
+    pairs = []
+    for i, p in enumerate(offpolicy_pairs(make_tasks(n, seed=3))):
+        record = PreferenceRecord(messages(p.task), [{"role": "assistant", "content": p.chosen}],
+                                  [{"role": "assistant", "content": p.rejected}], f"pair {i}")  # fmt: skip
+        pairs.append(tokenize_record(tokenizer, record, conversational=True, source="test"))
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    assert (batch.attention_mask == 0).any(), "the batch must have padding"
+    return batch
+
+
+def dpo_loss(logps, n):
+    g = torch.Generator().manual_seed(1)
+    ref = logps.detach() + 0.5 * torch.randn(logps.shape, generator=g)
+    return gradlens.preference_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=0.1, method="dpo").loss
+
+
+def reference_split(model, batch, n):
+    """Per-parameter (g_chosen, g_rejected) by two separate autograd.grad passes."""
+    names, params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad])
+    logps, _ = sequence_logps(model, batch)
+    (w,) = torch.autograd.grad(dpo_loss(logps, n), logps, retain_graph=True)
+    split = []
+    for rows in (slice(0, n), slice(n, 2 * n)):
+        grads = torch.autograd.grad(logps[rows], params, grad_outputs=w[rows].float(), retain_graph=rows.start == 0)
+        split.append({k: g.detach().double() for k, g in zip(names, grads)})
+    return split
+
+
+def recorded(model, batch, n):
+    rec = gradlens.GradientRecorder(model)
+    try:
+        model.zero_grad(set_to_none=True)
+        logps, _ = sequence_logps(model, batch)
+        with rec.capture(groups={"chosen": slice(0, n), "rejected": slice(n, 2 * n)}) as cap:
+            dpo_loss(logps, n).backward()
+    finally:
+        rec.close()
+        model.zero_grad(set_to_none=True)
+    return cap
+
+
+def compare(cap, gc, gr):
+    """Largest relative errors: (global norms and dot, the chosen parameters' squared norms)."""
+    vc, vr = (torch.cat([g.reshape(-1) for g in d.values()]) for d in (gc, gr))
+    errors = [abs(cap.norm("chosen") - vc.norm().item()) / vc.norm().item(),
+              abs(cap.norm("rejected") - vr.norm().item()) / vr.norm().item(),
+              abs(cap.dot("chosen", "rejected") - (vc @ vr).item()) / (vc.norm() * vr.norm()).item()]  # fmt: skip
+    table = cap.per_layer().set_index("name")
+    per_param = []
+    for name in PARAMS:
+        for group, ref in (("chosen", gc), ("rejected", gr)):
+            want = ref[name].pow(2).sum().item()
+            per_param.append(abs(table.loc[name, f"sq_norm/{group}"] - want) / want)
+    return max(errors), max(per_param)
+
+
+def test_fp32_split_is_exact_at_step_0(smollm2):
+    model, tokenizer = smollm2
+    batch = chat_batch(tokenizer)
+    gc, gr = reference_split(model, batch, 3)
+    cap = recorded(model, batch, 3)
+    assert not cap.unattributed
+    assert set(cap.per_layer().set_index("name").loc["model.embed_tokens.weight", "module"].split(",")) == {"model.embed_tokens", "lm_head"}
+    global_err, param_err = compare(cap, gc, gr)
+    print(f"fp32: global {global_err:.2e}, per-parameter {param_err:.2e}")
+    assert global_err <= FP32_TOL, global_err
+    assert param_err <= PARAM_TOL, param_err
+
+
+def test_bf16_autocast_split(smollm2):
+    model, tokenizer = smollm2
+    batch = chat_batch(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gc, gr = reference_split(model, batch, 3)
+        cap = recorded(model, batch, 3)
+    global_err, param_err = compare(cap, gc, gr)
+    print(f"bf16 autocast: global {global_err:.2e}, per-parameter {param_err:.2e}")
+    assert global_err <= BF16_TOL, global_err
+    assert param_err <= BF16_TOL, param_err
