@@ -13,20 +13,22 @@ rejected rows' share of the DPO loss). Measured here (torch 2.13, CPU, 3 pairs):
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 import gradlens
-from gradlens.pretrained.fetch import model_dir
+from gradlens.pretrained.fetch import model_dir, source_dir
 from gradlens.pretrained.load import load_causal_lm
 from gradlens.pretrained.sources import SMOLLM2
 from gradlens.record.data import PreferenceRecord
 from gradlens.record.logps import sequence_logps
 from gradlens.record.tokenization import collate_pairs, tokenize_record
-from gradlens.verifiable.sampling import messages, offpolicy_pairs
+from gradlens.verifiable.sampling import SamplingSettings, cached_samples, messages, offpolicy_pairs, onpolicy_pairs
 from gradlens.verifiable.tasks import make_tasks
+from gradlens.verifiable.verify import is_correct
 
 FP32_TOL = 1e-5
 PARAM_TOL = 1e-4
@@ -105,6 +107,7 @@ def compare(cap, gc, gr):
         for group, ref in (("chosen", gc), ("rejected", gr)):
             want = ref[name].pow(2).sum().item()
             per_param.append(abs(table.loc[name, f"sq_norm/{group}"] - want) / want)
+    print("errors (norm c, norm r, dot):", errors)
     return max(errors), max(per_param)
 
 
@@ -131,3 +134,68 @@ def test_bf16_autocast_split(smollm2):
     print(f"bf16 autocast: global {global_err:.2e}, per-parameter {param_err:.2e}")
     assert global_err <= BF16_TOL, global_err
     assert param_err <= BF16_TOL, param_err
+
+
+def test_onpolicy_samples_are_cached_by_model_and_settings(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    tasks = make_tasks(4, seed=0)
+    settings = SamplingSettings(samples=2, max_new_tokens=6, seed=0)
+    samples = cached_samples(model, tokenizer, tasks, settings, cache_dir=tmp_path, model_hash="m1", log=lambda line: None)
+    assert len(samples) == 4 and all(len(s) == 2 for s in samples)
+
+    class Refuses(nn.Module):  # a cache hit must not sample
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def generate(self, *args, **kwargs):
+            raise AssertionError("sampled although cached")
+
+    again = cached_samples(Refuses(), tokenizer, tasks, settings, cache_dir=tmp_path, model_hash="m1", log=lambda line: None)
+    assert again == samples and len(list(tmp_path.glob("samples-*.json"))) == 1
+    for other_hash, other_settings in (("m2", settings), ("m1", replace(settings, temperature=0.7))):  # another cache entry each
+        with pytest.raises(AssertionError, match="sampled although cached"):
+            cached_samples(Refuses(), tokenizer, tasks, other_settings, cache_dir=tmp_path, model_hash=other_hash, log=lambda line: None)
+    pairs = onpolicy_pairs(tasks, samples)
+    assert all(is_correct(p.task, p.chosen) and not is_correct(p.task, p.rejected) for p in pairs)
+
+
+def test_checkpoint_of_a_gguf_loaded_model_loads_with_from_pretrained(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gradlens.record.checkpoint import save_checkpoint
+
+    gguf = source_dir(SMOLLM2) / SMOLLM2.gguf_name
+    if not gguf.is_file():
+        pytest.skip(f"{gguf}: not fetched (`gradlens fetch smollm2`)")
+    model, tokenizer = load_causal_lm(gguf)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    saved = save_checkpoint(tmp_path, 0, model, optimizer, {}, tokenizer=tokenizer)
+    again = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        want, got, cached = (m(input_ids=ids).logits for m in (model, again, smollm2[0]))
+    assert torch.equal(want, got)
+    assert torch.equal(want, cached)  # the cached directory `gradlens fetch` wrote is the same model
+
+
+def test_trl_trainer_with_peft_records_three_steps(smollm2, tmp_path):
+    datasets, peft, trl = (pytest.importorskip(m) for m in ("datasets", "peft", "trl"))
+    from gradlens.integrations.trl import GradlensDPOTrainer
+    from gradlens.runs import load_run
+
+    rows = [{"prompt": messages(p.task), "chosen": [{"role": "assistant", "content": p.chosen}],
+             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in offpolicy_pairs(make_tasks(6, seed=5))]  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-4,
+                         report_to="none", use_cpu=True, bf16=False, max_length=96, logging_steps=1, save_strategy="no", seed=0)  # fmt: skip
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = GradlensDPOTrainer(model=str(model_dir(SMOLLM2)), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=smollm2[1], gradlens_dir=tmp_path / "run", peft_config=lora)  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "grad_norm/chosen" in h]
+    assert len(logged) == 3
+    for h in logged:
+        assert h["grad_norm/chosen"] > 0 and h["grad_norm/rejected"] > 0 and -1 <= h["grad/cosine"] <= 1
+    run = load_run(tmp_path / "run")
+    assert len(run.steps) == 3 and run.summary["unattributed_parameters"] == []
+    assert all("lora_" in layer for layer in set(run.layers.layer))
