@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
+from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import (
@@ -306,23 +306,15 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     """One run under the writer lock (rank 0 holds it; other ranks write nothing)."""
     from .loop import record_run
 
-    lock = RunLock(run.path) if job.dist.is_main else None
+    lock = None
+    if job.dist.is_main:
+        lock, _ = lock_run_dir(run.path, resume=run.action == P.RESUME, overwrite=run.action == P.OVERWRITE, recheck=lambda: _recheck(run))
     try:
-        if lock is not None:
-            try:
-                lock.acquire()
-            except OSError as exc:  # a read-only or full file system: nothing was written yet
-                raise ValueError(f"{run.path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
-            _recheck(run)
-            if run.action in (P.NEW, P.OVERWRITE):
-                prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
         job.dist.barrier()
         return record_run(run.cfg, run.path, env, resume=run.resume, progress=not job.quiet, dist=job.dist, tensorboard=job.tensorboard)
     finally:
         if lock is not None:
-            lock.release()
-            if lock.created_dir and not any(run.path.iterdir()):
-                run.path.rmdir()  # refused before the first write: leave no empty directory behind
+            release_run_dir(lock)
 
 
 def _recheck(run: P.PlannedRun) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..losses import BALANCE_SPACE, REWEIGHTINGS, get_reweighting
+from ..losses import BALANCE_SPACE, REWEIGHTINGS, LossSpec, get_reweighting, resolve_loss
 from .envs.registry import envs_with, get_env
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -73,6 +74,14 @@ class RecordConfig:
     lora_dropout: float = 0.0          # stored in the adapter; `gradlens record` turns every dropout off
     fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
     out: str | None = None
+
+    @cached_property
+    def loss_spec(self) -> LossSpec:
+        """``loss`` with every option resolved (registry defaults, the option fields, then ``loss_options``),
+        once per config: validation resolves it and the training loop passes it down to ``preference_loss``."""
+        declared = {o.name for o in get_reweighting(self.loss).options}
+        given = {name: getattr(self, name) for name in OPTION_FIELDS if name in declared}
+        return resolve_loss(self.loss, {**given, **self.loss_options})
 
 
 # The fields left None above take the environment's defaults (``envs.registry.EnvDefaults``).
@@ -246,14 +255,6 @@ def parse_loss_options(items: list[str], *, where: str = "--loss-option") -> dic
     return out
 
 
-def method_options(cfg: RecordConfig) -> dict[str, Any]:
-    """Every option of ``cfg.loss`` resolved: registry defaults, the option fields, then ``loss_options``."""
-    method = get_reweighting(cfg.loss)
-    declared = {o.name for o in method.options}
-    given = {name: getattr(cfg, name) for name in OPTION_FIELDS if name in declared}
-    return method.resolve_options({**given, **cfg.loss_options})
-
-
 def _options_for(loss: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The part of ``options`` that ``loss`` declares (one --loss-option list serves several losses)."""
     declared = {o.name: o for o in get_reweighting(loss).options}
@@ -289,7 +290,7 @@ def validate(cfg: RecordConfig) -> RecordConfig:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     if cfg.balance_space not in BALANCE_SPACES:
         raise ValueError(f"--balance-space must be one of {list(BALANCE_SPACES)}, got {cfg.balance_space!r}")
-    method_options(cfg)  # every option known to the method and valid (the message names both)
+    cfg.loss_spec  # every option known to the method and valid (the message names both); resolved once, kept
     for name in ("beta", "lr", "adadpo_cap"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
