@@ -63,12 +63,13 @@ def test_unknown_env_lists_the_registry(tmp_path, capsys):
     assert "--env must be one of ['tabular', 'tiny-gpt2', 'user'], got 'nope'" in capsys.readouterr().err
 
 
-def test_a_registered_env_reaches_choices_defaults_help_and_checks(copy_env, capsys):
+def test_a_registered_env_reaches_choices_defaults_help_and_checks(copy_env, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")  # --help on one line per flag, so no name is wrapped at its hyphen
     parser = _parser()
     assert parser.parse_args(["--env", NAME]).env == NAME  # a --env choice
-    text = parser.format_help().replace("\n", " ")
-    assert "the tabular task, registered by a test" in " ".join(text.split())
-    assert f"{NAME} 0.02" in " ".join(text.split())  # the --lr help lists its default
+    text = " ".join(parser.format_help().split())
+    assert f"{NAME}: the tabular task, registered by a test" in text
+    assert f"{NAME} 0.02" in text and f"{NAME} sgd" in text and f"{NAME} 6" in text  # --lr, --optimizer, --batch-size
     cfg = validate(with_env_defaults(RecordConfig(env=NAME)))
     assert (cfg.lr, cfg.optimizer, cfg.batch_size, cfg.steps) == (0.02, "sgd", 6, 3)
     with pytest.raises(ValueError, match=f"--data is only used with --env user \\(the {NAME} environment builds its own\\)"):

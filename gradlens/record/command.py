@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
         "--lr", type=float, default=s,
-        help=f"learning rate (default per env: {per_env('lr')}; {TRL_DEFAULT_LR:g} is TRL's DPOConfig default, "
+        help=f"learning rate (default per env: {per_env('lr')}; 1e-6 = TRL's DPOConfig default, "
         "made for large models and long runs: it barely moves a small model in a few dozen steps; try 1e-5 to 1e-4 there)",
     )  # fmt: skip
     opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help=f"default per env: {per_env('optimizer')}")

@@ -227,7 +227,11 @@ def lock_run_dir(
     try:
         lock.acquire()
     except OSError as exc:  # a read-only or full file system: nothing was written yet
+        release_run_dir(lock)
         raise ValueError(f"{path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
+    except BaseException:  # another writer holds it
+        release_run_dir(lock)
+        raise
     try:
         if recheck is not None:
             recheck()

@@ -83,7 +83,8 @@ _loaded = False
 
 
 def load_envs() -> dict[str, EnvSpec]:
-    """Import every environment module of this package once (each registers itself); the registry."""
+    """Import every environment module of this package once (each registers itself); the registry by name
+    (sorted, so the CLI's order does not depend on which module happened to be imported first)."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -91,7 +92,7 @@ def load_envs() -> dict[str, EnvSpec]:
         for module in sorted(m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__)):
             if module not in _NOT_ENVIRONMENTS and not module.startswith("_"):
                 importlib.import_module(f"{package}.{module}")
-    return ENVS
+    return dict(sorted(ENVS.items()))
 
 
 def env_names() -> tuple[str, ...]:
@@ -102,7 +103,7 @@ def env_names() -> tuple[str, ...]:
 def get_env(name: str) -> EnvSpec:
     """The registered environment ``name``; an unknown name lists the registry."""
     if name not in load_envs():
-        raise ValueError(f"--env must be one of {list(ENVS)}, got {name!r}")
+        raise ValueError(f"--env must be one of {list(load_envs())}, got {name!r}")
     return ENVS[name]
 
 
@@ -112,6 +113,9 @@ def envs_with(flag: str) -> tuple[str, ...]:
 
 
 def per_env(field: str) -> str:
-    """Help text for a default that depends on the environment: 'tabular 0.05, tiny-gpt2 0.001, ...'."""
-    return ", ".join(f"{name} {getattr(spec.defaults, field):g}" if isinstance(getattr(spec.defaults, field), float)
-                     else f"{name} {getattr(spec.defaults, field)}" for name, spec in load_envs().items())  # fmt: skip
+    """Help text for a default that depends on the environment: 'tabular 0.05, tiny-gpt2 0.001, user 1e-6'."""
+    return ", ".join(f"{name} {_shown(getattr(spec.defaults, field))}" for name, spec in load_envs().items())
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)
