@@ -25,11 +25,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A formula star: a one-letter symbol (π*, p*, x*) or a closing bracket (an interval marked
-# significant, "[+0.16, +1.5]*"), then a star, escaped or not, that does not start "**".
-# The symbol must stand alone: the star of "*italic*" follows a letter that follows a star or
-# a word character, and is not counted.
-FORMULA_STAR = re.compile(r"(?<![\w*\\])([^\W\d_])\\?\*(?!\*)|(?<![\\*])(\])\\?\*(?!\*)")
+# A formula star: a symbol, either one letter (π*, p*) or two or three capitals (KL*), or a
+# closing bracket (an interval marked significant, "[+0.16, +1.5]*"), then a star, escaped or
+# not, that does not start "**". The symbol must stand alone: the star that closes "*s*" or
+# "*two words*" follows a letter that follows a star or another letter, and is not counted.
+FORMULA_STAR = re.compile(r"(?<![\w*\\])([^\W\d_]|[A-Z]{2,3})\\?\*(?!\*)|(?<![\\*])(\])\\?\*(?!\*)")
 FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
 CODE_SPAN = re.compile(r"(`+)(?!`).+?(?<!`)\1")
 
