@@ -271,7 +271,7 @@ def _run_plans(job: Job) -> int:
 
     threads = torch.get_num_threads()
     if all(run.cfg.env in envs_with("small") for run in job.plans):
-        # The built-in models are tiny: extra threads only add synchronisation, and on a
+        # These environments (`small=True` in the registry) have tiny models: extra threads only add synchronisation, and on a
         # busy machine they make each step several times slower.
         torch.set_num_threads(1)
     try:
