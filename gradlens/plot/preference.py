@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..analysis.convergence import KL_TO_OPTIMUM, KL_TO_REF, OOD_MASS, TRUE_REWARD
 from ..analysis.imbalance import ratio_series
+from ..analysis.layer_kinds import group_by_block
 from ..analysis.layers import LayerArrays, binned_log_ratio
 from ..analysis.seeds import row_quantiles, seed_matrix
 from ..analysis.summary import run_layer_arrays, summarize_groups
@@ -32,6 +33,7 @@ from .registry import KindPlotter, PlotOptions, RunGroups, register_plotter
 from .style import SIDE_LINESTYLES, group_colors, plt
 
 HEATMAP_BINS = 400
+HEATMAP_MAX_ROWS = 60  # more modules than this: one row per transformer block and kind
 HEATMAP_CMAP = "RdBu_r"  # diverging ColorBrewer map, safe for colour-blind readers
 
 
@@ -294,6 +296,9 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
     arrays = {label: a for label, a in arrays.items() if a}
     if not arrays:
         raise SkipFigure(f"no run has per-layer rows in {schema.LAYERS}")
+    grouped = len({n for group in arrays.values() for a in group for n in a.names}) > HEATMAP_MAX_ROWS
+    if grouped:  # a deep model: one row per block and kind (exact sums of squared norms), not one per module
+        arrays = {label: [group_by_block(a) for a in group] for label, group in arrays.items()}
     all_steps = np.concatenate([a.steps for group in arrays.values() for a in group])
     first, last = float(all_steps.min()), float(all_steps.max())
     n_bins = int(min(HEATMAP_BINS, np.unique(all_steps).size))
@@ -311,7 +316,7 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
     finite = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
     limit = float(np.percentile(np.abs(finite), 99)) if finite.size else 1.0
     limit = max(limit, 1e-3)
-    fig, axes = panel_grid(len(matrices), width=8.0 if len(matrices) == 1 else 5.8, height=max(3.0, 0.2 * len(names) + 1.6), sharey=True)
+    fig, axes = panel_grid(len(matrices), width=8.0 if len(matrices) == 1 else 5.8, height=max(3.0, (0.14 if grouped else 0.2) * len(names) + 1.6), sharey=True)
     cmap = plt.get_cmap(HEATMAP_CMAP).with_extremes(bad="#d9d9d9")
     image = None
     for ax, (label, matrix) in zip(axes, matrices.items()):
@@ -324,11 +329,12 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
         ax.grid(False)
     every = max(1, int(np.ceil(len(names) / 60)))
     axes[0].set_yticks(range(0, len(names), every), [names[i] for i in range(0, len(names), every)], fontsize=7 if len(names) > 15 else 9)
-    axes[0].set_ylabel("layer (module path)")
+    axes[0].set_ylabel("block and kind (modules summed)" if grouped else "layer (module path)")
     bar = fig.colorbar(image, ax=axes, shrink=0.9)
     bar.set_label("ln ρ  (natural log; > 0: rejected dominates)")
     several = any(len(group) > 1 for group in arrays.values())
     what = "median over seeds of each bin's mean ln ρ" if several else "each bin's mean ln ρ (one run per group)"
+    what += " · rows: each block's attention, MLP and norm modules pooled (squared norms summed)" if grouped else ""
     finish(fig, "Per-layer gradient ratio ln ρ", f"{what} · grey: no finite value · colour scale clipped at the 99th percentile of |ln ρ|")
     return fig
 

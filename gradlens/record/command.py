@@ -21,7 +21,7 @@ from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, run_c
 from . import plan as P
 from . import resume as R
 from .config import (
-    BALANCE_SPACES, DEFAULT_ENV, DTYPES, OPTIMIZERS, OPTION_FIELDS, RecordConfig, load_config_file, loss_names, parse_loss_options,
+    BALANCE_SPACES, DEFAULT_ENV, DTYPES, OPTIMIZERS, OPTION_FIELDS, PAIR_SOURCES, RecordConfig, load_config_file, loss_names, parse_loss_options,
     parse_losses, resolve,
 )
 from .envs.registry import env_names, envs_with, get_env, load_envs, per_env
@@ -60,12 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--chosen-column", metavar="NAME", default=s, help=f"--env {own}: the data's chosen column (default chosen)")
     what.add_argument("--rejected-column", metavar="NAME", default=s, help=f"--env {own}: the data's rejected column (default rejected)")
     what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--pairs", choices=PAIR_SOURCES, default=s, help="--env smollm2: onpolicy (default: the model's own samples, labelled by the verifier) or offpolicy (reference answer vs a plausible wrong one)")
+    what.add_argument("--prompts", type=int, default=s, help="--env smollm2: training prompts; a third as many more are held out (default 96)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
     what.add_argument("--loss-option", dest="loss_options", metavar="KEY=VALUE", action="append", default=s, help=f"another option of the loss, repeatable: {_option_help()}")
     lora = parser.add_argument_group(f"LoRA (--env {lora_envs}; pip install 'gradlens[peft]')")
-    lora.add_argument("--lora-r", type=int, default=s, help="train a LoRA adapter of this rank instead of every weight (default 0: no LoRA)")
+    lora.add_argument("--lora-r", type=int, default=s, help=f"train a LoRA adapter of this rank instead of every weight; 0: every weight (default per env: {per_env('lora_r')})")
     lora.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha (default 2 x rank)")
     lora.add_argument("--lora-target-modules", metavar="NAMES", default=s, help="comma-separated module names, or all-linear (default)")
     lora.add_argument("--lora-dropout", type=float, default=s, help="LoRA dropout saved in the adapter config (gradlens record trains with every dropout off)")
@@ -101,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
     dev = parser.add_argument_group("device")
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
+    dev.add_argument("--threads", type=int, default=s, help="torch CPU threads (default: 1 for tabular and tiny-gpt2, whose models are tiny; every core for the others)")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
     dev.add_argument("--fsdp", action="store_true", default=s,
                      help=f"--env {fsdp_envs} under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
@@ -270,9 +273,12 @@ def _run_plans(job: Job) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    if all(run.cfg.env in envs_with("small") for run in job.plans):
+    asked = {run.cfg.threads for run in job.plans} - {None}
+    if asked:
+        torch.set_num_threads(max(asked))
+    elif all(run.cfg.env in envs_with("small") for run in job.plans):
         # These environments (`small=True` in the registry) have tiny models: extra threads only add synchronisation, and on a
-        # busy machine they make each step several times slower.
+        # busy machine they make each step several times slower. The others keep torch's default: every core.
         torch.set_num_threads(1)
     try:
         return _record_all(job)

@@ -22,6 +22,7 @@ from .envs.registry import envs_with, get_env
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "bfloat16", "float16")
+PAIR_SOURCES = ("onpolicy", "offpolicy")  # smollm2's --pairs
 BALANCE_SPACES = BALANCE_SPACE.choices  # the registry's option, offered as --balance-space
 # Method options that are also RecordConfig fields (flags of their own, kept for old configs).
 OPTION_FIELDS = ("balance_space", "adadpo_cap")
@@ -68,11 +69,14 @@ class RecordConfig:
     device: str = "auto"
     dtype: str = "float32"
     # LoRA (--env user, needs peft): rank 0 trains every weight; alpha defaults to 2 x rank.
-    lora_r: int = 0
+    lora_r: int | None = None         # None: the environment's default (0 = every weight trains; smollm2 uses LoRA)
     lora_alpha: float | None = None
     lora_target_modules: str = "all-linear"   # comma-separated module names, or peft's "all-linear"
     lora_dropout: float = 0.0          # stored in the adapter; `gradlens record` turns every dropout off
     fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
+    pairs: str = "onpolicy"            # smollm2: pairs from the model's own samples, or "offpolicy" (reference vs plausible wrong answer)
+    prompts: int = 96                  # smollm2: training prompts (a third as many more are held out)
+    threads: int | None = None         # torch CPU threads; None: 1 for the small built-in envs, every core otherwise
     out: str | None = None
 
     @cached_property
@@ -274,8 +278,9 @@ def _check_options_used(losses: tuple[str, ...], options: Mapping[str, Any]) -> 
 def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
     """Fill fields left None with the environment's defaults (and LoRA's alpha with 2 x rank)."""
     defaults = get_env(cfg.env).defaults.as_dict()
-    if cfg.lora_r and cfg.lora_alpha is None:
-        defaults["lora_alpha"] = 2.0 * cfg.lora_r
+    rank = defaults["lora_r"] if cfg.lora_r is None else cfg.lora_r
+    if rank and cfg.lora_alpha is None:
+        defaults["lora_alpha"] = 2.0 * rank
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
@@ -308,6 +313,9 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     if cfg.max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {cfg.max_length}")
     _validate_lora(cfg)
+    _validate_smollm2(cfg)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {cfg.threads}")
     if cfg.fsdp and not spec.fsdp:
         raise ValueError(f"--fsdp is for --env {_either('fsdp')} (the {cfg.env} environment's model is too small to shard)")
     if spec.model_and_data:
@@ -331,6 +339,18 @@ def validate(cfg: RecordConfig) -> RecordConfig:
 def _either(flag: str) -> str:
     """'user', or 'a or b' when several environments set ``flag`` in the registry."""
     return " or ".join(envs_with(flag))
+
+
+def _validate_smollm2(cfg: RecordConfig) -> None:
+    if cfg.env != "smollm2":
+        for name in ("pairs", "prompts"):
+            if getattr(cfg, name) != _DEFAULTS[name]:
+                raise ValueError(f"--{name} is only used with --env smollm2 (the {cfg.env} environment has its own data)")
+        return
+    if cfg.pairs not in PAIR_SOURCES:
+        raise ValueError(f"--pairs must be one of {list(PAIR_SOURCES)}, got {cfg.pairs!r}")
+    if cfg.prompts < 3:
+        raise ValueError(f"--prompts must be at least 3 (a third as many are held out), got {cfg.prompts}")
 
 
 def _validate_lora(cfg: RecordConfig) -> None:

@@ -24,6 +24,6 @@ def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=p
 
 # Config fields that decide what an environment builds; runs that agree on them share one.
 ENV_FIELDS = ("env", "model", "data", "eval_data", "prompt_column", "chosen_column", "rejected_column", "seed", "max_length", "sft_steps", "dtype", "batch_size",
-              "lora_r", "lora_alpha", "lora_target_modules", "lora_dropout")
+              "lora_r", "lora_alpha", "lora_target_modules", "lora_dropout", "pairs", "prompts")
 
 __all__ = ["ENV_FIELDS", "PreferenceEnv", "build_env"]

@@ -31,6 +31,7 @@ class EnvDefaults:
     checkpoint_every: int
     max_length: int
     sft_steps: int = 0
+    lora_r: int = 0          # LoRA rank when --lora-r is not given (0: every weight trains)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

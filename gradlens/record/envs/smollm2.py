@@ -45,13 +45,10 @@ from .base import TokenPairsEnv, pair_margins
 from .registry import EnvDefaults, register_env
 from .user import add_lora
 
-TRAIN_PROMPTS = 96
-EVAL_PROMPTS = 32
 SAMPLES = 4                 # completions sampled per prompt for on-policy pairs
 MAX_NEW_TOKENS = 16         # the answers are a few words; longer samples are judged as cut
 EVAL_BATCH = 16             # rows per evaluation forward
 DEFAULT_LORA_R = 8
-PAIR_SOURCES = ("onpolicy", "offpolicy")
 
 
 def token_pair(tokenizer: Any, pair: TextPair, where: str, max_length: int) -> TokenPair:
@@ -81,7 +78,7 @@ def kl_to_reference(policy: nn.Module, reference: nn.Module, tokenizer: Any, tas
 @register_env(
     "smollm2",
     help="a real pretrained chat model (SmolLM2-135M-Instruct; `gradlens fetch smollm2` first) on verifiable questions, on-policy pairs",
-    defaults=EnvDefaults(lr=2e-4, optimizer="adamw", batch_size=4, steps=24, eval_every=12, checkpoint_every=12, max_length=128),
+    defaults=EnvDefaults(lr=2e-4, optimizer="adamw", batch_size=4, steps=24, eval_every=12, checkpoint_every=12, max_length=128, lora_r=DEFAULT_LORA_R),
     lora=True,
 )
 class SmolLM2Env(TokenPairsEnv):
@@ -93,8 +90,8 @@ class SmolLM2Env(TokenPairsEnv):
         model, self.tokenizer = load_causal_lm(path, cfg.dtype)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = cfg.max_length
-        tasks = make_tasks(TRAIN_PROMPTS + EVAL_PROMPTS, cfg.seed)
-        self.train_tasks, self.eval_tasks = tasks[:TRAIN_PROMPTS], tasks[TRAIN_PROMPTS:]
+        tasks = make_tasks(cfg.prompts + cfg.prompts // 3, cfg.seed)
+        self.train_tasks, self.eval_tasks = tasks[: cfg.prompts], tasks[cfg.prompts :]
         if source == "offpolicy":
             train, held = offpolicy_pairs(self.train_tasks), offpolicy_pairs(self.eval_tasks)
         else:
@@ -102,7 +99,7 @@ class SmolLM2Env(TokenPairsEnv):
             weights = (path / "gradlens_source.json").read_text()  # holds the weights' sha256: the model's identity
             samples = cached_samples(model, self.tokenizer, tasks, settings, cache_dir=cache_root() / "samples",
                                      model_hash=weights, log=log)  # fmt: skip
-            train, held = onpolicy_pairs(self.train_tasks, samples[:TRAIN_PROMPTS]), onpolicy_pairs(self.eval_tasks, samples[TRAIN_PROMPTS:])
+            train, held = onpolicy_pairs(self.train_tasks, samples[: cfg.prompts]), onpolicy_pairs(self.eval_tasks, samples[cfg.prompts :])
         if not train or not held:
             raise ValueError(f"smollm2: the model's samples gave {len(train)} training and {len(held)} held-out pairs; "
                              "try another --seed or --pairs offpolicy")  # fmt: skip

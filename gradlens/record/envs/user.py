@@ -1,6 +1,7 @@
-"""The user environment: a local Hugging Face model directory and a preference file.
+"""The user environment: a local Hugging Face model directory (or a GGUF file) and a preference file.
 
-The model and tokenizer load with ``from_pretrained(PATH, local_files_only=True)``:
+The model and tokenizer load with ``from_pretrained(PATH, local_files_only=True)``,
+or from a ``.gguf`` file that transformers dequantises (``gradlens.pretrained.load``):
 nothing is downloaded. The data is JSONL, CSV, Parquet or a saved ``datasets``
 directory in TRL's standard, conversational or implicit-prompt format (see ``gradlens.record.data``), tokenised the TRL way
 (``gradlens.record.tokenization``). Evaluations use ``--eval-data`` when given,
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...pretrained.load import check_model_path, load_causal_lm
 from ..config import RecordConfig
 from ..data import Columns, load_preferences
 from ..tokenization import collate_pairs, tokenize_preferences
@@ -27,37 +29,6 @@ from .base import TokenPairsEnv, pair_margins
 from .registry import EnvDefaults, register_env
 
 EVAL_SUBSET = 64
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(
-            f"{path}: model directory not found; --model takes a local directory written by save_pretrained "
-            "(gradlens never downloads models)"
-        )
-    if not path.is_dir():
-        raise ValueError(f"{path}: --model must be a directory written by save_pretrained, not a file")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return path
-
-
-def load_model_and_tokenizer(path: Path, dtype: str) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for unusable directories
-        raise ValueError(f"{path}: could not load a tokenizer: {exc}") from exc
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=TORCH_DTYPES[dtype])
-    except Exception as exc:
-        raise ValueError(f"{path}: could not load a causal language model: {exc}") from exc
-    return model, tokenizer
-
-
 def add_lora(model: nn.Module, cfg: RecordConfig) -> nn.Module:
     """``model`` with a fresh LoRA adapter (B = 0: the policy starts as the base model, the reference)."""
     try:
@@ -97,11 +68,11 @@ class UserEnv(TokenPairsEnv):
 
     def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print, progress: bool = False):
         """``reference_weights`` and ``progress`` are the registry's keywords: the model directory is the reference."""
-        model_dir = check_model_dir(cfg.model)
+        model_dir = check_model_path(cfg.model)
         columns = Columns(cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
         data = load_preferences(cfg.data, columns)
         eval_data = load_preferences(cfg.eval_data, columns) if cfg.eval_data else None
-        self.policy, self.tokenizer = load_model_and_tokenizer(model_dir, cfg.dtype)
+        self.policy, self.tokenizer = load_causal_lm(model_dir, cfg.dtype)
         if cfg.lora_r:
             self.policy = add_lora(self.policy, cfg)
         self.policy.eval()
