@@ -84,3 +84,12 @@ def test_registry_refuses_duplicates_and_names_the_known():
     with pytest.raises(ValueError, match="known: .*smollm2"):
         get_source("gpt5")
     assert isinstance(get_source("smollm2"), PretrainedSource)
+
+
+def test_record_smollm2_without_the_model_says_what_to_run(tmp_path):
+    env = {**os.environ, "GRADLENS_CACHE": str(tmp_path / "empty"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "gradlens", "record", "--env", "smollm2", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "run `gradlens fetch smollm2`" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a job that cannot start

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--rejected-column", metavar="NAME", default=s, help=f"--env {own}: the data's rejected column (default rejected)")
     what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--pairs", choices=PAIR_SOURCES, default=s, help="--env smollm2: onpolicy (default: the model's own samples, labelled by the verifier) or offpolicy (reference answer vs a plausible wrong one)")
-    what.add_argument("--prompts", type=int, default=s, help="--env smollm2: training prompts; a third as many more are held out (default 96)")
+    what.add_argument("--prompts", type=int, default=s, help="--env smollm2: training prompts; a third as many more are held out (default 48)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")

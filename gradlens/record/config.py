@@ -75,7 +75,7 @@ class RecordConfig:
     lora_dropout: float = 0.0          # stored in the adapter; `gradlens record` turns every dropout off
     fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
     pairs: str = "onpolicy"            # smollm2: pairs from the model's own samples, or "offpolicy" (reference vs plausible wrong answer)
-    prompts: int = 96                  # smollm2: training prompts (a third as many more are held out)
+    prompts: int = 48                  # smollm2: training prompts (a third as many more are held out)
     threads: int | None = None         # torch CPU threads; None: 1 for the small built-in envs, every core otherwise
     out: str | None = None
 

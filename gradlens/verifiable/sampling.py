@@ -2,8 +2,10 @@
 
 On-policy (the default): each prompt gets ``samples`` completions sampled from the
 starting model; the first verified-correct one is chosen and the first wrong one
-rejected. A prompt whose samples are all right or all wrong gives no pair (the
-counts are reported). Off-policy: the task's reference answer against its
+rejected. A prompt whose samples are all wrong takes the reference answer as
+chosen, and one whose samples are all right takes the task's plausible wrong answer
+as rejected, so every prompt gives a pair with at least one side sampled (each
+pair says which kind it is; the environment reports the counts). Off-policy: the task's reference answer against its
 plausible wrong answer. Either way the completion texts are rendered through the
 chat template as an assistant turn, as TRL renders conversational data.
 
@@ -44,6 +46,7 @@ class TextPair:
     task: Task
     chosen: str
     rejected: str
+    kind: str = "offpolicy"  # "onpolicy" (both sampled), "reference_chosen", "template_rejected" or "offpolicy"
 
 
 def messages(task: Task) -> list[dict[str, str]]:
@@ -113,13 +116,17 @@ def cached_samples(model: nn.Module, tokenizer: Any, tasks: Sequence[Task], sett
 
 
 def onpolicy_pairs(tasks: Sequence[Task], samples: Sequence[Sequence[str]]) -> list[TextPair]:
-    """(first correct, first wrong) of each task's samples; tasks without both give none."""
+    """(first correct, first wrong) of each task's samples; the reference or the plausible wrong answer fills a missing side."""
     pairs = []
     for task, texts in zip(tasks, samples):
         right = [t for t in texts if t and is_correct(task, t)]
         wrong = [t for t in texts if t and not is_correct(task, t)]
         if right and wrong:
-            pairs.append(TextPair(task, right[0], wrong[0]))
+            pairs.append(TextPair(task, right[0], wrong[0], "onpolicy"))
+        elif wrong:
+            pairs.append(TextPair(task, task.answer, wrong[0], "reference_chosen"))
+        elif right:
+            pairs.append(TextPair(task, right[0], task.wrong, "template_rejected"))
     return pairs
 
 

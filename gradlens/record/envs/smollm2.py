@@ -7,7 +7,9 @@ split of the prompts is held out.
 
 Pairs are on-policy by default: the starting model samples ``SAMPLES`` completions
 per prompt and the verifier labels them (chosen = first correct, rejected = first
-wrong); the samples are cached by model hash and generation settings. The loss
+wrong; where all samples are wrong the reference answer is chosen, where all are
+right the plausible wrong answer is rejected, and ``env_info`` counts each kind);
+the samples are cached by model hash and generation settings. The loss
 ``--pairs offpolicy`` uses the reference answer against a plausible wrong one.
 
 Every evaluation reports, on the held-out prompts: preference accuracy and the
@@ -78,7 +80,7 @@ def kl_to_reference(policy: nn.Module, reference: nn.Module, tokenizer: Any, tas
 @register_env(
     "smollm2",
     help="a real pretrained chat model (SmolLM2-135M-Instruct; `gradlens fetch smollm2` first) on verifiable questions, on-policy pairs",
-    defaults=EnvDefaults(lr=2e-4, optimizer="adamw", batch_size=4, steps=24, eval_every=12, checkpoint_every=12, max_length=128, lora_r=DEFAULT_LORA_R),
+    defaults=EnvDefaults(lr=2e-4, optimizer="adamw", batch_size=4, steps=24, eval_every=12, checkpoint_every=24, max_length=128, lora_r=DEFAULT_LORA_R),
     lora=True,
 )
 class SmolLM2Env(TokenPairsEnv):
@@ -100,9 +102,10 @@ class SmolLM2Env(TokenPairsEnv):
             samples = cached_samples(model, self.tokenizer, tasks, settings, cache_dir=cache_root() / "samples",
                                      model_hash=weights, log=log)  # fmt: skip
             train, held = onpolicy_pairs(self.train_tasks, samples[: cfg.prompts]), onpolicy_pairs(self.eval_tasks, samples[cfg.prompts :])
-        if not train or not held:
+        if not train or not held:  # only when a prompt's samples are all empty
             raise ValueError(f"smollm2: the model's samples gave {len(train)} training and {len(held)} held-out pairs; "
                              "try another --seed or --pairs offpolicy")  # fmt: skip
+        kinds = {kind: sum(p.kind == kind for p in train + held) for kind in dict.fromkeys(p.kind for p in train + held)}
         self.pairs = [token_pair(self.tokenizer, p, f"training prompt {i}", self.max_length) for i, p in enumerate(train)]
         self.eval_pairs = [token_pair(self.tokenizer, p, f"held-out prompt {i}", self.max_length) for i, p in enumerate(held)]
         self.policy = add_lora(model, cfg) if cfg.lora_r else model
@@ -110,7 +113,7 @@ class SmolLM2Env(TokenPairsEnv):
         self._start: dict[str, float] | None = None
         self._info = {"model": str(path), "pairs": source, "training_prompts": len(self.train_tasks), "held_out_prompts": len(self.eval_tasks),
                       "num_pairs": len(self.pairs), "held_out_pairs": len(self.eval_pairs), "samples_per_prompt": SAMPLES if source == "onpolicy" else 0,
-                      "lora_r": cfg.lora_r}  # fmt: skip
+                      "lora_r": cfg.lora_r, "pair_kinds": kinds}  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, policy: nn.Module, reference: nn.Module, *, beta: float, device: torch.device) -> dict[str, float]:
