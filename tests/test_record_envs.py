@@ -42,7 +42,7 @@ def test_every_module_registers_one_environment():
     modules = {m.name for m in pkgutil.iter_modules(envs_package.__path__)} - {"base", "registry"}
     registered = {spec.cls.__module__.rpartition(".")[2] for spec in load_envs().values()}
     assert registered == modules  # a module that registers nothing, or a registration outside the package, fails here
-    assert set(load_envs()) == {"tabular", "tiny-gpt2", "user"}
+    assert set(load_envs()) == {"smollm2", "tabular", "tiny-gpt2", "user"}
     assert envs_with("small") == ("tabular", "tiny-gpt2") and envs_with("model_and_data") == ("user",)
     for name, spec in load_envs().items():
         assert spec.cls.name == name
@@ -55,12 +55,12 @@ def test_a_duplicate_name_raises():
 
 
 def test_unknown_env_lists_the_registry(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"--env must be one of \['tabular', 'tiny-gpt2', 'user'\], got 'nope'"):
+    with pytest.raises(ValueError, match=r"--env must be one of \['smollm2', 'tabular', 'tiny-gpt2', 'user'\], got 'nope'"):
         get_env("nope")
     job = tmp_path / "job.toml"
     job.write_text('env = "nope"\n')
     assert main(["record", "--config", str(job)]) == 2  # a config file's unknown env: one line, no traceback
-    assert "--env must be one of ['tabular', 'tiny-gpt2', 'user'], got 'nope'" in capsys.readouterr().err
+    assert "--env must be one of ['smollm2', 'tabular', 'tiny-gpt2', 'user'], got 'nope'" in capsys.readouterr().err
 
 
 def test_a_registered_env_reaches_choices_defaults_help_and_checks(copy_env, monkeypatch):
