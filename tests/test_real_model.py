@@ -234,3 +234,15 @@ def test_trl_trainer_with_peft_records_three_steps(smollm2, tmp_path):
     run = load_run(tmp_path / "run")
     assert len(run.steps) == 3 and run.summary["unattributed_parameters"] == []
     assert all("lora_" in layer for layer in set(run.layers.layer))
+
+
+def test_completion_logps_equal_the_full_head(smollm2):
+    """smollm2's log-probs apply the head from the first completion token only: the same sums."""
+    from gradlens.record.envs.smollm2 import completion_logps
+
+    model, tokenizer = smollm2
+    batch = chat_batch(tokenizer, 2)
+    full, n_full = sequence_logps(model, batch)
+    kept, n_kept = completion_logps(model, batch)
+    assert torch.equal(n_full, n_kept)
+    assert torch.allclose(full, kept, rtol=1e-6, atol=1e-5)

@@ -76,7 +76,7 @@ def generate(model: nn.Module, tokenizer: Any, tasks: Sequence[Task], *, samples
             enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
             sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples, logits_to_keep=1,
                                  pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
             texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             out.extend([t.strip() for t in texts[i : i + samples]] for i in range(0, len(texts), samples))

@@ -41,14 +41,15 @@ from ...verifiable.tasks import Task, make_tasks
 from ...verifiable.verify import is_correct
 from ..config import RecordConfig
 from ..data import PreferenceRecord
-from ..logps import sequence_logps
-from ..tokenization import TokenPair, collate_pairs, collate_sequences, tokenize_record, truncate_pair
+from ..logps import token_logps
+from ..tokenization import TokenBatch, TokenPair, collate_pairs, collate_sequences, tokenize_record, truncate_pair
 from .base import TokenPairsEnv, pair_margins
 from .registry import EnvDefaults, register_env
 from .user import add_lora
 
 SAMPLES = 4                 # completions sampled per prompt for on-policy pairs
 MAX_NEW_TOKENS = 16         # the answers are a few words; longer samples are judged as cut
+TEMPERATURE = 0.7           # sampling the pairs (the KL estimate samples pi_theta itself, at temperature 1)
 EVAL_BATCH = 16             # rows per evaluation forward
 DEFAULT_LORA_R = 8
 
@@ -58,6 +59,21 @@ def token_pair(tokenizer: Any, pair: TextPair, where: str, max_length: int) -> T
     turn = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     record = PreferenceRecord(messages(pair.task), turn(pair.chosen), turn(pair.rejected), where)
     return truncate_pair(tokenize_record(tokenizer, record, conversational=True, source="smollm2"), max_length, "smollm2")[0]
+
+
+def completion_logps(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` with the head applied only from the first completion token on (``logits_to_keep``):
+    the prompt positions' logits over 49,152 tokens would be most of the memory and a fifth of the compute,
+    and their gradient is zero. The result is the same sums."""
+    width = batch.input_ids.shape[1]
+    first = int(batch.completion_mask.to(torch.int8).argmax(dim=1).min())  # the earliest completion token of any row
+    keep = width - first + 1  # positions first-1 .. width-1: position p predicts token p+1
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep).logits
+    labels = batch.input_ids[:, first:]
+    mask = batch.completion_mask[:, first:].bool()
+    per_token = token_logps(logits[:, :-1], labels)
+    logps = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
+    return logps, mask.sum(-1)
 
 
 @torch.no_grad()
@@ -72,7 +88,7 @@ def kl_to_reference(policy: nn.Module, reference: nn.Module, tokenizer: Any, tas
     device = next(policy.parameters()).device
     for i in range(0, len(tasks), EVAL_BATCH):
         batch = collate_sequences(prompt_ids[i : i + EVAL_BATCH], completion_ids[i : i + EVAL_BATCH], pad, device)
-        ratios.append(sequence_logps(policy, batch)[0].double() - sequence_logps(reference, batch)[0].double())
+        ratios.append(completion_logps(policy, batch)[0].double() - completion_logps(reference, batch)[0].double())
     r = torch.cat(ratios)
     return r.mean().item(), (r.std(unbiased=True) / math.sqrt(len(r))).item() if len(r) > 1 else float("nan")
 
@@ -97,7 +113,7 @@ class SmolLM2Env(TokenPairsEnv):
         if source == "offpolicy":
             train, held = offpolicy_pairs(self.train_tasks), offpolicy_pairs(self.eval_tasks)
         else:
-            settings = SamplingSettings(samples=SAMPLES, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=cfg.seed)
+            settings = SamplingSettings(samples=SAMPLES, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, seed=cfg.seed, batch=EVAL_BATCH)
             weights = (path / "gradlens_source.json").read_text()  # holds the weights' sha256: the model's identity
             samples = cached_samples(model, self.tokenizer, tasks, settings, cache_dir=cache_root() / "samples",
                                      model_hash=weights, log=log)  # fmt: skip
@@ -127,6 +143,9 @@ class SmolLM2Env(TokenPairsEnv):
         metrics[schema.EVAL_VERIFIER_ACCURACY] = sum(is_correct(t, s[0]) for t, s in zip(self.eval_tasks, greedy)) / len(self.eval_tasks)
         metrics[schema.EVAL_KL_TO_REF], metrics[schema.EVAL_KL_TO_REF_SE] = kl_to_reference(policy, reference, self.tokenizer, self.eval_tasks, self.pad_token_id)
         return metrics
+
+    def logps(self, model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(model, batch)
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
