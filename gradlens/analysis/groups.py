@@ -22,7 +22,7 @@ MISSING = object()
 # what a group pools over; the rest say where or how a run was stored, not what it computed.
 NEUTRAL_SETTINGS = frozenset(
     {
-        "seed", "out", "device", "checkpoint_every", "output_dir", "logging_dir", "run_name", "label",
+        "seed", "out", "device", "threads", "checkpoint_every", "output_dir", "logging_dir", "run_name", "label",
         "env_info",  # what the environment reported about its data (differs by seed), not a setting
     }
 )  # fmt: skip

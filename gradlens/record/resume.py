@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
 
 # Fields a resumed run may change; everything else must match the saved run.
-RESUMABLE_CHANGES = frozenset({"steps", "device", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
+RESUMABLE_CHANGES = frozenset({"steps", "device", "threads", "eval_every", "checkpoint_every", "layers_every", "skip_nonfinite"})
 # Fields that name where the run is rather than what it does.
 _LOCATION = frozenset({"out"})
 
