@@ -200,7 +200,7 @@ def test_record_smollm2_three_steps(tmp_path):
     except ValueError as exc:
         pytest.skip(f"the real model is not available: {exc}")
     run_dir = tmp_path / "run"
-    assert main(["record", "--env", "smollm2", "--steps", "3", "--eval-every", "3", "--prompts", "6", "--pairs", "offpolicy",
+    assert main(["record", "--env", "smollm2", "--steps", "3", "--eval-every", "3", "--prompts", "6", "--pairs", "offpolicy", "--batch-size", "2",
                  "--loss", "dpo", "--out", str(run_dir), "--quiet"]) == 0  # fmt: skip
     run = load_run(run_dir)
     assert run.summary["status"] == "complete" and len(run.steps) == 3 and run.summary["unattributed_parameters"] == []
