@@ -45,6 +45,16 @@ PARAMS = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: on a machine shared with other jobs, more threads make each small
+    operation wait for descheduled ones (several times slower); on an idle machine one thread costs little here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     try:
@@ -182,7 +192,7 @@ def test_record_from_a_gguf_file_writes_checkpoints_from_pretrained_loads(smollm
                                 "rejected": [{"role": "assistant", "content": p.rejected}]}) + "\n")  # fmt: skip
     run = tmp_path / "run"
     assert main(["record", "--env", "user", "--model", str(gguf), "--data", str(data), "--steps", "1", "--batch-size", "2",
-                 "--optimizer", "sgd", "--lr", "1e-9", "--loss", "dpo", "--out", str(run), "--quiet", "--no-tensorboard"]) == 0  # fmt: skip
+                 "--optimizer", "sgd", "--lr", "1e-9", "--loss", "dpo", "--out", str(run), "--quiet", "--no-tensorboard", "--threads", "1"]) == 0  # fmt: skip
     again = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_1", local_files_only=True)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
@@ -201,7 +211,7 @@ def test_record_smollm2_three_steps(tmp_path):
         pytest.skip(f"the real model is not available: {exc}")
     run_dir = tmp_path / "run"
     assert main(["record", "--env", "smollm2", "--steps", "3", "--eval-every", "3", "--prompts", "6", "--pairs", "offpolicy", "--batch-size", "2",
-                 "--loss", "dpo", "--out", str(run_dir), "--quiet"]) == 0  # fmt: skip
+                 "--loss", "dpo", "--out", str(run_dir), "--quiet", "--threads", "1"]) == 0  # fmt: skip
     run = load_run(run_dir)
     assert run.summary["status"] == "complete" and len(run.steps) == 3 and run.summary["unattributed_parameters"] == []
     assert (run.steps["grad_norm/chosen"] > 0).all() and run.steps["grad/cosine"].between(-1, 1).all()
