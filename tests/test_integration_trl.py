@@ -302,3 +302,93 @@ def test_trainer_logs_and_report_to_tensorboard_carry_the_split(model_dir, tmp_p
         assert [step for step, _ in events] == [2, 4], name
         assert [v for _, v in events] == pytest.approx([entry[name] for entry in logged], rel=1e-6), name
     assert list(run_dir.glob("events.out.tfevents.*")) and load_run(run_dir).summary["status"] == "complete"
+
+
+# ---- a TRL recipe as `gradlens record --config` --------------------------------------------------
+
+RECIPE_PAIRS = PAIRS + [
+    {"prompt": "f g", "chosen": " h", "rejected": " i j"},
+    {"prompt": "k", "chosen": " l m", "rejected": " n"},
+    {"prompt": "o p a", "chosen": " b", "rejected": " c d e"},
+]
+# Everything that made `gradlens record` a different run before: clipping (the gradient norm is ~0.5
+# here), a warm-up and a decaying schedule, weight decay, a non-default Adam beta, and TRL's
+# combined loss (sigmoid + SFT with weights), with TRL's default gradient checkpointing.
+RECIPE = """\
+# a TRL DPO recipe, as trl/scripts/dpo.py reads it
+model_name_or_path: {model}
+dataset_name: {data}
+output_dir: {out}
+learning_rate: 5.0e-3
+lr_scheduler_type: cosine
+warmup_steps: 3
+max_grad_norm: 0.3
+weight_decay: 0.05
+adam_beta1: 0.8
+optim: adamw_torch
+loss_type: [sigmoid, sft]
+loss_weights: [1.0, 0.5]
+beta: 0.2
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+max_steps: 20
+max_length: 16
+seed: 3
+logging_steps: 1
+save_strategy: "no"
+report_to: none
+use_cpu: true
+remove_unused_columns: false
+disable_dropout: true
+"""
+# TRL's settings of the recipe, as the reference passes them to DPOConfig itself.
+RECIPE_DPO = dict(
+    learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=3, max_grad_norm=0.3, weight_decay=0.05, adam_beta1=0.8,
+    optim="adamw_torch", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.2, per_device_train_batch_size=2,
+    gradient_accumulation_steps=2, max_steps=20, max_length=16, seed=3, logging_steps=1, save_strategy="no",
+    report_to="none", use_cpu=True, remove_unused_columns=False, disable_dropout=True,
+)  # fmt: skip
+RECIPE_TOL = 1e-5
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
+    """The same recipe through trl.DPOTrainer (as TRL's dpo.py builds it) and `gradlens record --config`."""
+    from safetensors.torch import load_file
+
+    from gradlens.cli import main
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", RECIPE_PAIRS)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(RECIPE.format(model=model_dir, data=data, out=tmp_path / "trl-out"), encoding="utf-8")
+    assert main(["record", "--config", str(recipe), "--quiet"]) == 0
+
+    # TRL's own trainer, built the way trl/scripts/dpo.py builds it from the same recipe.
+    init = dict(revision="main", trust_remote_code=False, attn_implementation=None, dtype="float32")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "reference"), model_init_kwargs=init, **RECIPE_DPO)
+    reference = trl.DPOTrainer(model=model_dir, args=args, train_dataset=datasets.Dataset.from_list(RECIPE_PAIRS))
+    reference.train()
+
+    logged = [e for e in reference.state.log_history if "loss" in e]
+    run = load_run(tmp_path / "trl-out" / "gradlens")
+    assert run.config["env"] == "trl" and run.config["trl_loss_type"] == ["sigmoid", "sft"]
+    assert len(logged) == 20 and list(run.steps.step) == list(range(20))
+    worst = {}
+    for column, key in (("loss", "loss"), ("lr", "learning_rate"), ("grad_norm", "grad_norm")):
+        mine, theirs = run.steps[column].to_numpy(), [e[key] for e in logged]
+        worst[column] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine, theirs))
+    print("DEBUG", [(r.loss, e["loss"], r.grad_norm, e["grad_norm"]) for r, e in zip(run.steps.itertuples(), logged)][:6]); print("DEBUGPARAM")
+    assert max(worst.values()) <= RECIPE_TOL, worst
+    assert max(e["grad_norm"] for e in logged) > 0.3  # the recipe's clipping was active
+    trained = load_file(str(tmp_path / "trl-out" / "model.safetensors"))
+    expected = reference.model.state_dict()
+    start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    moved = max((expected[n] - start[n]).abs().max().item() for n in trained)
+    diff = max((trained[n] - expected[n]).abs().max().item() for n in trained)
+    assert moved > 1e-2 and diff <= RECIPE_TOL * moved, (diff, moved)

@@ -97,7 +97,7 @@ class GradlensCallback(TrainerCallback):
         if model is None:
             raise ValueError("GradlensCallback: the trainer passed no model to on_train_begin")
         if self.stepper is None:  # hooks go on before the first forward
-            self.stepper = StepCapture(model, record_every=self.record_every, capture_options=self.capture_options)
+            self.stepper = StepCapture(uncompiled(model), record_every=self.record_every, capture_options=self.capture_options)
         if state.is_world_process_zero and self.log is None:
             self.log = RunLog(
                 self.run_dir, self._run_config(args, state), columns=self.columns, pair=self.pair,
@@ -195,6 +195,8 @@ class GradlensTrainerMixin:
         if stepper is None:
             return super().training_step(model, inputs, num_items_in_batch)
         stepper.begin_micro_batch(self.state.global_step, groups, num_rows=_batch_rows(inputs))
+        if stepper.recording:  # a recorded step runs the uncompiled module the recorder's hooks are on
+            model = uncompiled(model)
         self._gradlens_stepper = stepper
         try:
             self.gradlens_micro_batch_started(stepper)
@@ -220,6 +222,15 @@ class GradlensTrainerMixin:
         if ROW_GROUPS_KEY in inputs:
             inputs.pop(ROW_GROUPS_KEY)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``torch.compile(model)`` (``model`` itself when it is not compiled).
+
+    With ``torch_compile=True`` the Trainer trains a compiled wrapper of the same module; its
+    parameters are the module's, so running the module eagerly updates the same weights.
+    """
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _batch_rows(inputs: Mapping[str, Any]) -> Optional[int]:

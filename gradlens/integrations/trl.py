@@ -115,6 +115,9 @@ class GradlensDPOMixin(GradlensTrainerMixin):
             raise ValueError(f"loss={loss!r} rewrites the gradient from the recorder's pieces; it runs in `gradlens record` only")
         if balance_space not in ("sequence", "token_mean"):
             raise ValueError(f"balance_space must be 'sequence' or 'token_mean', got {balance_space!r}")
+        config = kwargs.get("args")
+        if getattr(config, "padding_free", False):
+            raise ValueError("padding_free=True packs every row into one sequence; gradlens needs the chosen and rejected rows along dim 0")
         super().__init__(*args, gradlens_dir=gradlens_dir, **kwargs)
         self.gradlens_loss, self.balance_space, self.adadpo_cap = loss, balance_space, float(adadpo_cap)
         self.gradlens_unfused_head = unfused_head
@@ -127,8 +130,8 @@ class GradlensDPOMixin(GradlensTrainerMixin):
         self._gradlens_head = RecordingHead(
             policy, self._gradlens_unfuse_now, outputs=outputs, chunk_elements=head_chunk_elements, log=self._gradlens_forwards
         )
-        if self.ref_model is not None:
-            tap_forward(self.accelerator.unwrap_model(self.ref_model), self._gradlens_forwards)
+        if self.ref_model is not None:  # with torch_compile, the ref model is compiled here: tap the module inside
+            tap_forward(self.accelerator.unwrap_model(self.ref_model, keep_torch_compile=False), self._gradlens_forwards)
 
     def _check_loss_replaceable(self) -> None:
         problems = []

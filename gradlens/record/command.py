@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     out.add_argument(
         "--config", metavar="FILE",
-        help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
+        help="TOML, JSON or YAML file of settings (the flags' names); a TRL DPO recipe (TRL's names: learning_rate, "
+        "model_name_or_path, ...) is trained by TRL's own DPOTrainer; flags override the file",
     )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
@@ -120,6 +121,22 @@ def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
     if "loss_options" in flags:
         flags["loss_options"] = parse_loss_options(flags["loss_options"])
     return file_values, flags
+
+
+def _trl_recipe(args: argparse.Namespace):
+    """The --config file as a TRL recipe (trl_recipe.Recipe), or None when it uses gradlens's names only."""
+    from ..settings_file import read_settings_file
+    from .trl_recipe import looks_like_recipe, parse_recipe
+
+    if not getattr(args, "config", None):
+        return None
+    data = read_settings_file(args.config)
+    if not looks_like_recipe(data, _CONFIG_FIELDS):
+        return None
+    if args.resume:
+        raise ValueError(f"{args.config}: --resume: a TRL recipe's run cannot be resumed by gradlens record; start a new run")
+    flags = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
+    return parse_recipe(Path(args.config), data, flags)
 
 
 def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
@@ -249,6 +266,15 @@ def _main(args: argparse.Namespace) -> int:
     from .distributed import setup, teardown
 
     t0 = time.perf_counter()
+    if getattr(args, "quiet", False):
+        from .progress import quiet_libraries
+
+        quiet_libraries()
+    recipe = _trl_recipe(args)
+    if recipe is not None:  # TRL's names: TRL's own trainer runs it (trl_run.py)
+        from .trl_run import Output, run_recipe
+
+        return run_recipe(recipe, Output(quiet=args.quiet, tensorboard=getattr(args, "tensorboard", True), overwrite=args.overwrite))
     dist = setup(getattr(args, "device", None) or "auto")
     try:
         quiet = getattr(args, "quiet", False) or not dist.is_main
