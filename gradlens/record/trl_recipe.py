@@ -114,7 +114,7 @@ GRADLENS_NAMES: dict[str, str | None] = {
     "steps": "max_steps", "grad_accum": "gradient_accumulation_steps", "beta": "beta", "seed": "seed",
     "max_length": "max_length", "dtype": "dtype", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
-    "loss": None, "balance_space": None, "adadpo_cap": None, "layers_every": None, "eval_data": None,
+    "loss": None, "unfused_head": None, "balance_space": None, "adadpo_cap": None, "layers_every": None, "eval_data": None,
     "prompt_column": None, "chosen_column": None, "rejected_column": None,
     "env": None, "optimizer": None, "device": None, "eval_every": None, "checkpoint_every": None,
 }  # fmt: skip

@@ -156,7 +156,7 @@ def _trainer(recipe: Recipe, args, output: Output, run_dir: Path, model_dir: str
         run_dir, layers_every=int(script.get("layers_every", 1)), tensorboard=output.tensorboard, overwrite=output.overwrite,
         config={"recipe": str(recipe.path), "recipe_keys": _jsonable(recipe.written)},
     )  # fmt: skip
-    options = {k: script[k] for k in ("balance_space", "adadpo_cap") if k in script}
+    options = {k: script[k] for k in ("balance_space", "adadpo_cap", "unfused_head") if k in script}
     try:
         trainer = GradlensDPOTrainer(
             model=model_dir, args=args, train_dataset=train, eval_dataset=evaluation, callbacks=[callback],
