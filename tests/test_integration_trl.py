@@ -335,3 +335,41 @@ def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
     diff = max((trained[n] - expected[n]).abs().max().item() for n in trained)
     print(f"measured: final parameters differ by {diff:.3g} (they moved by {moved:.3g})")
     assert moved > 1e-2 and diff <= RECIPE_TOL * moved, (diff, moved)
+
+
+def test_unfused_head_gradient_equals_plain_logits(model_dir, tmp_path):
+    """The recipe's first batch (its longest row fills every position, with padding in the others).
+
+    An independent reference (the model's own logits, ``log_softmax``, ``gather``) gives the
+    gradient of a weighted sum of sequence log-probs; gradlens's unfused head must match it.
+    """
+    trainer = make_trainer(model_dir, tmp_path, max_steps=1, gradient_checkpointing=False)
+    model = trainer.model.train()
+    ids = torch.tensor([[4, 5, 6, 7, 13, 14, 15, 0], [6, 7, 8, 9, 10, 0, 0, 0], [4, 5, 6, 7, 16, 0, 0, 0], [6, 8, 0, 0, 0, 0, 0, 0]])
+    completion = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]])
+    attention = (torch.arange(8) < torch.tensor([8, 6, 6, 3]).unsqueeze(1)).long()
+    labels = ids.masked_fill(completion == 0, -100)
+    weights = torch.tensor([1.0, -1.0, 0.5, 2.0])
+
+    def gradient(sequence_logps):
+        model.zero_grad()
+        (sequence_logps() * weights).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    def plain():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        target = labels[:, 1:]
+        per_token = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (per_token * (target != -100)).sum(1)
+
+    def head(unfused: bool):
+        trainer._gradlens_head.active = lambda: unfused
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        return (out.log_probs * (labels[:, 1:] != -100)).sum(1)
+
+    reference = gradient(plain)
+    mine = gradient(lambda: head(True))
+    trls = gradient(lambda: head(False))
+    error = ((mine - reference).norm() / reference.norm()).item()
+    print(f"measured: unfused head {error:.2g}, TRL's fused head {((trls - reference).norm() / reference.norm()).item():.2g} (relative to the reference)")
+    assert error <= 1e-6
