@@ -276,6 +276,7 @@ logging_steps: 1
 save_strategy: "no"
 report_to: none
 use_cpu: true
+bf16: false
 remove_unused_columns: false
 disable_dropout: true
 """
@@ -284,9 +285,10 @@ RECIPE_DPO = dict(
     learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=3, max_grad_norm=0.3, weight_decay=0.05, adam_beta1=0.8,
     optim="adamw_torch", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.2, per_device_train_batch_size=2,
     gradient_accumulation_steps=2, max_steps=20, max_length=16, seed=3, logging_steps=1, save_strategy="no",
-    report_to="none", use_cpu=True, remove_unused_columns=False, disable_dropout=True,
+    report_to="none", use_cpu=True, bf16=False, remove_unused_columns=False, disable_dropout=True,
 )  # fmt: skip
-RECIPE_TOL = 1e-6  # measured: losses 6e-8 (float32 logging), final parameters identical
+RECIPE_TOL = 1e-6  # relative, losses / lr / grad_norm; measured 2.2e-7
+RECIPE_PARAM_TOL = 1e-5  # absolute, final parameters; measured 4.1e-6
 
 
 def _write_jsonl(path, rows):
@@ -299,8 +301,9 @@ def _write_jsonl(path, rows):
 def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
     """The same recipe through trl.DPOTrainer (as TRL's dpo.py builds it) and `gradlens record --config`.
 
-    With TRL's fused LM head kept (``unfused_head: false``) the two runs must agree to float rounding.
-    gradlens's default unfused head is exact where TRL's fused kernel is not (see the next test).
+    20 steps in float32: the runs differ by float32 rounding only, which Adam carries on (measured:
+    losses and gradient norms 2.2e-7 relative, final parameters 4.1e-6 while training moved them by
+    5.4e-2; 4.9e-6 with TRL's fused LM head kept, ``unfused_head: false``).
     """
     from safetensors.torch import load_file
 
@@ -308,7 +311,8 @@ def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
 
     data = _write_jsonl(tmp_path / "prefs.jsonl", RECIPE_PAIRS)
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(RECIPE.format(model=model_dir, data=data, out=tmp_path / "trl-out") + "unfused_head: false\n", encoding="utf-8")
+    text = RECIPE.format(model=model_dir, data=data, out=tmp_path / "trl-out")
+    recipe.write_text(text, encoding="utf-8")
     assert main(["record", "--config", str(recipe), "--quiet"]) == 0
 
     # TRL's own trainer, built the way trl/scripts/dpo.py builds it from the same recipe.
@@ -321,8 +325,9 @@ def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
     run = load_run(tmp_path / "trl-out" / "gradlens")
     assert run.config["env"] == "trl" and run.config["trl_loss_type"] == ["sigmoid", "sft"]
     assert len(logged) == 20 and list(run.steps.step) == list(range(20))
+    compared = (("loss", "loss"), ("lr", "learning_rate"), ("grad_norm", "grad_norm"))
     worst = {}
-    for column, key in (("loss", "loss"), ("lr", "learning_rate")):  # grad_norm: the fused head weight is left out
+    for column, key in compared:
         mine, theirs = run.steps[column].to_numpy(), [e[key] for e in logged]
         worst[column] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine, theirs))
     print(f"measured: worst relative difference per column {worst}")
@@ -334,7 +339,7 @@ def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
     moved = max((expected[n] - start[n]).abs().max().item() for n in trained)
     diff = max((trained[n] - expected[n]).abs().max().item() for n in trained)
     print(f"measured: final parameters differ by {diff:.3g} (they moved by {moved:.3g})")
-    assert moved > 1e-2 and diff <= RECIPE_TOL * moved, (diff, moved)
+    assert moved > 1e-2 and diff <= RECIPE_PARAM_TOL, (diff, moved)
 
 
 def test_unfused_head_gradient_equals_plain_logits(model_dir, tmp_path):
