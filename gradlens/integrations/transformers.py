@@ -97,7 +97,10 @@ class GradlensCallback(TrainerCallback):
         if model is None:
             raise ValueError("GradlensCallback: the trainer passed no model to on_train_begin")
         if self.stepper is None:  # hooks go on before the first forward
-            self.stepper = StepCapture(uncompiled(model), record_every=self.record_every, capture_options=self.capture_options)
+            # With torch_compile, recorded steps run the uncompiled module (GradlensTrainerMixin.training_step)
+            # and the hooks come off between them, so unrecorded steps keep the compiled graph.
+            self.stepper = StepCapture(uncompiled(model), record_every=self.record_every, capture_options=self.capture_options,
+                                       attach_per_step=bool(getattr(args, "torch_compile", False)))  # fmt: skip
         if state.is_world_process_zero and self.log is None:
             self.log = RunLog(
                 self.run_dir, self._run_config(args, state), columns=self.columns, pair=self.pair,

@@ -99,6 +99,17 @@ SPECIAL: dict[str, KeyRule] = {
     "use_liger_kernel": refused("Liger's fused kernels compute the loss where no layer hook sees it (and need a GPU)", _is(False)),
     "padding_free": refused("packs every row into one sequence; the chosen/rejected split needs the rows along dim 0", _is(False)),
     "disable_tqdm": KeyRule("passed to TRL (`--quiet` sets it)", "DPOConfig"),
+    "bf16": KeyRule("passed to TRL (TRL's default is on, also on CPU); a note at the start says what it does to the numbers", "DPOConfig"),
+    "fp16": KeyRule("passed to TRL; a note at the start says what it does to the numbers", "DPOConfig"),
+    "gradient_checkpointing": KeyRule("passed to TRL as `activation_checkpointing` (transformers 5's name; TRL's default is on); recorded exactly", "DPOConfig"),
+    "gradient_checkpointing_kwargs": KeyRule("passed to TRL as `activation_checkpointing_kwargs`", "DPOConfig"),
+    "torch_compile": KeyRule("passed to TRL; recorded steps run the uncompiled module (see *torch.compile* below)", "DPOConfig"),
+    "report_to": KeyRule("passed to TRL; gradlens writes its own TensorBoard files in the run directory as well", "DPOConfig"),
+    "use_peft": KeyRule("passed to TRL's `get_peft_config`, which builds the LoRA adapter as TRL's script does", "ModelConfig"),
+    "bnb_4bit_quant_type": KeyRule("no effect without `load_in_4bit` (refused)", "ModelConfig"),
+    "bnb_4bit_quant_storage": KeyRule("no effect without `load_in_4bit` (refused)", "ModelConfig"),
+    "use_bnb_nested_quant": KeyRule("no effect without `load_in_4bit` (refused)", "ModelConfig"),
+    "liger_kernel_config": KeyRule("no effect without `use_liger_kernel` (refused)", "DPOConfig"),
     # Names earlier releases used.
     "torch_dtype": KeyRule("the older name of `dtype` (honoured as `dtype`)", "ModelConfig", rename="dtype"),
     "rpo_alpha": refused("removed from TRL; RPO is `loss_type: [sigmoid, sft]` with `loss_weights: [1.0, ALPHA]`", _NONE),
@@ -153,7 +164,8 @@ def key_rules() -> dict[str, tuple[str, KeyRule]]:
     """Every key a recipe may hold: name -> (where it comes from, what gradlens does with it)."""
     rules: dict[str, tuple[str, KeyRule]] = {}
     for name, (source, _) in trl_fields().items():
-        rule = SPECIAL.get(name) or KeyRule(PASSED, source)
+        lora = name.startswith("lora_") or name == "use_rslora"
+        rule = SPECIAL.get(name) or KeyRule("passed to TRL's `get_peft_config` (with `use_peft`)" if lora else PASSED, source)
         rules[name] = (source, rule if rule.to else dataclasses.replace(rule, to=source))
     for name in OLDER_NAMES:
         rules[name] = (OLDER, SPECIAL[name])

@@ -49,7 +49,7 @@ def run_recipe(recipe: Recipe, output: Output) -> int:
     model_dir = _model_dir(recipe)
     train, evaluation = _datasets(recipe)
     trainer = _trainer(recipe, args, output, run_dir, model_dir, train, evaluation)
-    for note in _precision_notes(recipe):
+    for note in _precision_notes(recipe, args):
         output.say(note)
     trainer.train()
     trainer.save_model(args.output_dir)  # as trl/scripts/dpo.py
@@ -134,10 +134,26 @@ def _dpo_config(recipe: Recipe, output: Output):
     init.update(dpo.pop("model_init_kwargs", None) or {})
     if output.quiet:
         dpo["disable_tqdm"] = True
+    _new_checkpointing_names(dpo)
     try:
         return trl.DPOConfig(model_init_kwargs=init, **dpo)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{recipe.path}: TRL's DPOConfig refused the recipe: {exc}") from None
+
+
+def _new_checkpointing_names(dpo: dict) -> None:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on the old name
+    (TRL's default sets the old one). Give the new names, with the recipe's value or TRL's default."""
+    import dataclasses
+
+    import trl
+
+    fields = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"), ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new in fields and dpo.get(new) is None:
+            value = dpo.pop(old, fields[old].default)
+            dpo[new] = value
+            dpo[old] = None
 
 
 def _trainer(recipe: Recipe, args, output: Output, run_dir: Path, model_dir: str, train, evaluation):
@@ -179,12 +195,15 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)) for k, v in values.items()}
 
 
-def _precision_notes(recipe: Recipe) -> list[str]:
+def _precision_notes(recipe: Recipe, args) -> list[str]:
+    """What the resolved precision does to the numbers; TRL's DPOConfig turns bf16 on by default."""
     from .progress import precision_note
 
     dtype = recipe.model.get("dtype") or "float32"
-    autocast = "bf16" if recipe.dpo.get("bf16") else "fp16" if recipe.dpo.get("fp16") else None
+    autocast = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     note = precision_note(str(dtype), autocast)
+    if note and autocast == "bf16" and "bf16" not in recipe.dpo:
+        note += " (bf16 is TRL's DPOConfig default; bf16: false trains in float32)"
     return [note] if note else []
 
 
