@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
 def make_trainer(model_dir, tmp_path, run_dir=None, **kwargs):
     from gradlens.integrations.trl import GradlensDPOTrainer
 
-    config_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("loss", "unfused_head", "head_chunk_elements")}
+    config_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("loss", "unfused_head", "head_chunk_elements", "callbacks")}
     return GradlensDPOTrainer(
         model=model_dir, args=dpo_config(tmp_path, **config_overrides), train_dataset=datasets.Dataset.from_list(PAIRS),
         processing_class=AutoTokenizer.from_pretrained(model_dir), gradlens_dir=run_dir, **kwargs,
@@ -378,3 +378,152 @@ def test_unfused_head_gradient_equals_plain_logits(model_dir, tmp_path):
     error = ((mine - reference).norm() / reference.norm()).item()
     print(f"measured: unfused head {error:.2g}, TRL's fused head {((trls - reference).norm() / reference.norm()).item():.2g} (relative to the reference)")
     assert error <= 1e-6
+
+
+def test_torch_compile_records_through_the_uncompiled_module(model_dir, tmp_path):
+    """DPOConfig(torch_compile=True): recorded steps are exact and gradlens adds no graph break of its own.
+
+    Recorded steps run the module inside the compiled wrapper (eagerly, with the hooks); between them the
+    hooks are off and the compiled graph runs. The ``eager`` backend keeps the test fast: dynamo still traces
+    (and breaks graphs) exactly as with inductor.
+    """
+    from torch._dynamo.utils import counters
+
+    from gradlens.integrations.transformers import GradlensCallback
+
+    def train(run_dir, **overrides):
+        torch._dynamo.reset()
+        counters.clear()
+        callback = GradlensCallback(run_dir, record_every=2)
+        trainer = make_trainer(model_dir, tmp_path, max_steps=3, gradient_checkpointing=False, callbacks=[callback], **overrides)
+        trainer.train()
+        return trainer, load_run(run_dir)
+
+    trainer, compiled = train(tmp_path / "compiled", torch_compile=True, torch_compile_backend="eager")
+    breaks = {reason.splitlines()[0] for reason in counters["graph_break"]}
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    # TRL's fused LM head breaks the graph itself (torch.mm with a non-contiguous out=); nothing else may.
+    assert breaks <= {"Attempted to call op with non-contiguous `out=` tensor"}, breaks
+    _, eager = train(tmp_path / "eager")
+    recorded = compiled.steps.dropna(subset=["grad_norm/chosen"])
+    assert list(recorded.step) == [0, 2]
+    for column in ("grad_norm/chosen", "grad_norm/rejected", "grad/dot", "loss"):
+        mine, reference = recorded[column].to_numpy(), eager.steps.set_index("step").loc[[0, 2], column].to_numpy()
+        assert abs(mine - reference).max() <= 1e-6 * abs(reference).max(), column
+    logged = {e["step"]: e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e}
+    assert rel(recorded.set_index("step").loc[0, "grad_norm"], logged[1]) <= TOL  # Trainer's own norm of that step
+    assert compiled.summary["unattributed_parameters"] == []
+
+
+# ---- every key of a TRL recipe -------------------------------------------------------------------
+
+
+def test_every_trl_key_is_honoured_or_refused_with_a_reason():
+    import dataclasses
+
+    from gradlens.record.trl_recipe import SOURCES, key_rules
+
+    rules = key_rules()
+    for source in SOURCES:
+        for f in dataclasses.fields(getattr(trl, source)):
+            assert f.name in rules, f"{source}.{f.name} has no rule"
+    for name, (source, rule) in rules.items():
+        assert rule.does and (rule.allowed is None or rule.reason), name
+        assert rule.to in ("DPOConfig", "ModelConfig", "ScriptArguments", "DatasetMixtureConfig", "gradlens", ""), name
+
+
+def test_key_table_in_the_docs_is_generated_from_trls_dataclasses():
+    from pathlib import Path
+
+    from gradlens.record.trl_recipe import docs_with_table
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+    text = page.read_text(encoding="utf-8")
+    assert docs_with_table(text) == text, "the key table is out of date: python -m gradlens.record.trl_recipe docs/integrations.md"
+
+
+def _example_command_keys() -> dict[str, object]:
+    """The --keys of TRL's own example commands (the docstring of trl/scripts/dpo.py), with their values."""
+    import re
+
+    import trl.scripts.dpo as script
+
+    words = " ".join(re.findall(r"python trl/scripts/dpo.py(.*?)```", script.__doc__, re.S)).replace("\\", " ").split()
+    keys: dict[str, object] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else True
+            name = word[2:]
+            if name.startswith("no_"):
+                name, value = name[3:], False
+            keys[name] = value
+    return keys
+
+
+# Keys a TRL user brings from TRL's docs and earlier releases (older names are refused with the new way).
+EXAMPLE_KEYS = {
+    "remove_unused_columns": False, "label_smoothing": 0.0, "lora_modules_to_save": ["lm_head"], "use_rslora": False,
+    "lora_task_type": "CAUSAL_LM", "padding_free": False, "disable_dropout": True, "model_init_kwargs": {},
+    "truncation_mode": "keep_start", "adam_beta1": 0.9, "optim": "adamw_torch", "torch_dtype": "float32",
+}  # fmt: skip
+
+
+def test_no_key_of_trls_example_commands_is_unknown(tmp_path):
+    from gradlens.record.trl_recipe import parse_recipe
+
+    keys = _example_command_keys()
+    assert {"dataset_name", "model_name_or_path", "learning_rate", "use_peft", "lora_r", "remove_unused_columns"} <= set(keys)
+    recipe = parse_recipe(tmp_path / "dpo.yaml", {**keys, **EXAMPLE_KEYS}, {})
+    assert recipe.dpo["learning_rate"] == pytest.approx(5e-6) and recipe.dpo["remove_unused_columns"] is False
+    assert recipe.model["use_peft"] is True and recipe.model["lora_r"] == 32 and recipe.model["dtype"] == "float32"
+    assert recipe.dpo["max_steps"] == 1000 and recipe.dpo["eval_strategy"] == "steps"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("load_in_4bit: true", "line 3: load_in_4bit: True is not supported: needs bitsandbytes and a GPU; not supported"),
+        ("rpo_alpha: 0.5", "line 3: rpo_alpha: 0.5 is not supported: removed from TRL; RPO is `loss_type: [sigmoid, sft]`"),
+        ("padding_free: true", "the chosen/rejected split needs the rows along dim 0"),
+        ("push_to_hub: true", "never uploads"),
+        ("learning_rate: fast", "line 3: 'learning_rate' must be a number, got 'fast'"),
+        ("lerning_rate: 1.0e-5", "line 3: unknown setting 'lerning_rate'"),
+        ("batch_size: 8", "line 3: 'batch_size' is not available for a TRL recipe: a TRL recipe sets `per_device_train_batch_size`"),
+    ],
+)
+def test_a_refused_recipe_key_is_one_clear_line(model_dir, tmp_path, capsys, line, message):
+    from gradlens.cli import main
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"model_name_or_path: {model_dir}\ndataset_name: prefs.jsonl\n{line}\n", encoding="utf-8")
+    assert main(["record", "--config", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}: {message}" in err or message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_hub_dataset_name_says_how_to_save_it(model_dir, tmp_path, capsys):
+    from gradlens.cli import main
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"model_name_or_path: {model_dir}\ndataset_name: trl-lib/ultrafeedback_binarized\n", encoding="utf-8")
+    assert main(["record", "--config", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a Hugging Face Hub data set" in err and "save_to_disk('prefs')" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["record", "--model", model_dir, "--data", "trl-lib/ultrafeedback_binarized", "--out", str(tmp_path / "r2")]) == 2
+    assert "save_to_disk('prefs')" in capsys.readouterr().err
+
+
+def test_flags_override_a_recipe_under_gradlenss_names(tmp_path):
+    from gradlens.record.trl_recipe import parse_recipe
+
+    data = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "learning_rate": "5e-7", "lora_r": 32, "gradient_checkpointing": True}
+    recipe = parse_recipe(tmp_path / "dpo.yaml", data, {"lr": 1e-5, "steps": 7, "lora_r": 8, "lora_target_modules": "c_attn,c_proj", "out": "runs/x"})
+    assert recipe.dpo["learning_rate"] == 1e-5 and recipe.dpo["max_steps"] == 7
+    assert recipe.model == {"lora_r": 8, "use_peft": True, "lora_target_modules": ["c_attn", "c_proj"]}
+    assert recipe.script["out"] == "runs/x"
+    # YAML reads 5e-7 (no dot) as a string; TRL's parser would take it as a number, and so does gradlens.
+    assert parse_recipe(tmp_path / "dpo.yaml", data, {}).dpo["learning_rate"] == 5e-7
+    with pytest.raises(ValueError, match="'learning_rate' and 'lr' both set 'learning_rate'"):
+        parse_recipe(tmp_path / "dpo.yaml", {**data, "lr": 1e-3}, {})

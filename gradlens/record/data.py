@@ -337,6 +337,17 @@ def _reader(path: Path):
     return _READERS[suffix], suffix != ".jsonl"
 
 
+def hub_hint(path: Path, *, where: str) -> None:
+    """A Hub data set's name where a local path belongs: say how to save it once (gradlens never downloads)."""
+    if path.exists() or path.suffix or path.is_absolute() or len(path.parts) != 2:
+        return
+    raise ValueError(
+        f"{where} {str(path)!r} is not a local file or directory. It looks like a Hugging Face Hub data set; gradlens "
+        f"never downloads. Save it once with: python -c \"from datasets import load_dataset; "
+        f"load_dataset('{path.as_posix()}', split='train').save_to_disk('prefs')\" and give prefs instead"
+    )
+
+
 def load_preferences(path: str | Path, columns: Columns = Columns()) -> PreferenceData:
     """Read and validate a preference file or saved dataset; see the module docstring."""
     path = Path(path)
@@ -344,6 +355,8 @@ def load_preferences(path: str | Path, columns: Columns = Columns()) -> Preferen
         mode = path.stat().st_mode
     except FileNotFoundError:
         broken = " (a link to a missing file)" if path.is_symlink() else ""
+        if not broken:
+            hub_hint(path, where="--data")
         raise ValueError(f"{path}: preference data file not found{broken}") from None
     except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
         raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None

@@ -199,10 +199,12 @@ def parse_recipe(path: Path, data: Mapping[str, Any], flags: Mapping[str, Any]) 
     """Check every key of ``data`` (a recipe file) and ``flags`` (gradlens flags, which win) and sort them."""
     rules, fields_ = key_rules(), trl_fields()
     recipe = Recipe(path, written={str(k): v for k, v in data.items()})
-    for where, items, is_flag in ((str(path), data.items(), False), ("the command line", flags.items(), True)):
+    lines = key_lines(path)
+    for source, items, is_flag in ((str(path), data.items(), False), ("the command line", flags.items(), True)):
         seen: dict[str, str] = {}
         for written, value in items:
             key = str(written).replace("-", "_")
+            where = f"{source}: line {lines[str(written)]}" if not is_flag and str(written) in lines else source
             for to, target, val in _destinations(key, value, where, rules, is_flag):
                 if target in seen and seen[target] != key:
                     raise ValueError(f"{where}: {seen[target]!r} and {key!r} both set {target!r}; keep one")
@@ -215,6 +217,21 @@ def parse_recipe(path: Path, data: Mapping[str, Any], flags: Mapping[str, Any]) 
     if "model_name_or_path" not in recipe.script:
         raise ValueError(f"{path}: the recipe names no model: add model_name_or_path (a local directory) or pass --model")
     return recipe
+
+
+def key_lines(path: Path) -> dict[str, int]:
+    """Top-level key -> its line in a YAML, TOML or JSON settings file (for messages; first occurrence)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    found: dict[str, int] = {}
+    pattern = re.compile(r'^\s{0,2}["\']?([A-Za-z_][A-Za-z0-9_-]*)["\']?\s*[:=]')
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = pattern.match(line)
+        if match:
+            found.setdefault(match.group(1), number)
+    return found
 
 
 def _destinations(key: str, value: Any, where: str, rules: dict, is_flag: bool) -> list[tuple[str, str, Any]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import run_contents
+from .data import hub_hint
 from .trl_recipe import Recipe
 
 RUN_SUBDIR = "gradlens"  # the run directory inside TRL's output_dir when --out is not given
@@ -44,6 +45,7 @@ class Output:
 def run_recipe(recipe: Recipe, output: Output) -> int:
     """Train ``recipe`` with TRL's DPOTrainer, recording every step into the run directory."""
     t0 = time.perf_counter()
+    hub_hint(Path(recipe.script["dataset_name"]), where=f"{recipe.path}: dataset_name")
     args = _dpo_config(recipe, output)
     run_dir = _run_dir(recipe, args, output)
     model_dir = _model_dir(recipe)
@@ -84,7 +86,6 @@ def _datasets(recipe: Recipe):
     script = recipe.script
     columns = Columns(*(script.get(f"{name}_column", name) for name in ("prompt", "chosen", "rejected")))
     source = Path(script["dataset_name"])
-    hub_hint(source, where=f"{recipe.path}: dataset_name")
 
     def pairs(path: Path):
         data = load_preferences(path, columns)
@@ -112,17 +113,6 @@ def _datasets(recipe: Recipe):
     return train, pairs(split(test))
 
 
-def hub_hint(path: Path, *, where: str) -> None:
-    """A Hub data set's name instead of a local path: say how to save it once (gradlens never downloads)."""
-    if path.exists() or path.suffix or path.is_absolute() or len(path.parts) != 2:
-        return
-    raise ValueError(
-        f"{where} {str(path)!r} is not a local file or directory. It looks like a Hugging Face Hub data set; gradlens "
-        f"never downloads. Save it once with: python -c \"from datasets import load_dataset; "
-        f"load_dataset('{path.as_posix()}', split='train').save_to_disk('prefs')\" and give prefs instead"
-    )
-
-
 def _dpo_config(recipe: Recipe, output: Output):
     """TRL's DPOConfig of the recipe, with ``model_init_kwargs`` from ModelConfig as trl/scripts/dpo.py sets them."""
     import trl
@@ -138,7 +128,8 @@ def _dpo_config(recipe: Recipe, output: Output):
     try:
         return trl.DPOConfig(model_init_kwargs=init, **dpo)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{recipe.path}: TRL's DPOConfig refused the recipe: {exc}") from None
+        hint = " (without a GPU: use_cpu: true, or bf16: false)" if "bf16" in str(exc) else ""
+        raise ValueError(f"{recipe.path}: TRL's DPOConfig refused the recipe: {exc}{hint}") from None
 
 
 def _new_checkpointing_names(dpo: dict) -> None:
