@@ -151,7 +151,8 @@ class GradlensCallback(TrainerCallback):
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_steps": state.max_steps,
             "world_size": args.world_size,
-            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+            # transformers 5 calls it activation_checkpointing (the old name is a deprecated alias)
+            "gradient_checkpointing": bool(getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False))),
             "record_every": self.record_every,
             "output_dir": args.output_dir,
             **self.config,
