@@ -338,8 +338,26 @@ def test_default_lr_is_explained_when_the_loss_hardly_moves(model_dir, tmp_path,
     assert _record(model_dir, data, tmp_path / "run", "--steps", "2", "--batch-size", "4", "--eval-every", "0") == 0
     out = " ".join(capsys.readouterr().out.split())  # the report wraps long lines
     assert "the loss hardly moved in 2 steps" in out and "--lr 1e-06 (TRL's default" in out
+    assert "try --lr 1e-05 or 0.0001" in out  # larger than the rate that stalled
+    run = tmp_path / "run-1e-4"
+    assert _record(model_dir, data, run, "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--lr", "1e-12") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lr 1e-12 may be too small for this model: try --lr 1e-11 or 1e-10" in out
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert "1e-6 = TRL's DPOConfig default" in " ".join(parser.format_help().split())
+
+
+def test_quiet_shows_no_loading_bar_and_bf16_gets_a_note(model_dir, tmp_path, capfd):
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    assert _record(model_dir, data, tmp_path / "quiet", "--steps", "1", "--batch-size", "4", "--eval-every", "0") == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err  # transformers' bars are off under --quiet
+    out = ["record", "--env", "user", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "bf16"),
+           "--loss", "dpo", "--steps", "1", "--batch-size", "4", "--eval-every", "0", "--dtype", "bfloat16"]  # fmt: skip
+    assert main(out) == 0
+    err = " ".join(capfd.readouterr().err.split())
+    assert "note: bfloat16 weights: every activation is rounded to about 3 significant digits" in err
+    assert "the chosen and rejected parts still add up to the gradient this run computed" in err

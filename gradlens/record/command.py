@@ -246,7 +246,7 @@ def _stalled_note(run: P.PlannedRun) -> str:
     default = " (TRL's default, made for large models and long runs)" if trl_default else ""
     return (
         f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
-        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
+        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr {10 * run.cfg.lr:g} or {100 * run.cfg.lr:g}"
     )
 
 
@@ -263,13 +263,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .progress import quiet_libraries
+
+    with quiet_libraries(getattr(args, "quiet", False)):  # --quiet: no loading bars from transformers either
+        return _main_body(args)
+
+
+def _main_body(args: argparse.Namespace) -> int:
     from .distributed import setup, teardown
 
     t0 = time.perf_counter()
-    if getattr(args, "quiet", False):
-        from .progress import quiet_libraries
-
-        quiet_libraries()
     recipe = _trl_recipe(args)
     if recipe is not None:  # TRL's names: TRL's own trainer runs it (trl_run.py)
         from .trl_run import Output, run_recipe
@@ -305,6 +308,7 @@ def _record_all(job: Job) -> int:
     for run in job.plans:
         if run.note:
             job.say(f"note: {run.note}")
+    _say_precision(job)
     results = []
     for run in job.plans:
         if run.action == P.DONE:
@@ -319,6 +323,14 @@ def _record_all(job: Job) -> int:
     if job.dist.is_main:
         _report(job.plans, results, time.perf_counter() - job.t0)
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
+
+
+def _say_precision(job: Job) -> None:
+    from .progress import precision_note
+
+    for note in dict.fromkeys(precision_note(run.cfg.dtype) for run in job.plans if run.action != P.DONE):
+        if note:
+            job.say(note)
 
 
 def _record_one(job: Job, run: P.PlannedRun, env):

@@ -7,8 +7,10 @@ writes to stderr; stdout keeps only the final report of `gradlens record`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -60,15 +62,33 @@ def precision_note(dtype: str, autocast: str | None = None) -> str:
     )
 
 
-def quiet_libraries() -> None:
-    """--quiet: no loading bars or info lines from transformers and datasets (errors still show)."""
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """--quiet: no loading bars or info lines from transformers and datasets (errors still show); restored after."""
+    if not quiet:
+        yield
+        return
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         import datasets
     except ImportError:
-        return
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+        datasets = None
+    if datasets is not None:
+        data_verbosity, data_bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        if datasets is not None:
+            datasets.logging.set_verbosity(data_verbosity)
+            if data_bars:
+                datasets.enable_progress_bars()
