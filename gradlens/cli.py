@@ -9,8 +9,12 @@ when asked for (``gradlens record`` runs the built-in one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+import warnings
+from typing import Iterator
 
 SUBCOMMANDS = {
     "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
@@ -56,7 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         # The subcommand's usage, not the top level's: that is where the flag was looked for.
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
+    with _warnings_as_lines(f"gradlens {args.command}"):
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prefix: str) -> Iterator[None]:
+    """gradlens's own warnings as one line, ``gradlens record: warning: ...``, not Python's two lines with the
+    source line of ``warnings.warn``; other libraries' warnings keep Python's format (their source helps)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    python_format = warnings.formatwarning  # replaced, not showwarning: code that records warnings still gets them
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if not os.path.abspath(filename).startswith(package):
+            return python_format(message, category, filename, lineno, line)
+        return f"{prefix}: warning: {message}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

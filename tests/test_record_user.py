@@ -361,3 +361,20 @@ def test_quiet_shows_no_loading_bar_and_bf16_gets_a_note(model_dir, tmp_path, ca
     err = " ".join(capfd.readouterr().err.split())
     assert "note: bfloat16 weights: every activation is rounded to about 3 significant digits" in err
     assert "the chosen and rejected parts still add up to the gradient this run computed" in err
+
+
+def test_a_warning_is_one_clean_line(model_dir, tmp_path):
+    """As a user sees it (a real process: pytest would record the warning instead of printing it)."""
+    import os
+    import subprocess
+    import sys
+
+    rows = STANDARD[:3] + [{"prompt": "the cat", "chosen": " sat", "rejected": " sat"}] + STANDARD[3:]
+    data = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+    command = [sys.executable, "-m", "gradlens", "record", "--env", "user", "--model", str(model_dir), "--data", str(data),
+               "--out", str(tmp_path / "run"), "--loss", "dpo", "--quiet", "--steps", "1", "--batch-size", "4", "--eval-every", "0"]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONWARNINGS": "default"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [f"gradlens record: warning: {data}: skipped 1 pair(s) whose chosen equals rejected (line 4)"]
