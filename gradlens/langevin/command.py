@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     o.add_argument("--label", default=None, help="group label for `gradlens plot` (default: from the settings)")
     o.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard event files")
-    o.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    o.add_argument("--config", metavar="FILE", help="TOML, JSON or YAML file of settings (same names as the flags); flags override it")
     o.add_argument("--quiet", action="store_true", help="no progress messages (errors are still printed)")
 
 
