@@ -10,6 +10,7 @@ pull its per-token weights back through the chosen rows and the rejected rows.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 import warnings
@@ -533,3 +534,33 @@ def test_flags_override_a_recipe_under_gradlenss_names(tmp_path):
     assert parse_recipe(tmp_path / "dpo.yaml", data, {}).dpo["learning_rate"] == 5e-7
     with pytest.raises(ValueError, match="'learning_rate' and 'lr' both set 'learning_rate'"):
         parse_recipe(tmp_path / "dpo.yaml", {**data, "lr": 1e-3}, {})
+
+
+def test_trl_recipe_with_lora_trains_trls_adapter(model_dir, tmp_path):
+    """TRL's LoRA options in a recipe: the adapter is TRL's own (get_peft_config), and the run is TRL's."""
+    pytest.importorskip("peft")
+    from gradlens.cli import main
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", RECIPE_PAIRS)
+    lora = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["c_attn", "c_proj"], use_rslora=True)
+    dpo = dict(RECIPE_DPO, max_steps=3, loss_type=["ipo"], loss_weights=None, learning_rate=5e-2)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(
+        json.dumps({"model_name_or_path": model_dir, "dataset_name": str(data), "output_dir": str(tmp_path / "out"), **dpo, **lora}),
+        encoding="utf-8",
+    )  # JSON is YAML
+    assert main(["record", "--config", str(recipe), "--quiet"]) == 0
+
+    model_args = trl.ModelConfig(model_name_or_path=model_dir, **lora)
+    init = dict(revision="main", trust_remote_code=False, attn_implementation=None, dtype="float32")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "reference"), model_init_kwargs=init, **dpo)
+    reference = trl.DPOTrainer(model=model_dir, args=args, train_dataset=datasets.Dataset.from_list(RECIPE_PAIRS),
+                               peft_config=trl.get_peft_config(model_args))  # fmt: skip
+    reference.train()
+
+    run = load_run(tmp_path / "out" / "gradlens")
+    assert set(run.layers.layer) and all("lora_" in layer for layer in set(run.layers.layer))
+    assert run.config["trl_loss_type"] == ["ipo"] and run.summary["unattributed_parameters"] == []
+    logged = [e["loss"] for e in reference.state.log_history if "loss" in e]
+    assert run.steps.loss.tolist() == pytest.approx(logged, rel=RECIPE_TOL)
+    assert (tmp_path / "out" / "adapter_config.json").is_file()  # TRL saved its adapter, as trl/scripts/dpo.py does

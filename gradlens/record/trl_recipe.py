@@ -179,9 +179,15 @@ def looks_like_recipe(keys: Any, gradlens_fields: set[str]) -> bool:
         return False
     try:
         names = set(trl_fields()) | set(OLDER_NAMES)
-    except ValueError:
-        return False  # no TRL: the unknown keys are reported as unknown gradlens settings
+    except ValueError:  # no TRL: a recipe's telltale names ask for it, other keys are unknown gradlens settings
+        if foreign & TELLTALE:
+            raise
+        return False
     return bool(foreign & names)
+
+
+# Names only a TRL recipe uses: without TRL installed, a file with one of them asks for TRL.
+TELLTALE = frozenset({"model_name_or_path", "dataset_name", "learning_rate", "output_dir", "per_device_train_batch_size", "max_steps", "loss_type"})
 
 
 @dataclass
