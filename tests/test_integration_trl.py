@@ -564,3 +564,24 @@ def test_trl_recipe_with_lora_trains_trls_adapter(model_dir, tmp_path):
     logged = [e["loss"] for e in reference.state.log_history if "loss" in e]
     assert run.steps.loss.tolist() == pytest.approx(logged, rel=RECIPE_TOL)
     assert (tmp_path / "out" / "adapter_config.json").is_file()  # TRL saved its adapter, as trl/scripts/dpo.py does
+
+
+def test_trl_recipe_reads_the_splits_of_a_saved_datasetdict(model_dir, tmp_path, capsys):
+    from gradlens.cli import main
+
+    saved = tmp_path / "prefs"
+    datasets.DatasetDict({"fit": datasets.Dataset.from_list(RECIPE_PAIRS[:6]), "holdout": datasets.Dataset.from_list(RECIPE_PAIRS[6:])}).save_to_disk(str(saved))
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {model_dir}\ndataset_name: {saved}\ndataset_train_split: fit\ndataset_test_split: holdout\n"
+        f"output_dir: {tmp_path / 'out'}\neval_strategy: steps\neval_steps: 1\nmax_steps: 2\nper_device_train_batch_size: 2\n"
+        "per_device_eval_batch_size: 2\nbf16: false\nuse_cpu: true\nreport_to: none\nsave_strategy: 'no'\nlogging_steps: 1\n",
+        encoding="utf-8",
+    )
+    assert main(["record", "--config", str(recipe), "--no-tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("'eval_loss'") == 2  # TRL's Trainer evaluated the holdout split at steps 1 and 2
+    assert len(load_run(tmp_path / "out" / "gradlens").steps) == 2
+    recipe.write_text(recipe.read_text().replace("holdout", "test"), encoding="utf-8")
+    assert main(["record", "--config", str(recipe), "--overwrite", "--quiet"]) == 2
+    assert "the saved DatasetDict has no split 'test' (it has ['fit', 'holdout'])" in capsys.readouterr().err

@@ -92,12 +92,14 @@ def _datasets(recipe: Recipe):
         return datasets.Dataset.from_list([{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in data.records])
 
     def split(name: str) -> Path:
-        if name == "train" or not source.is_dir() or is_saved_dataset(source):
+        """A DatasetDict's split is a saved Dataset of its own in a subdirectory (dataset_dict.json lists them)."""
+        is_dict = (source / "dataset_dict.json").is_file()
+        if not is_dict:
             if name != "train" and source.is_dir():
                 raise ValueError(f"{source}: a saved Dataset has no splits, but the recipe asks for split {name!r}")
             return source
-        if not (source / name).is_dir():
-            found = sorted(p.name for p in source.iterdir() if p.is_dir())
+        if not is_saved_dataset(source / name):
+            found = sorted(p.name for p in source.iterdir() if is_saved_dataset(p))
             raise ValueError(f"{source}: the saved DatasetDict has no split {name!r} (it has {found})")
         return source / name
 
