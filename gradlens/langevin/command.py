@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     o.add_argument("--label", default=None, help="group label for `gradlens plot` (default: from the settings)")
     o.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard event files")
-    o.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    o.add_argument("--config", metavar="FILE", help="TOML, JSON or YAML file of settings (same names as the flags); flags override it")
     o.add_argument("--quiet", action="store_true", help="no progress messages (errors are still printed)")
 
 
@@ -97,7 +97,7 @@ def apply_config_file(args: argparse.Namespace) -> None:
     Names and values are checked like flags (type and choices); the file's
     problems are reported with its path.
     """
-    from ..settings_file import read_settings_file
+    from ..settings_file import read_settings_file, shown
 
     path = args.config
     defaults, actions = _option_defaults()
@@ -106,10 +106,10 @@ def apply_config_file(args: argparse.Namespace) -> None:
         action = actions.get(key)
         if action is None or key in ("config", "help"):
             known = ", ".join(sorted(k for k in actions if k not in ("config", "help")))
-            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {known}")
+            raise ValueError(f"{path}: unknown setting {shown(key)}; known settings: {known}")
         if action.nargs == 0:  # a switch such as --overwrite
             if not isinstance(value, bool):
-                raise ValueError(f"{path}: {key!r} must be true or false, got {value!r}")
+                raise ValueError(f"{path}: {key!r} must be true or false, got {shown(value)}")
         elif action.type is not None:
             wrong = isinstance(value, bool) or (action.type is int and not isinstance(value, int))
             try:
@@ -117,14 +117,14 @@ def apply_config_file(args: argparse.Namespace) -> None:
             except (TypeError, ValueError):
                 wrong = True
             if wrong:
-                raise ValueError(f"{path}: {key!r} must be a {action.type.__name__}, got {value!r}")
+                raise ValueError(f"{path}: {key!r} must be a {action.type.__name__}, got {shown(value)}")
             value = converted
         elif isinstance(value, list):
             value = ",".join(str(v) for v in value)  # --eps / --dims lists
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{path}: {key!r} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+            raise ValueError(f"{path}: {key!r} must be one of {', '.join(map(str, action.choices))}, got {shown(value)}")
         if getattr(args, key) == defaults[key]:
             setattr(args, key, value)
 
@@ -198,6 +198,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value, least in (("--max-rows", args.max_rows, 2), ("--reference-steps", args.reference_steps, 1), ("--particles", args.particles, -1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if args.action == "run" and args.step is None and args.eps is None:
+        raise ValueError("pass --step H (the ULA step size) or --eps EPS (Theorem 1 then chooses h and the steps), "
+                         "e.g. gradlens langevin --target gaussian --dim 10 --eps 0.1")
     if args.eps is not None:
         for eps in _floats(args.eps, "--eps"):
             if not (MIN_EPS <= eps < math.inf):
@@ -220,6 +223,7 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")
     if started:
         check_overwritable(out)
+    made = _missing_folders(out)
     lock = RunLock(out)
     try:
         lock.acquire()
@@ -237,8 +241,18 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         raise
     finally:
         lock.release()
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in made:  # deepest first; only folders this call created, and only when empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first (e.g. runs/langevin/NAME)."""
+    missing, folder = [], Path(os.path.abspath(out))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -176,8 +176,11 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run."""
-    absolute = Path(os.path.abspath(out))
+    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run.
+
+    The path is resolved first (``realpath``): a link to a run, or a path through one, is a run too.
+    """
+    absolute = Path(os.path.realpath(out))
     for place in (absolute, *absolute.parents):
         if is_run_dir(place):
             where = "is" if place == absolute else f"lies inside the run {place}, which"
