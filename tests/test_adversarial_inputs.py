@@ -123,3 +123,171 @@ def test_plot_out_through_a_link_into_a_run_is_refused(tmp_path, capsys):
     link.symlink_to(run)
     refused(capsys, tmp_path, ["plot", str(run), "--out", str(link / "figs")], 2, f"--out {link / 'figs'}", "gradlens run directory")
     refused(capsys, tmp_path, ["plot", str(run), "--out", str(link)], 2, f"--out {link}", "gradlens run directory")
+
+
+def _run(tmp_path, name="r", steps=3, *extra):
+    run = tmp_path / "runs" / name
+    record(run, *extra, steps=steps)
+    return run
+
+
+def _plot(tmp_path, *paths):
+    return ["plot", *map(str, paths), "--out", str(tmp_path / "figs")]
+
+
+@pytest.mark.parametrize("name", ["steps.csv", "config.json", "evals.csv", "summary.json"])
+def test_plot_refuses_a_run_file_that_links_out_of_the_run(tmp_path, capsys, name):
+    """10: steps.csv (or any run file) linking to a file outside the run is never opened."""
+    run = _run(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the first line of a private file\n")
+    (run / name).unlink()
+    (run / name).symlink_to(secret)
+    err = refused(capsys, tmp_path, _plot(tmp_path, run), 1, f"{run / name}: is a link to a file outside the run")
+    assert "root:x" not in err
+
+
+def test_plot_refuses_a_fifo_in_a_run_instead_of_hanging(tmp_path, capsys):
+    """25: a FIFO named evals.csv would block the reader forever."""
+    import os
+
+    run = _run(tmp_path)
+    (run / "evals.csv").unlink()
+    os.mkfifo(run / "evals.csv")
+    refused(capsys, tmp_path, _plot(tmp_path, run), 1, f"{run / 'evals.csv'}: not a regular file")
+
+
+def test_plot_config_with_a_5000_digit_integer_is_one_message(tmp_path, capsys):
+    """19: json's own limit on integer digits is a message naming the file, not a traceback."""
+    run = _run(tmp_path)
+    header = (run / "config.json").read_text().replace('"seed": 0', '"seed": ' + "9" * 5000, 1)
+    (run / "config.json").write_text(header)
+    refused(capsys, tmp_path, _plot(tmp_path, run), 1, f"{run / 'config.json'}: not usable JSON")
+
+
+def _set_cell(run, column, value, line=3):
+    path = run / "steps.csv"
+    lines = path.read_text().split("\n")
+    index = lines[0].split(",").index(column)
+    cells = lines[line - 1].split(",")
+    cells[index] = value
+    lines[line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines))
+
+
+@pytest.mark.parametrize("column,value,problem", [
+    ("loss", "abc", "'loss' value 'abc' is not a number"),
+    ("nonfinite", "yes", "'nonfinite' value 'yes' is not a"),
+    ("nonfinite", "2", "'nonfinite' value '2' is not a flag (0 or 1)"),
+    ("step", "four", "'step' value 'four' is not a step"),
+    ("step", "3.5", "'step' value '3.5' is not a step"),
+    ("step", "-7", "'step' value '-7' is not a step"),
+    ("step", "1e20", "'step' value '1e+20' is not a step"),
+    ("step", "", "'step' value (empty) is not a step"),
+], ids=["loss-abc", "nonfinite-yes", "nonfinite-2", "step-four", "step-3.5", "step-minus-7", "step-1e20", "step-empty"])
+def test_plot_refuses_bad_cells_with_file_and_line(tmp_path, capsys, column, value, problem):
+    """14: a cell gradlens never writes is refused with its file and line, never coerced to NaN."""
+    run = _run(tmp_path)
+    _set_cell(run, column, value)
+    refused(capsys, tmp_path, _plot(tmp_path, run), 1, f"{run / 'steps.csv'}: line 3: {problem}")
+
+
+def test_plot_accepts_the_non_finite_values_gradlens_writes(tmp_path, capsys):
+    """14 (the other side): nan, inf, -inf and empty cells are numbers, as written."""
+    run = _run(tmp_path)
+    _set_cell(run, "loss", "inf", line=2)
+    _set_cell(run, "grad/ratio", "nan", line=3)
+    _set_cell(run, "grad/dot", "", line=4)
+    assert main(_plot(tmp_path, run)) == 0
+
+
+def test_plot_uses_rows_in_step_order(tmp_path, capsys):
+    """13: reversed rows are sorted by step (with a warning): last_step and changes keep their sign."""
+    import pandas as pd
+
+    run = _run(tmp_path, steps=5)
+    assert main(_plot(tmp_path / "a", run)) == 0
+    before = pd.read_csv(tmp_path / "a" / "figs" / "runs.csv")
+    lines = (run / "steps.csv").read_text().split("\n")
+    (run / "steps.csv").write_text("\n".join([lines[0], *lines[1:-1][::-1]]) + "\n")
+    capsys.readouterr()
+    assert main(_plot(tmp_path / "b", run)) == 0
+    assert "steps.csv: rows are not in step order" in capsys.readouterr().err
+    after = pd.read_csv(tmp_path / "b" / "figs" / "runs.csv")
+    assert after["last_step"].iloc[0] == 4
+    pd.testing.assert_frame_equal(before.drop(columns="path"), after.drop(columns="path"))
+
+
+def test_plot_counts_copies_of_one_seed_once(tmp_path, capsys):
+    """11: the default job recorded twice (seed 0 both times) is one seed per group, said in the report."""
+    import pandas as pd
+
+    a, b = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
+    for parent in (a, b):
+        assert main(["record", "--env", "tabular", "--loss", "dpo,balanced", "--steps", "3", "--quiet", "--out", str(parent)]) == 0
+    capsys.readouterr()
+    assert main(_plot(tmp_path, tmp_path / "runs")) == 0
+    captured = capsys.readouterr()
+    assert "repeats seed 0" in captured.err and "each seed is counted once" in captured.err
+    summary = pd.read_csv(tmp_path / "figs" / "summary.csv")
+    assert summary["n_seeds"].tolist() == [1, 1]
+    comparison = pd.read_csv(tmp_path / "figs" / "comparison.csv")
+    assert comparison["ci_low"].isna().all() and comparison["p_holm"].isna().all()
+    assert (comparison["n_group"] == 1).all() and "unpaired" not in captured.out
+    report = (tmp_path / "figs" / "report.html").read_text()
+    assert "repeats seed 0" in report and "Warnings: none" not in report
+
+
+def test_plot_leaves_out_unfinished_runs_beside_finished_ones(tmp_path, capsys):
+    """12: a killed run (no summary.json, 2 of 6 steps) is not averaged with finished ones; named in the warning."""
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        record(runs / f"s{seed}", "--seed", str(seed), steps=6)
+    killed = runs / "s2"
+    record(killed, "--seed", "2", steps=6)
+    (killed / "summary.json").unlink()
+    lines = (killed / "steps.csv").read_text().split("\n")
+    (killed / "steps.csv").write_text("\n".join(lines[:3]) + "\n")
+    capsys.readouterr()
+    assert main(_plot(tmp_path, runs)) == 0
+    err = capsys.readouterr().err
+    assert f"left out 1 run(s) that have not finished" in err and f"{killed} (2 step rows, last step 1, of 6 asked for)" in err
+    summary = pd.read_csv(tmp_path / "figs" / "summary.csv")
+    assert summary["n_seeds"].tolist() == [2] and summary["steps"].tolist() == [6]
+    assert "left out 1 run(s)" in (tmp_path / "figs" / "report.html").read_text()
+    # Alone, an unfinished run is still plotted, with the warning that it has not finished.
+    assert main(["plot", str(killed), "--out", str(tmp_path / "alone")]) == 0
+    assert "no run here has finished" in capsys.readouterr().err
+
+
+def test_p_values_are_never_impossible():
+    """15: a bootstrap p is at least 1/(B+1); no spread gives an undefined (NaN) interval, marked."""
+    import math
+
+    from gradlens.analysis.compare import NOTE_NO_SPREAD, diff_interval
+
+    one_sign = diff_interval([1.0, 2.0, 3.5], [0.0, 0.0, 0.1], paired=True, n_boot=999)
+    assert one_sign.p_value >= 1 / 1000 and one_sign.p_value == pytest.approx(2 / 1000)
+    for ci in ("bootstrap", "t"):
+        for paired in (True, False):
+            flat = diff_interval([2.0, 2.0, 2.0], [1.0, 1.0, 1.0], paired=paired, ci=ci)
+            assert flat.diff == 1.0 and math.isnan(flat.ci_low) and math.isnan(flat.ci_high) and math.isnan(flat.p_value)
+            assert flat.ci_note == NOTE_NO_SPREAD
+    spread = diff_interval([2.0, 2.5, 3.0], [1.0, 1.0, 1.0], ci="t")  # one side constant: Welch's t is defined
+    assert spread.ci_low < spread.ci_high and 0 < spread.p_value < 1
+
+
+def test_plot_p_holm_is_never_zero(tmp_path, capsys):
+    """15, end to end: three paired seeds whose differences all have one sign."""
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        assert main(["record", "--env", "tabular", "--loss", "dpo,balanced", "--steps", "4", "--seed", str(seed), "--quiet",
+                     "--out", str(runs / f"s{seed}")]) == 0
+    assert main(_plot(tmp_path, runs)) == 0
+    comparison = pd.read_csv(tmp_path / "figs" / "comparison.csv")
+    p = comparison["p_holm"].dropna()
+    assert len(p) and (p >= 1 / 4001).all()

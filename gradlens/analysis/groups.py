@@ -157,6 +157,32 @@ def split_by_settings(groups: Mapping[str, list[Run]], *, key: str, within: str 
     return Grouping(out, differing, split=True)
 
 
+def one_run_per_seed(groups: Mapping[str, list[Run]]) -> tuple[dict[str, list[Run]], dict[str, list[tuple[Run, Run]]]]:
+    """Each seed once per group: (groups, label -> [(kept run, left-out run), ...]).
+
+    Two runs of one group with the same seed and the same settings are copies of one
+    experiment (recording the default job twice gives two seed-0 runs): counted as two
+    seeds they would halve the spread and pair seeds that are not independent. The first
+    run of a seed (in the order given) is kept. Runs without a seed are all kept.
+    """
+    out: dict[str, list[Run]] = {}
+    repeated: dict[str, list[tuple[Run, Run]]] = {}
+    for label, runs in groups.items():
+        first: dict[str, Run] = {}
+        for run in runs:
+            seed = config_value(run.config, "seed")
+            if seed is MISSING or seed is None:
+                out.setdefault(label, []).append(run)
+                continue
+            key = repr(seed)
+            if key in first:
+                repeated.setdefault(label, []).append((first[key], run))
+                continue
+            first[key] = run
+            out.setdefault(label, []).append(run)
+    return out, repeated
+
+
 def describe_differences(differing: Mapping[str, Mapping[str, list[Any]]]) -> list[str]:
     """One line per original group: ``dpo: lr 1e-06 | 0.001; data a.jsonl | b.jsonl``."""
     return [

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from ..analysis.compare import CI_METHODS
-from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run
+from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run, run_status, schema
 from .registry import PlotOptions, get_plotter
 
 FORMATS = ("png", "svg", "pdf")
@@ -147,11 +147,36 @@ def _load_tables(run: Run) -> str | None:
         steps = run.steps
         run.layers
         run.evals
+        run.summary  # read now: whether a run has ended decides whether it is compared
     except RunFormatError as exc:
         return str(exc)
     if steps.empty:
         return f"{run.path}: no complete step rows yet; skipped"
     return None
+
+
+def _leave_out_unfinished(runs: list[Run]) -> list[Run]:
+    """Runs still going or killed (no summary.json) are left out when other runs have ended:
+    their last values are from fewer steps, and pooled with finished runs they would be
+    averaged as if they were comparable. Without any finished run, all are kept, and said so."""
+    unfinished = [run for run in runs if run_status(run.path) is None]
+    if not unfinished:
+        return runs
+    described = "; ".join(f"{run.path} ({_steps_logged(run)})" for run in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+    if len(unfinished) == len(runs):
+        _warn(f"no run here has finished (no summary.json: still running, or killed): {described}; each is summarised "
+              "at its last logged step, so compare them with care")
+        return runs
+    _warn(f"left out {len(unfinished)} run(s) that have not finished (no summary.json: still running, or killed), "
+          f"so that only finished runs are compared: {described}; plot them on their own to see them")
+    return [run for run in runs if run not in unfinished]
+
+
+def _steps_logged(run: Run) -> str:
+    steps = run.steps
+    last = int(steps[schema.STEP].iloc[-1]) if schema.STEP in steps.columns and len(steps) else None
+    asked = run.config.get("steps")
+    return f"{len(steps)} step rows" + (f", last step {last}" if last is not None else "") + (f", of {asked} asked for" if isinstance(asked, int) else "")
 
 
 def _mixed_kinds_message(runs: list[Run]) -> str:
@@ -222,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
 def _group(readable: list[Run], plotter, args: argparse.Namespace):
     """(groups, group_by, Grouping): the plotter's default key split on differing
     settings, or the --group-by key pooled as asked; differences are always printed."""
-    from ..analysis.groups import Grouping, describe_differences, group_runs, split_by_settings
+    from ..analysis.groups import Grouping, describe_differences, group_runs, one_run_per_seed, split_by_settings
 
     group_by = args.group_by or plotter.default_group_by
     groups = group_runs(readable, group_by)
@@ -236,6 +261,11 @@ def _group(readable: list[Run], plotter, args: argparse.Namespace):
         for line in describe_differences(grouping.differing):
             _warn(f"runs of group {line.split(':', 1)[0]!r} differ in settings other than the seed, so they are "
                   f"plotted as separate groups (pass --group-by {group_by} to pool them):{line.split(':', 1)[1]}")
+    grouping.groups, repeated = one_run_per_seed(grouping.groups)
+    for label, pairs in repeated.items():
+        for kept, left_out in pairs:
+            _warn(f"group {label!r}: {left_out.path} repeats seed {kept.config.get('seed')!r} of {kept.path}; copies of one "
+                  "seed are not independent seeds, so each seed is counted once and the repeat is left out")
     return grouping.groups, group_by, grouping
 
 
@@ -259,6 +289,7 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     if not readable:
         _error("nothing to plot")
         return EXIT_NOTHING_PLOTTED
+    readable = _leave_out_unfinished(readable)
     kinds = {run.kind for run in readable}
     if len(kinds) > 1:
         _error(_mixed_kinds_message(readable))
@@ -295,7 +326,7 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     extra = summary.attrs.pop("tables", {})
     shown_columns = summary.attrs.pop("terminal_columns", None) or list(summary.columns)
     written = write_table(summary, out, "summary")
-    print(f"{len(readable)} {kind} run(s) in {len(groups)} group(s), grouped by {group_by!r}\n")
+    print(f"{sum(len(runs) for runs in groups.values())} {kind} run(s) in {len(groups)} group(s), grouped by {group_by!r}\n")
     if not summary.empty:
         print(terminal_table(summary[shown_columns], shown_columns[0]))
         print(f"(all columns: {out / 'summary.csv'})")

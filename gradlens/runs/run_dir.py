@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import schema
-from .tables import CsvTable, RunFormatError, read_table
+from .tables import CsvTable, RunFormatError, check_cells, read_table
 
 
 def _jsonable(value):
@@ -214,8 +215,8 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
 
 def _summary(path: Path) -> dict | None:
     try:
-        data = json.loads((path / schema.SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(run_file(path, schema.SUMMARY))
+    except (OSError, ValueError, RecursionError):  # RunFormatError included: unreadable is "not ended"
         return None
     return data if isinstance(data, dict) else None
 
@@ -297,8 +298,14 @@ class Run:
         return self.path.name
 
     def _table(self, filename: str) -> pd.DataFrame:
+        """A table checked cell by cell (``check_cells``) and in step order."""
         if filename not in self._cache:
-            self._cache[filename] = read_table(self.path / filename)
+            path = run_file(self.path, filename)
+            frame = read_table(path)
+            if not frame.empty:
+                check_cells(frame, path, text_columns=_TEXT_COLUMNS, flag_columns=_FLAG_COLUMNS)
+                frame = _in_step_order(frame, path)
+            self._cache[filename] = frame
         return self._cache[filename]
 
     @property
@@ -331,8 +338,8 @@ class Run:
 
     @property
     def summary(self) -> dict | None:
-        path = self.path / schema.SUMMARY
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        path = run_file(self.path, schema.SUMMARY)
+        return read_json(path) if path.exists() else None
 
     @property
     def complete(self) -> bool:
@@ -342,11 +349,50 @@ class Run:
 def read_json(path: Path) -> Any:
     """A JSON file's value; RunFormatError naming the file (and the line) when it cannot be read."""
     try:
+        if not path.is_dir() and path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise RunFormatError(f"{path}: not a regular file (a FIFO, socket or device); gradlens reads only files")
         return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise RunFormatError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except (UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise RunFormatError(f"{path}: not a readable JSON file: {exc}") from None
+        raise RunFormatError(f"{path}: not a readable JSON file: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    except ValueError as exc:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise RunFormatError(f"{path}: not usable JSON: {str(exc)[:100]}") from None
+
+
+# Table columns that hold names, not numbers, and columns that hold 0 or 1.
+_TEXT_COLUMNS = frozenset({schema.LAYER, schema.ROW_SIDE})
+_FLAG_COLUMNS = frozenset({schema.NONFINITE, "bound_holds"})
+
+
+def run_file(run: str | os.PathLike, name: str) -> Path:
+    """``run/name``, refused (RunFormatError) when it is a link leading out of the run.
+
+    A run's files are read only from the run itself: a ``steps.csv`` that links to
+    ``/etc/passwd`` is never opened, so nothing outside the run can be shown or copied
+    into a report. The run directory itself may be reached through links.
+    """
+    path = Path(run) / name
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        home = Path(os.path.realpath(run))
+        if home != target and home not in target.parents:
+            raise RunFormatError(f"{path}: is a link to a file outside the run ({os.readlink(path)}); refused: "
+                                 "gradlens follows no link out of a run directory")
+    return path
+
+
+def _in_step_order(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Rows sorted by step (stable: repeated steps keep their file order), with a warning when
+    the file had them out of order: "the last row" must mean the last step."""
+    if schema.STEP not in frame.columns:
+        return frame
+    steps = frame[schema.STEP].to_numpy()
+    if len(steps) < 2 or (steps[1:] >= steps[:-1]).all():
+        return frame
+    warnings.warn(f"{path}: rows are not in step order (a damaged or edited file); they are used sorted by step",
+                  UserWarning, stacklevel=3)
+    return frame.sort_values(schema.STEP, kind="stable").reset_index(drop=True)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -360,7 +406,7 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunFormatError(f"{path}: no such run directory")
     if not path.is_dir():
         raise RunFormatError(f"{path}: not a directory")
-    config_path = path / schema.CONFIG
+    config_path = run_file(path, schema.CONFIG)
     if not config_path.is_file():
         raise RunFormatError(f"{path}: not a gradlens run (no {schema.CONFIG}); record one with `gradlens record`")
     header = read_json(config_path)

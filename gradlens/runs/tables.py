@@ -12,10 +12,12 @@ import csv
 import io
 import math
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 
@@ -151,6 +153,8 @@ def _read_bytes(path: Path) -> bytes:
     if path.is_dir():
         raise RunFormatError(f"{path}: is a directory, not a gradlens table")
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the reader forever
+            raise RunFormatError(f"{path}: not a regular file (a FIFO, socket or device); gradlens reads only files")
         return path.read_bytes()
     except OSError as exc:
         raise RunFormatError(f"{path}: cannot be read: {exc.strerror or exc}") from None
@@ -206,3 +210,80 @@ def read_table(path: str | os.PathLike, *, quiet: bool = False) -> pd.DataFrame:
         return pd.read_csv(io.BytesIO(data), keep_default_na=True)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise RunFormatError(f"{path}: not a readable gradlens table: {exc}") from exc
+
+
+# ---------------------------------------------------------------- what a cell may hold
+
+MAX_STEP = 2**53  # steps are whole numbers a float64 holds exactly
+
+
+def data_line_numbers(path: str | os.PathLike) -> list[int]:
+    """The file line on which each row ``read_table`` returns starts (1-based; the header is line 1).
+
+    Used only to name the line of a bad cell, so it reads the file again.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    data = data[: data.rfind(b"\n") + 1]
+    if not data:
+        return []
+    if b'"' in data:  # quoted fields may span lines: let the CSV module count
+        reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace"), newline=""))
+        starts, line = [], 1
+        for _ in reader:
+            starts.append(line)
+            line = reader.line_num + 1
+        return starts[1:]
+    width = data[: data.index(b"\n")].count(b",") + 1
+    drop = set(_short_lines(path, data, width))
+    return [i for i in range(2, data.count(b"\n") + 1) if i not in drop]
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_cells(
+    frame: pd.DataFrame, path: str | os.PathLike, *, text_columns=(), flag_columns=(), step_column: str = "step"
+) -> None:
+    """RunFormatError naming the file, the line and the column of the first cell that is not what
+    gradlens writes: a step that is not a whole number from 0 to 2^53, a flag other than 0 or 1,
+    or text in a number column. Nothing is coerced: a misread cell would be a silent wrong number.
+
+    Empty cells and ``nan``/``inf`` are numbers (gradlens writes them); ``text_columns`` hold names.
+    """
+    for name in frame.columns:
+        if name in text_columns:
+            continue
+        raw = frame[name]
+        if pd.api.types.is_bool_dtype(raw):
+            numbers = None
+        elif pd.api.types.is_numeric_dtype(raw):
+            numbers = raw.astype("float64")
+        else:  # text (object or string dtype): which cells are numbers?
+            numbers = pd.to_numeric(raw, errors="coerce")
+        if numbers is None:  # pandas read True/False: no gradlens column holds those
+            bad = np.ones(len(raw), dtype=bool)
+            what = "is not a number"
+        elif name == step_column:
+            values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(values) | (values != np.floor(values)) | (values < 0) | (values >= MAX_STEP)
+            what = "is not a step (a whole number from 0)"
+        else:
+            values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+            bad = np.isnan(values) & raw.notna().to_numpy()  # text that is no number
+            what = "is not a number"
+            if name in flag_columns:
+                with np.errstate(invalid="ignore"):
+                    bad |= ~np.isnan(values) & (values != 0) & (values != 1)
+                what = "is not a flag (0 or 1)"
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            lines = data_line_numbers(path)
+            line = f"line {lines[row]}" if row < len(lines) else f"data row {row + 1}"
+            value = raw.iloc[row]
+            value = "(empty)" if pd.isna(value) and name == step_column else _shown(value if isinstance(value, str) else str(value))
+            raise RunFormatError(f"{path}: {line}: {name!r} value {value} {what}; refused rather than misread "
+                                 f"({int(bad.sum())} such cell(s) in this column)")
