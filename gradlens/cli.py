@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = {
     "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
@@ -43,7 +44,23 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, ar
     return parser, parsers
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """One line per warning: what happened, never the Python file and source line that reported it."""
+    what = "warning" if issubclass(category, UserWarning) else f"warning ({category.__name__})"
+    return f"gradlens: {what}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; warnings print as one line each while it runs."""
+    original = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = original
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser(argv)
     if not argv:

@@ -291,3 +291,80 @@ def test_plot_p_holm_is_never_zero(tmp_path, capsys):
     comparison = pd.read_csv(tmp_path / "figs" / "comparison.csv")
     p = comparison["p_holm"].dropna()
     assert len(p) and (p >= 1 / 4001).all()
+
+
+def test_plot_names_a_run_whose_path_is_not_utf8_and_leaves_no_out(tmp_path, capsys):
+    """26: a run directory named in another encoding is named (escaped) in the message; no empty --out is left."""
+    import os
+
+    runs = tmp_path / "runs"
+    record(runs / "r")
+    os.rename(os.fsencode(runs / "r"), os.fsencode(runs) + b"/r\xff")
+    refused(capsys, tmp_path, _plot(tmp_path, runs), 1, f"{runs}/r\\xff: the run's path is not valid UTF-8", "rename it")
+    assert not (tmp_path / "figs").exists()
+
+
+def test_plot_failure_after_creating_out_removes_it(tmp_path, capsys, monkeypatch):
+    """26: whatever fails after --out was created, the folders it created and left empty are removed again."""
+    from gradlens.plot import preference, registry
+
+    def broken(groups, options):
+        raise ValueError("no summary")
+
+    run = _run(tmp_path)
+    monkeypatch.setitem(registry.PLOTTERS, "preference", registry.KindPlotter(summarize=broken, figures=preference.figures))
+    refused(capsys, tmp_path, ["plot", str(run), "--out", str(tmp_path / "a" / "b")], 1, "cannot summarise these runs: no summary")
+    assert not (tmp_path / "a").exists()
+
+
+def test_warnings_print_no_python_source_lines(tmp_path):
+    """29: a warning is one line, `gradlens: warning: ...`, without the file and source line that raised it."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"env: tabular\nloss: dpo\nsteps: 2\nbf16: true\nout: {tmp_path / 'r'}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "gradlens", "record", "--quiet", "--config", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "TRL settings" in line or "file_values" in line]
+    assert lines == [f"gradlens: warning: {config}: TRL settings with no counterpart in gradlens record were ignored: bf16"]
+    assert ".py:" not in proc.stderr
+
+
+def test_plot_runs_of_two_kinds_each_in_its_own_folder(tmp_path, capsys):
+    """31: a Langevin run beside preference runs: each kind is plotted in OUT/KIND/, nothing is refused."""
+    runs = tmp_path / "runs"
+    record(runs / "pref")
+    assert main([*LANGEVIN, "--dim", "2", "--step", "0.01", "--steps", "20", "--particles", "0", "--out", str(runs / "langevin" / "g")]) == 0
+    capsys.readouterr()
+    assert main(_plot(tmp_path, runs)) == 0
+    captured = capsys.readouterr()
+    assert "each kind is plotted in its own folder" in captured.out and "error" not in captured.err
+    for kind, figure in (("preference", "loss.png"), ("langevin", "langevin_kl.png")):
+        assert (tmp_path / "figs" / kind / "report.html").is_file() and (tmp_path / "figs" / kind / figure).is_file()
+
+
+def test_langevin_kl_figure_axis_starts_at_zero_without_overlaps_or_stray_notes(tmp_path):
+    """32: a long run on a log iteration axis: no negative iterations, no overlapping tick labels, and the
+    k-NN note only where k-NN estimates are drawn."""
+    from gradlens.analysis.groups import group_runs
+    from gradlens.plot.langevin import kl_figure
+    from gradlens.plot.style import plt
+    from gradlens.runs import load_run
+
+    out = tmp_path / "g"
+    assert main([*LANGEVIN, "--dim", "2", "--step", "0.001", "--steps", "20000", "--particles", "0", "--out", str(out)]) == 0
+    fig = kl_figure(group_runs([load_run(out)], "label"))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] >= 0
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text() and t.get_visible()
+             and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert len(boxes) >= 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any("k-NN" in t.get_text() for t in fig.texts)
+    plt.close(fig)

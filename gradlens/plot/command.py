@@ -1,7 +1,8 @@
 """``gradlens plot``: summary tables and figures from one or many run directories.
 
-Finds the runs, checks they are all of one kind, groups them by a config key
-(the loss by default), and hands them to that kind's plotter (``registry.py``).
+Finds the runs, groups them by a config key (the loss by default), and hands
+them to their kind's plotter (``registry.py``); runs of several kinds (preference
+and Langevin) are plotted kind by kind, each in its own folder ``OUT/KIND/``.
 Runs of one group that differ in a setting other than the seed are not pooled:
 they are split into groups named by those settings, and the differences are
 printed (``--group-by`` forces a grouping, and still names the differences).
@@ -120,6 +121,13 @@ def collect_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
                 continue
             seen.add(key)
             try:
+                str(run_path).encode("utf-8")
+            except UnicodeEncodeError:  # bytes of another encoding: every table, figure and report names the run
+                shown = os.fsencode(run_path).decode("utf-8", errors="backslashreplace")
+                problems.append(f"{shown}: the run's path is not valid UTF-8, so it cannot be named in tables and the report; "
+                                "rename it (e.g. mv with a UTF-8 name) to plot it")
+                continue
+            try:
                 runs.append(load_run(run_path))
             except RunFormatError as exc:
                 problems.append(str(exc))
@@ -177,14 +185,6 @@ def _steps_logged(run: Run) -> str:
     last = int(steps[schema.STEP].iloc[-1]) if schema.STEP in steps.columns and len(steps) else None
     asked = run.config.get("steps")
     return f"{len(steps)} step rows" + (f", last step {last}" if last is not None else "") + (f", of {asked} asked for" if isinstance(asked, int) else "")
-
-
-def _mixed_kinds_message(runs: list[Run]) -> str:
-    by_kind: dict[str, list[str]] = {}
-    for run in runs:
-        by_kind.setdefault(run.kind, []).append(str(run.path))
-    parts = [f"{kind}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for kind, paths in sorted(by_kind.items())]
-    return "runs of different kinds cannot be plotted together (" + "; ".join(parts) + "); plot each kind in its own call"
 
 
 def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -289,34 +289,68 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     if not readable:
         _error("nothing to plot")
         return EXIT_NOTHING_PLOTTED
+    by_kind: dict[str, list[Run]] = {}
+    for run in readable:
+        by_kind.setdefault(run.kind, []).append(run)
+    if len(by_kind) == 1:
+        kind, runs_of_kind = by_kind.popitem()
+        return _plot_kind(kind, runs_of_kind, formats, out, args)
+    # Runs of different kinds share no figure or metric: each kind gets its own folder and report.
+    print(f"runs of {len(by_kind)} kinds ({', '.join(sorted(by_kind))}): each kind is plotted in its own folder of {out}/")
+    codes = []
+    for kind, runs_of_kind in sorted(by_kind.items()):
+        print(f"\n=== {kind}: {out / kind}/")
+        codes.append(_plot_kind(kind, runs_of_kind, formats, out / kind, args))
+    return 0 if 0 in codes else EXIT_NOTHING_PLOTTED
+
+
+def _plot_kind(kind: str, readable: list[Run], formats: list[str], out: Path, args: argparse.Namespace) -> int:
+    """Summary, tables, figures and report.html of runs of one kind, in ``out``."""
     readable = _leave_out_unfinished(readable)
-    kinds = {run.kind for run in readable}
-    if len(kinds) > 1:
-        _error(_mixed_kinds_message(readable))
-        return EXIT_NOTHING_PLOTTED
-    kind = kinds.pop()
     try:
         plotter = get_plotter(kind)
     except (ValueError, ImportError) as exc:
         _error(f"cannot plot runs of kind {kind!r}: {exc}")
         return EXIT_NOTHING_PLOTTED
-
-    from .html import ReportContent, write_report
-    from .report import terminal_table, write_table
-
     try:
         groups, group_by, grouping = _group(readable, plotter, args)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_NOTHING_PLOTTED
+    smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
+    options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
+    made = _missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _error(f"--out {out}: cannot create it: {exc.strerror or exc}")
         return EXIT_USAGE
-    smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
-    options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
+    code = EXIT_NOTHING_PLOTTED
+    try:
+        code = _write_outputs(kind, plotter, grouping, options)
+        return code
+    finally:
+        if code != 0:  # nothing plotted: the folders this call created go again, if still empty
+            for folder in made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first."""
+    missing, folder = [], Path(os.path.abspath(out))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _write_outputs(kind: str, plotter, grouping, options: PlotOptions) -> int:
+    """The summary, tables, figures and report.html of ``grouping.groups`` in ``options.out``; the exit status."""
+    from .html import ReportContent, write_report
+    from .report import terminal_table, write_table
+
+    groups, group_by, out = grouping.groups, options.group_by, options.out
     try:
         summary = plotter.summarize(groups, options)
     except ValueError as exc:
@@ -332,7 +366,7 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
         print(f"(all columns: {out / 'summary.csv'})")
     comparison = extra.get("comparison")
     if comparison is not None and not comparison.empty:
-        _print_comparison(comparison, args.ci)
+        _print_comparison(comparison, options.ci)
     for name, table in extra.items():
         if table is not None and not table.empty:
             written += write_table(table, out, name)
@@ -340,7 +374,7 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     figures = plotter.figures(groups, options)
     content = ReportContent(
         kind=kind, group_by=group_by, groups=groups, grouping=grouping, summary=summary, tables=extra,
-        figures=figures, warnings=list(_WARNINGS), smooth=smooth, ci=args.ci,
+        figures=figures, warnings=list(_WARNINGS), smooth=options.smooth, ci=options.ci,
     )  # fmt: skip
     report = write_report(content, out)
     print(f"\nwrote {len(figures)} figure file(s), {len(written)} table file(s) and the report to {out}/")
