@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runs import check_overwritable, is_run_dir, run_contents, schema
+from ..runs import check_no_links, check_not_inside_a_run, check_overwritable, is_run_dir, run_contents, schema
 from .config import RecordConfig
 
 if TYPE_CHECKING:
@@ -93,8 +93,10 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
     job_started = any(is_run_dir(p) for p in paths)
     for cfg, path in zip(configs, paths):
         _check_creatable(path)
+        check_not_inside_a_run(path)
         if resume:
             if is_run_dir(path):
+                check_no_links(path)
                 plans.append(PlannedRun(cfg, path, RESUME))
             elif (out is None or job_started or _begun(path)) and not _occupied(path):
                 plans.append(PlannedRun(cfg, path, NEW, f"{path}: not started before; starting it"))

@@ -59,7 +59,13 @@ class RunLock:
         if fcntl is None:  # pragma: no cover - Windows
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link planted as the lock would make us write its target
+                    raise RunLockedError(f"{self.path}: is a link; gradlens follows no link in a run directory, "
+                                         "so it changed nothing: remove the link") from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

@@ -7,6 +7,7 @@ anything is written (``prepare_run_dir``) are defined here, once.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import schema
-from .tables import CsvTable, RunFormatError, check_cells, read_table
+from .tables import CsvTable, RunFormatError, check_cells, open_nofollow, read_table
 
 
 def _jsonable(value):
@@ -44,7 +45,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file and rename it, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open_nofollow(tmp, "wb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
         f.write("\n")
         f.flush()
@@ -88,6 +89,9 @@ _CHECKPOINT_FILES = re.compile(
     r"|^(config|generation_config)\.json$"
     r"|^(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template|spiece|sentencepiece)([._-].*)?$"
 )
+# A LoRA checkpoint's adapter/: what peft's save_pretrained writes, and the tokenizer.
+_ADAPTER_DIR = "adapter"
+_ADAPTER_FILES = re.compile(r"^adapter_(model\.safetensors|config\.json)$|^README\.md$|" + _CHECKPOINT_FILES.pattern)
 # Present in a directory that was never started: a writer killed before config.json was in place.
 _NOT_STARTED = {schema.LOCK, schema.CONFIG + ".tmp"}
 
@@ -120,11 +124,33 @@ def run_contents(path: str | os.PathLike) -> RunContents:
                     foreign.append(sub)
                     continue
                 for item in sorted(sub.iterdir()):
+                    if item.name == _ADAPTER_DIR and item.is_dir() and not item.is_symlink():
+                        for file in sorted(item.iterdir()):
+                            ok = file.is_file() and not file.is_symlink() and _ADAPTER_FILES.match(file.name)
+                            (ours if ok else foreign).append(file)
+                        continue
                     ok = item.is_file() and not item.is_symlink() and _CHECKPOINT_FILES.match(item.name)
                     (ours if ok else foreign).append(item)
         else:
             foreign.append(child)
     return RunContents(ours, foreign)
+
+
+def own_checkpoint_files(path: str | os.PathLike) -> list[Path] | None:
+    """The files of checkpoint directory ``path`` (its ``adapter/`` included) when it holds only
+    what gradlens writes there, else None: a link, or anything else inside, makes it not gradlens's."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not _CHECKPOINT_DIRS.match(path.name):
+        return None
+    files = []
+    for item in path.iterdir():
+        inside = list(item.iterdir()) if item.name == _ADAPTER_DIR and item.is_dir() and not item.is_symlink() else [item]
+        for file in inside:
+            pattern = _ADAPTER_FILES if file.parent.name == _ADAPTER_DIR and file.parent != path else _CHECKPOINT_FILES
+            if file.is_symlink() or not file.is_file() or not pattern.match(file.name):
+                return None
+            files.append(file)
+    return files
 
 
 def _listing(paths: list[Path], limit: int = 5) -> str:
@@ -172,8 +198,41 @@ def clear_run_files(path: str | os.PathLike, contents: RunContents | None = None
     checkpoints = path / schema.CHECKPOINTS
     if checkpoints.is_dir():
         for sub in checkpoints.iterdir():
+            if (sub / _ADAPTER_DIR).is_dir():
+                (sub / _ADAPTER_DIR).rmdir()
             sub.rmdir()  # empty now: check_overwritable refused anything foreign
         checkpoints.rmdir()
+
+
+def check_no_links(path: str | os.PathLike) -> None:
+    """ValueError naming the first link among the entries gradlens writes in run ``path``
+    (its files, ``checkpoints/`` and each checkpoint's files): writing or pruning through a
+    link would change files outside the run. gradlens follows no link out of a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    entries = list(path.iterdir())
+    checkpoints = path / schema.CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for sub in checkpoints.iterdir():
+            entries.append(sub)
+            if sub.is_dir() and not sub.is_symlink():
+                entries.extend(sub.iterdir())
+    for entry in sorted(entries):
+        if entry.is_symlink():
+            raise ValueError(f"{entry}: is a link (to {os.readlink(entry)}); gradlens follows no link in a run directory, "
+                             "so it changed nothing: replace the link by the file, or remove it")
+
+
+def check_not_inside_a_run(path: str | os.PathLike) -> None:
+    """ValueError when ``path`` lies inside another gradlens run (e.g. RUN/checkpoints/step_5): that
+    run's --overwrite and checkpoint pruning would treat the new run's files as its own.
+    Links are resolved first."""
+    absolute = Path(os.path.realpath(path))
+    for place in absolute.parents:
+        if _is_gradlens_config(place / schema.CONFIG):
+            raise ValueError(f"{path}: lies inside the gradlens run {place}; a run directory may not be placed in another run "
+                             "(choose an --out outside it)")
 
 
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -188,11 +247,13 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     path = Path(path)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    check_not_inside_a_run(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     if resume:
         if not (path / schema.CONFIG).exists():
             raise ValueError(f"{path}: nothing to resume (no {schema.CONFIG}); drop --resume to start a new run")
+        check_no_links(path)
         return path
     contents = run_contents(path) if path.is_dir() else None
     if contents is not None and contents.started:

@@ -47,6 +47,21 @@ def _format_value(value) -> str:
     return text
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_nofollow(path: str | os.PathLike, mode: str):
+    """``open(path, mode)`` ("a", "wb", "rb+") that refuses a link at ``path`` (OSError ELOOP):
+    a planted link must never redirect a run's writes to a file outside it."""
+    flags = {"a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "rb+": os.O_RDWR}[mode]
+    fd = os.open(path, flags | _NOFOLLOW, 0o644)
+    try:
+        return os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": ""} if "b" not in mode else {}))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class CsvTable:
     """One append-only CSV file whose columns are fixed by its header."""
 
@@ -63,7 +78,7 @@ class CsvTable:
 
     def _repair_partial_tail(self) -> None:
         """Cut a partial last line (a killed writer) so appends start on a fresh line."""
-        with open(self.path, "rb+") as f:
+        with open_nofollow(self.path, "rb+") as f:
             data = f.read()
             if data.endswith(b"\n"):
                 return
@@ -71,7 +86,7 @@ class CsvTable:
 
     def _open(self):
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8", newline="")
+            self._file = open_nofollow(self.path, "a")
         return self._file
 
     def append(self, row: Mapping[str, object]) -> None:
@@ -113,7 +128,8 @@ class CsvTable:
         steps = table_steps(self.path, step_column)
         kept = [lines[0]] + [line for line, step in zip(lines[1:], steps) if step <= last_step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(kept))
+        with open_nofollow(tmp, "wb") as f:
+            f.write(b"".join(kept))
         os.replace(tmp, self.path)
 
     def close(self) -> None:

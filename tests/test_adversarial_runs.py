@@ -1,0 +1,122 @@
+"""Adversarial cases, round 3, for run directories: `gradlens record` (new, --overwrite, --resume)
+and the trainer integration's run log. Nothing outside a run is ever touched, nothing gradlens did
+not write is deleted, and a refusal leaves the directory tree byte-identical.
+
+Items of the reliability list are named in each test's docstring by their number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from adversarial_helpers import JOB, record, refused, tree
+from gradlens.cli import main
+from gradlens.runs import load_run, schema
+
+
+def _resume(out, steps, *extra):
+    return ["record", *JOB, "--steps", str(steps), "--out", str(out), "--resume", *extra]
+
+
+# ---------------------------------------------------------------- 2: pruning deletes only gradlens's checkpoints
+
+
+def test_pruning_leaves_a_users_files_in_a_step_directory(tmp_path):
+    """2: a user's folder named like a checkpoint (checkpoints/step_0 holding notes) survives pruning."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "1", steps=2)
+    mine = out / schema.CHECKPOINTS / "step_0"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "model.safetensors").write_text("also mine")
+    assert main(_resume(out, 5, "--checkpoint-every", "1")) == 0
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").read_text() == "also mine"
+    assert sorted(p.name for p in (out / schema.CHECKPOINTS).iterdir()) == ["step_0", "step_4", "step_5"]
+
+
+def test_out_inside_another_run_is_refused(tmp_path, capsys):
+    """2: --out RUN/checkpoints/step_5 would make a whole run look like a prunable checkpoint."""
+    run = tmp_path / "run"
+    record(run, "--checkpoint-every", "1", steps=2)
+    inner = run / schema.CHECKPOINTS / "step_5"
+    refused(capsys, tmp_path, ["record", *JOB, "--steps", "2", "--out", str(inner)], 2, f"{inner}: lies inside the gradlens run {run}")
+    refused(capsys, tmp_path, ["langevin", "--no-tensorboard", "--dim", "2", "--step", "0.01", "--steps", "5", "--out", str(inner)], 2,
+            f"{inner}: lies inside the gradlens run {run}")
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    refused(capsys, tmp_path, ["record", *JOB, "--steps", "2", "--out", str(link / "sub")], 2, "lies inside the gradlens run")
+
+
+def test_symlinked_checkpoints_is_refused_and_the_folder_outside_untouched(tmp_path, capsys):
+    """2 and 8: checkpoints/ as a link to a user's folder outside the run: resume refuses, nothing changes."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "1", steps=3)
+    outside = tmp_path / "user_folder"
+    shutil.copytree(out / schema.CHECKPOINTS, outside)
+    (outside / "step_1").mkdir()
+    (outside / "step_1" / "model.safetensors").write_bytes(b"the user's")
+    shutil.rmtree(out / schema.CHECKPOINTS)
+    (out / schema.CHECKPOINTS).symlink_to(outside)
+    (out / schema.SUMMARY).unlink()
+    refused(capsys, tmp_path, _resume(out, 6, "--checkpoint-every", "1"), 2, f"{out / schema.CHECKPOINTS}: is a link",
+            "gradlens follows no link in a run directory")
+
+
+def test_saving_through_a_linked_checkpoints_folder_is_refused(tmp_path):
+    """2: the writer itself never writes or prunes through a linked checkpoints/ (a link made mid-run)."""
+    from gradlens.record.checkpoint import prune_checkpoints, save_checkpoint
+
+    outside = tmp_path / "outside"
+    (outside / "step_1").mkdir(parents=True)
+    (outside / "step_1" / "state.json").write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / schema.CHECKPOINTS).symlink_to(outside)
+    before = tree(outside)
+    with pytest.raises(OSError, match="is a link"):
+        save_checkpoint(run, 5, None, None, {})
+    prune_checkpoints(run)
+    assert tree(outside) == before
+
+
+# ---------------------------------------------------------------- 8: planted links are never followed
+
+
+@pytest.mark.parametrize("name", [schema.LOCK, "steps.tmp", "config.json.tmp", "summary.json.tmp", schema.STEPS])
+def test_resume_refuses_planted_links(tmp_path, capsys, name):
+    """8: a link planted in a run (the lock, a temp file, a table) would make --resume overwrite its target."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "1", steps=3)
+    (out / schema.SUMMARY).unlink()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    if (out / name).exists():
+        (out / name).unlink()
+    (out / name).symlink_to(victim)
+    refused(capsys, tmp_path, _resume(out, 6), 2, f"{out / name}: is a link", "changed nothing")
+    assert victim.read_text() == "precious"
+
+
+def test_writers_open_no_link(tmp_path):
+    """8: the writers themselves refuse a link (O_NOFOLLOW), should one appear after the checks."""
+    from gradlens.runs import CsvTable, RunLock, write_json_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (schema.LOCK, "summary.json.tmp", "steps.tmp", schema.STEPS):
+        (run / name).symlink_to(victim)
+    with pytest.raises(ValueError, match="is a link"):
+        RunLock(run).acquire()
+    with pytest.raises(OSError):
+        write_json_atomic(run / schema.SUMMARY, {"a": 1})
+    table = CsvTable(run / "other.csv")
+    table.path = run / schema.STEPS
+    with pytest.raises(OSError):
+        table.append({"step": 0})
+    assert victim.read_text() == "precious"
