@@ -198,14 +198,14 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value, least in (("--max-rows", args.max_rows, 2), ("--reference-steps", args.reference_steps, 1), ("--particles", args.particles, -1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
-    if args.action == "run" and args.step is None and args.eps is None:
-        raise ValueError("pass --step H (the ULA step size) or --eps EPS (Theorem 1 then chooses h and the steps), "
-                         "e.g. gradlens langevin --target gaussian --dim 10 --eps 0.1")
     if args.eps is not None:
         for eps in _floats(args.eps, "--eps"):
             if not (MIN_EPS <= eps < math.inf):
                 raise ValueError(f"--eps {eps:g}: must be a KL target from {MIN_EPS:g} up (below it the iteration counts overflow)")
     check_memory(args)
+    if args.action == "run" and args.step is None and args.eps is None:
+        raise ValueError("pass --step H (the ULA step size) or --eps EPS (Theorem 1 then chooses h and the steps), "
+                         "e.g. gradlens langevin --target gaussian --dim 10 --eps 0.1")
 
 
 def _write_guarded(out: Path, overwrite: bool, write) -> None:
