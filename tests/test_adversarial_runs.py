@@ -120,3 +120,36 @@ def test_writers_open_no_link(tmp_path):
     with pytest.raises(OSError):
         table.append({"step": 0})
     assert victim.read_text() == "precious"
+
+
+# ---------------------------------------------------------------- 18: a chat template that refuses a message
+
+
+def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys):
+    """18: the template's raise_exception (a role it does not accept) is one message with file and line."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<eos>", "hi", "there", "yes", "no"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Conversation roles must be user or assistant, not ' + m['role']) }}{% endif %}"
+        "{{ m['content'] }} {% endfor %}"
+    )
+    model = tmp_path / "model"
+    fast.save_pretrained(model)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=32, n_embd=8, n_layer=1, n_head=2)).save_pretrained(model)
+    data = tmp_path / "d.jsonl"
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "assistant", "content": "no"}]}
+    bad = {**good, "prompt": [{"role": "narrator", "content": "hi there"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    err = refused(capsys, tmp_path, ["record", "--env", "user", "--model", str(model), "--data", str(data), "--out",
+                                     str(tmp_path / "run"), "--quiet"], 2,
+                  f"{data}: line 2: the model's chat template refused these messages: Conversation roles must be user or assistant, not narrator")
+    assert "jinja" not in err.lower()
