@@ -153,3 +153,33 @@ def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys)
                                      str(tmp_path / "run"), "--quiet"], 2,
                   f"{data}: line 2: the model's chat template refused these messages: Conversation roles must be user or assistant, not narrator")
     assert "jinja" not in err.lower()
+
+
+# ---------------------------------------------------------------- 28: NaN in JSON data
+
+
+@pytest.mark.parametrize("token,shown", [("NaN", "the number nan (NaN in the file)"), ("-Infinity", "the number -inf (Infinity in the file)"),
+                                         ("null", "null")])
+def test_json_nan_in_data_is_named_as_nan(tmp_path, capsys, token, shown):
+    """28: JSON's non-standard NaN is reported as NaN (a number), not as a null."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": ' + token + ', "chosen": "a", "rejected": "b"}\n')
+    refused(capsys, tmp_path, ["record", "--env", "user", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "r"), "--quiet"],
+            2, f"{data}: line 2: 'prompt' has the wrong type ({shown})")
+
+
+# ---------------------------------------------------------------- 23: a name longer than the file system allows
+
+
+@pytest.mark.parametrize("command", ["record", "langevin"])
+def test_out_name_too_long_is_refused_before_anything_starts(tmp_path, capsys, command):
+    """23: a 300-character --out name: refused as a name, with nothing created (no "rows are kept")."""
+    out = tmp_path / "parent" / ("x" * 300)
+    argv = (["record", *JOB, "--steps", "2"] if command == "record"
+            else ["langevin", "--no-tensorboard", "--dim", "2", "--step", "0.01", "--steps", "5"])
+    err = refused(capsys, tmp_path, [*argv, "--out", str(out)], 2, "is 300 bytes long, more than the 255 this file system allows",
+                  "nothing was created")
+    assert "rows logged so far" not in err

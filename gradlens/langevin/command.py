@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..runs import RunLock, check_not_inside_a_run, check_overwritable, run_contents, schema
+from ..runs import RunLock, check_name_lengths, check_not_inside_a_run, check_overwritable, run_contents, schema
 from ..runs.run_dir import clear_run_files
 from .targets import POTENTIALS_1D
 
@@ -219,6 +219,7 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
     check_not_inside_a_run(out)
+    check_name_lengths(out)
     started = out.is_dir() and run_contents(out).started
     if started and not overwrite:
         raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")

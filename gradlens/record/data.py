@@ -253,7 +253,10 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
         if not any(m["content"].strip() for m in value):
             return None, None, f"'{name}' messages have only empty content"
         return [{"role": m["role"], "content": m["content"]} for m in value], "conversational", None
-    kind = "null" if _is_missing(value) else type(value).__name__
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's non-standard NaN / Infinity: a number, not a null
+        kind = f"the number {value!r} ({'NaN' if math.isnan(value) else 'Infinity'} in the file)"
+    else:
+        kind = "null" if value is None else type(value).__name__
     return None, None, (
         f"'{name}' has the wrong type ({kind}); expected a string (standard format) "
         "or a list of {'role', 'content'} messages (conversational format)"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runs import check_no_links, check_not_inside_a_run, check_overwritable, is_run_dir, run_contents, schema
+from ..runs import check_name_lengths, check_no_links, check_not_inside_a_run, check_overwritable, is_run_dir, run_contents, schema
 from .config import RecordConfig
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def _check_creatable(path: Path) -> None:
     """``path`` is a directory, or could be made one: its nearest existing ancestor is a directory."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
+    check_name_lengths(path)
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():

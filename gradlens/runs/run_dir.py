@@ -224,6 +224,22 @@ def check_no_links(path: str | os.PathLike) -> None:
                              "so it changed nothing: replace the link by the file, or remove it")
 
 
+def check_name_lengths(path: str | os.PathLike) -> None:
+    """ValueError when a name in ``path`` is longer than its file system allows (255 bytes on most):
+    found before anything is created, so a run that cannot start is refused, not begun."""
+    absolute = Path(os.path.abspath(path))
+    existing = next((p for p in (absolute, *absolute.parents) if p.exists()), Path("/"))
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no pathconf (Windows)
+        limit = 255
+    for part in absolute.relative_to(existing).parts if absolute != existing else ():
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise ValueError(f"{path}: the name {part[:40]!r}... is {size} bytes long, more than the {limit} this file system "
+                             "allows; choose a shorter --out (nothing was created)")
+
+
 def check_not_inside_a_run(path: str | os.PathLike) -> None:
     """ValueError when ``path`` lies inside another gradlens run (e.g. RUN/checkpoints/step_5): that
     run's --overwrite and checkpoint pruning would treat the new run's files as its own.
