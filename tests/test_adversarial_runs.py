@@ -183,3 +183,41 @@ def test_out_name_too_long_is_refused_before_anything_starts(tmp_path, capsys, c
     err = refused(capsys, tmp_path, [*argv, "--out", str(out)], 2, "is 300 bytes long, more than the 255 this file system allows",
                   "nothing was created")
     assert "rows logged so far" not in err
+
+
+# ---------------------------------------------------------------- 4 and 24: each writer continues only its own runs
+
+
+def _trainer_run(path):
+    from gradlens.integrations.run_log import RunLog
+
+    log = RunLog(path, {"env": "transformers", "loss": "custom"}, columns=schema.GROUPS_STEP_COLUMNS, tensorboard=False)
+    log.out.log_step({schema.STEP: 0, schema.LOSS: 0.5, schema.NONFINITE: 0})
+    log.finish(steps=1)
+    return path
+
+
+def test_trainer_run_log_does_not_resume_a_record_run(tmp_path):
+    """4: RunLog(resume_at=N) on a `gradlens record` run refuses before cutting rows or deleting summary.json."""
+    from gradlens.integrations.run_log import RunLog
+
+    out = tmp_path / "run"
+    record(out, steps=4)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match=r"recorded by gradlens record \(env 'tabular'\); a transformers trainer's run log continues only"):
+        RunLog(out, {"env": "transformers", "loss": "custom"}, columns=schema.GROUPS_STEP_COLUMNS, resume_at=1)
+    assert tree(tmp_path) == before and load_run(out).summary is not None
+    trainer = _trainer_run(tmp_path / "trainer")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="recorded with loss 'custom', but this trainer logs 'dpo'"):
+        RunLog(trainer, {"env": "transformers", "loss": "dpo"}, columns=schema.GROUPS_STEP_COLUMNS, resume_at=0)
+    assert tree(tmp_path) == before
+    RunLog(trainer, {"env": "transformers", "loss": "custom"}, columns=schema.GROUPS_STEP_COLUMNS, resume_at=0, tensorboard=False).close()
+
+
+def test_record_resume_of_a_trainer_run_says_what_it_is(tmp_path, capsys):
+    """24: `gradlens record --resume` on a trainer run: not "--env must be one of [...]", but what the run is."""
+    trainer = _trainer_run(tmp_path / "trainer")
+    err = refused(capsys, tmp_path, ["record", "--out", str(trainer), "--resume", "--steps", "5", "--quiet"], 2,
+                  f"{trainer}: recorded by the transformers trainer integration (env 'transformers'), not by `gradlens record`")
+    assert "--env must be one of" not in err

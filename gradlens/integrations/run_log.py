@@ -19,7 +19,7 @@ import torch
 from ..gradients import Capture
 from ..losses import PreferenceLossOutput
 from ..pairs import CHOSEN, REJECTED
-from ..runs import RunLock, prepare_run_dir, schema
+from ..runs import RunLock, check_continuable_by, prepare_run_dir, schema
 from ..runs.preference_log import PreferenceRunLog
 from .stepper import StepResult
 
@@ -108,6 +108,8 @@ class RunLog:
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
         resume = resume_at is not None and (os.path.isfile(os.path.join(path, schema.CONFIG)))
+        if resume:  # before the lock, and before any row is cut: only this integration's own runs
+            check_continuable_by(path, env=config.get("env"), loss=config.get("loss"))
         self._lock = RunLock(path).acquire()  # one writer per run directory; released by close() or the OS
         try:
             self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)

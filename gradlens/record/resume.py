@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import schema, write_json_atomic
-from ..runs.run_dir import read_json
+from ..runs.run_dir import check_continuable_by, read_json
 from ..runs.tables import table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
@@ -54,6 +54,7 @@ class ResumePoint:
 def saved_config(run_dir: Path) -> RecordConfig:
     """The config a run was recorded with, from its config.json (errors name the file)."""
     path = Path(run_dir) / schema.CONFIG
+    check_continuable_by(run_dir, env=None)  # a trainer integration's run is not continued here
     header = read_json(path)
     saved = header.get("config") if isinstance(header, dict) else None
     if not isinstance(saved, dict) or header.get("kind") != schema.KIND_PREFERENCE:

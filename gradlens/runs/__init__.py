@@ -6,7 +6,7 @@ This package imports nothing from training, analysis or plotting code.
 from . import schema
 from .lock import RunLock, RunLockedError
 from .run_dir import (
-    Run, RunContents, RunWriter, check_name_lengths, check_no_links, check_not_inside_a_run, check_overwritable, find_runs, is_complete, is_run_dir, load_run, own_checkpoint_files,
+    Run, RunContents, RunWriter, check_continuable_by, check_name_lengths, check_no_links, check_not_inside_a_run, check_overwritable, find_runs, is_complete, is_run_dir, load_run, own_checkpoint_files,
     prepare_run_dir, run_contents, run_status, write_json_atomic,
 )
 from .tables import CsvTable, RunFormatError, TruncatedRowWarning, read_table
@@ -17,6 +17,7 @@ __all__ = [
     "RunContents",
     "RunLock",
     "RunLockedError",
+    "check_continuable_by",
     "check_name_lengths",
     "check_no_links",
     "check_not_inside_a_run",

@@ -224,6 +224,30 @@ def check_no_links(path: str | os.PathLike) -> None:
                              "so it changed nothing: replace the link by the file, or remove it")
 
 
+def check_continuable_by(path: str | os.PathLike, env: str | None, loss: Any = None) -> None:
+    """ValueError unless the preference run at ``path`` may be continued by its own kind of writer:
+    ``gradlens record`` (``env`` None) continues only runs it recorded, a trainer integration
+    (``env`` "transformers" or "trl") only runs of that integration, and with the same ``loss``.
+    Called before anything is cut back or deleted."""
+    path = Path(path)
+    header = read_json(path / schema.CONFIG)
+    config = header.get("config") if isinstance(header, dict) else None
+    if not isinstance(config, dict) or header.get("kind") != schema.KIND_PREFERENCE:
+        raise ValueError(f"{path / schema.CONFIG}: not a preference run recorded by gradlens (kind "
+                         f"{header.get('kind') if isinstance(header, dict) else None!r}); it was left unchanged")
+    saved_env = config.get("env")
+    writer = f"the {saved_env} trainer integration" if saved_env in schema.TRAINER_ENVS else "gradlens record"
+    if env is None and saved_env in schema.TRAINER_ENVS:
+        raise ValueError(f"{path}: recorded by {writer} (env {saved_env!r}), not by `gradlens record`, so --resume cannot "
+                         "continue it; resume the trainer from its checkpoint instead (its run log continues this directory)")
+    if env is not None and saved_env != env:
+        raise ValueError(f"{path}: recorded by {writer} (env {saved_env!r}); a {env} trainer's run log continues only its own "
+                         "runs, so nothing was cut or deleted: give the trainer another output directory")
+    if env is not None and loss is not None and config.get("loss") != loss:
+        raise ValueError(f"{path}: recorded with loss {config.get('loss')!r}, but this trainer logs {loss!r}; nothing was cut "
+                         "or deleted: give the trainer another output directory")
+
+
 def check_name_lengths(path: str | os.PathLike) -> None:
     """ValueError when a name in ``path`` is longer than its file system allows (255 bytes on most):
     found before anything is created, so a run that cannot start is refused, not begun."""
