@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import threading
 import warnings
 
 SUBCOMMANDS = {
@@ -52,12 +53,19 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; warnings print as one line each while it runs."""
-    original = warnings.formatwarning
+    original, thread_hook = warnings.formatwarning, threading.excepthook
     warnings.formatwarning = _format_warning
+    threading.excepthook = _thread_error
     try:
         return _main(argv)
     finally:
-        warnings.formatwarning = original
+        warnings.formatwarning, threading.excepthook = original, thread_hook
+
+
+def _thread_error(args) -> None:
+    """An error in a background writer (TensorBoard's) is one line; the command then reports it, naming the file."""
+    where = f"{args.exc_value.filename}: " if isinstance(args.exc_value, OSError) and args.exc_value.filename else ""
+    print(f"gradlens: error in a background writer: {where}{args.exc_value}", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -221,3 +221,38 @@ def test_record_resume_of_a_trainer_run_says_what_it_is(tmp_path, capsys):
     err = refused(capsys, tmp_path, ["record", "--out", str(trainer), "--resume", "--steps", "5", "--quiet"], 2,
                   f"{trainer}: recorded by the transformers trainer integration (env 'transformers'), not by `gradlens record`")
     assert "--env must be one of" not in err
+
+
+# ---------------------------------------------------------------- 21: a file too large / a full disk
+
+
+_FSIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG as an error, not a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from gradlens.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("limit,extra,culprit", [
+    (3000, [], "events.out.tfevents."),
+    (3000, ["--no-tensorboard"], "optimizer.pt"),
+    (6000, ["--no-tensorboard"], "steps.csv"),
+], ids=["event-file", "checkpoint", "steps-csv"])
+def test_file_too_large_names_the_file_and_keeps_the_rows(tmp_path, limit, extra, culprit):
+    """21: EFBIG (a file-size limit; a full disk fails the same way) names the file it hit, without a traceback."""
+    import subprocess
+    import sys
+
+    from gradlens.runs import read_table
+
+    out = tmp_path / "run"
+    argv = ["record", *JOB, "--steps", "30", "--checkpoint-every", "5", "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _FSIZE.format(limit=limit), *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "File too large" in proc.stderr
+    line = next(l for l in proc.stderr.splitlines() if l.startswith("gradlens record: error:"))
+    assert f"error: {out}/" in line and culprit in line and "the rows logged so far are kept" in line
+    assert len(read_table(out / schema.STEPS, quiet=True)) >= 1

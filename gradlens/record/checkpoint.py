@@ -26,6 +26,7 @@ finds checkpoints by this name.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -39,6 +40,7 @@ from torch import nn
 
 from ..runs import schema
 from ..runs import own_checkpoint_files, write_json_atomic
+from ..runs.tables import named_os_error, open_nofollow
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -106,8 +108,18 @@ def save_checkpoint(
     tmp = root / f".step_{step}.tmp"
     _remove_own(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    try:
+        save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a failed write (EFBIG, ENOSPC) in its own types
+        raise named_os_error(exc, tmp / MODEL_FILE) if isinstance(exc, OSError) else OSError(
+            errno.EIO, f"could not be written ({type(exc).__name__}: {exc})", str(tmp / MODEL_FILE)) from None
+    buffer = io.BytesIO()  # serialised in memory, so that a failed write is an OSError naming the file
+    torch.save(optimizer.state_dict(), buffer)
+    try:
+        with open_nofollow(tmp / OPTIMIZER_FILE, "wb") as f:
+            f.write(buffer.getvalue())
+    except OSError as exc:
+        raise named_os_error(exc, tmp / OPTIMIZER_FILE) from None
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
     if hasattr(model, "peft_config"):
         # LoRA: model.safetensors holds peft's names (for --resume), which from_pretrained would not

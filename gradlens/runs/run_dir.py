@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import schema
-from .tables import CsvTable, RunFormatError, check_cells, open_nofollow, read_table
+from .tables import CsvTable, RunFormatError, check_cells, named_os_error, open_nofollow, read_table
 
 
 def _jsonable(value):
@@ -45,11 +45,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file and rename it, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open_nofollow(tmp, "wb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open_nofollow(tmp, "wb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # EFBIG, ENOSPC: name the file
+        raise named_os_error(exc, tmp) from None
     os.replace(tmp, path)
 
 

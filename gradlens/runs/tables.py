@@ -50,6 +50,13 @@ def _format_value(value) -> str:
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+def named_os_error(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none (a failed write() names no file)."""
+    if exc.filename:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else OSError(exc.errno, str(exc), str(path))
+
+
 def open_nofollow(path: str | os.PathLike, mode: str):
     """``open(path, mode)`` ("a", "wb", "rb+") that refuses a link at ``path`` (OSError ELOOP):
     a planted link must never redirect a run's writes to a file outside it."""
@@ -108,8 +115,11 @@ class CsvTable:
             if unknown:
                 raise RunFormatError(f"{self.path}: unknown columns {sorted(unknown)}; the header is fixed to {self.columns}")
             chunks.append(",".join(_format_value(row.get(c)) for c in self.columns) + "\n")
-        f.write("".join(chunks))
-        f.flush()
+        try:
+            f.write("".join(chunks))
+            f.flush()
+        except OSError as exc:  # EFBIG, ENOSPC: write() names no file, so name it here
+            raise named_os_error(exc, self.path) from None
 
     def keep_steps_upto(self, last_step: int, step_column: str = "step") -> None:
         """Drop rows after ``last_step`` (used by resume) by an atomic rewrite.
@@ -134,8 +144,11 @@ class CsvTable:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:  # the flush of a failed write, again
+                raise named_os_error(exc, self.path) from None
 
 
 def table_steps(path: str | os.PathLike, step_column: str = "step") -> list[int]:
