@@ -256,3 +256,19 @@ def test_file_too_large_names_the_file_and_keeps_the_rows(tmp_path, limit, extra
     line = next(l for l in proc.stderr.splitlines() if l.startswith("gradlens record: error:"))
     assert f"error: {out}/" in line and culprit in line and "the rows logged so far are kept" in line
     assert len(read_table(out / schema.STEPS, quiet=True)) >= 1
+
+
+# ---------------------------------------------------------------- 1: an unusable --device
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "hpu", "lazy"])
+def test_unusable_device_is_refused_before_overwrite_touches_anything(tmp_path, capsys, device):
+    """1: --overwrite with a device this machine lacks: refused before the old run is touched."""
+    import torch
+
+    if device == "mps" and torch.backends.mps.is_available():  # pragma: no cover - a Mac
+        pytest.skip("mps works here")
+    out = tmp_path / "run"
+    record(out)
+    refused(capsys, tmp_path, ["record", *JOB, "--steps", "3", "--device", device, "--out", str(out), "--overwrite"], 2,
+            f"--device {device}: not usable on this machine")

@@ -68,6 +68,12 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device meta holds no data, so nothing can be trained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:  # mps, xpu, hpu, lazy ... construct as devices on any machine: only a tensor shows they work
+        torch.empty(1, device=device)
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError, AssertionError, ModuleNotFoundError, RuntimeError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"--device {name}: not usable on this machine ({reason}); use --device cpu"
+                         + (" or cuda" if torch.cuda.is_available() else "")) from None
     return device
 
 
