@@ -272,3 +272,53 @@ def test_unusable_device_is_refused_before_overwrite_touches_anything(tmp_path, 
     record(out)
     refused(capsys, tmp_path, ["record", *JOB, "--steps", "3", "--device", device, "--out", str(out), "--overwrite"], 2,
             f"--device {device}: not usable on this machine")
+
+
+# ---------------------------------------------------------------- 3 and 5: resume checks everything first
+
+
+def _drop_checkpoints(out):
+    shutil.rmtree(out / schema.CHECKPOINTS)
+
+
+def test_resume_of_an_older_schema_changes_nothing(tmp_path, capsys):
+    """3: steps.csv without `nonfinite` (an older gradlens): refused before steps.csv is cut, config.json noted
+    or an event file added."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "2", steps=4)
+    lines = (out / schema.STEPS).read_text().splitlines()
+    assert lines[0].endswith(",nonfinite")
+    (out / schema.STEPS).write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines))
+    refused(capsys, tmp_path, _resume(out, 6), 2, f"{out / schema.STEPS}: line 1 (header): no 'nonfinite' column(s): written by an older gradlens")
+
+
+def test_resume_refuses_a_finished_run_shorter_than_checkpoint_every_without_checkpoints(tmp_path, capsys):
+    """5: 3 steps with --checkpoint-every 5 end with a checkpoint at step 3; with it gone, resuming would discard the rows."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "5", steps=3)
+    _drop_checkpoints(out)
+    refused(capsys, tmp_path, _resume(out, 6), 2, "holds 3 logged steps", "of a finished run, which ends with a checkpoint")
+
+
+def test_resume_uses_the_history_when_checkpoint_every_changed(tmp_path, capsys):
+    """5: --checkpoint-every changed on an earlier resume (2, then 100): that resume, from step 4, shows a checkpoint
+    existed at step 4, so rows past it with no checkpoint left are not discarded."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "2", steps=4)
+    assert main(_resume(out, 8, "--checkpoint-every", "100")) == 0
+    assert json.loads((out / schema.CONFIG).read_text())["resumes"][0]["from_step"] == 4
+    _drop_checkpoints(out)
+    (out / schema.SUMMARY).unlink()  # killed, as far as the files say
+    refused(capsys, tmp_path, _resume(out, 10), 2, "holds 8 logged steps", "past the first checkpoint (step 4)")
+
+
+def test_resume_before_the_first_checkpoint_still_starts_over(tmp_path):
+    """5, the other side: a run killed before its first checkpoint is resumed from step 0."""
+    out = tmp_path / "run"
+    record(out, "--checkpoint-every", "10", steps=20)
+    _drop_checkpoints(out)
+    (out / schema.SUMMARY).unlink()
+    lines = (out / schema.STEPS).read_text().splitlines(keepends=True)
+    (out / schema.STEPS).write_text("".join(lines[:6]))  # rows 0..4 logged, killed before step_10
+    assert main(_resume(out, 20, "--checkpoint-every", "10")) == 0
+    assert load_run(out).steps[schema.STEP].tolist() == list(range(20))

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import schema, write_json_atomic
-from ..runs.run_dir import check_continuable_by, read_json
-from ..runs.tables import table_steps
+from ..runs.run_dir import check_continuable_by, read_json, run_status
+from ..runs.tables import check_header, table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
 
@@ -83,8 +83,21 @@ def resumed_config(run_dir: Path, requested: Mapping[str, Any]) -> RecordConfig:
     return apply_resume_overrides(saved_config(run_dir), requested, str(run_dir))
 
 
-def _first_checkpoint(cfg: RecordConfig) -> int:
-    return cfg.checkpoint_every or cfg.steps
+def _first_checkpoint(cfg: RecordConfig, run_dir: Path) -> int:
+    """The earliest step at which this run wrote a checkpoint, from its history.
+
+    Its settings save one every ``checkpoint_every`` steps and one at the end, so the
+    first is at min(checkpoint_every, steps); ``--checkpoint-every`` may have changed on an
+    earlier resume, but a resume from step s > 0 (config.json's ``resumes``) shows that a
+    checkpoint existed at s.
+    """
+    first = min(cfg.checkpoint_every or cfg.steps, cfg.steps)
+    header = read_json(run_dir / schema.CONFIG)
+    for entry in header.get("resumes", []) if isinstance(header, dict) and isinstance(header.get("resumes"), list) else []:
+        step = entry.get("from_step") if isinstance(entry, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+            first = min(first, step)
+    return first
 
 
 def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> ResumePoint:
@@ -96,15 +109,21 @@ def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> Resume
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.step > cfg.steps:
         raise ValueError(f"{run_dir}: --steps {cfg.steps} is below the last checkpoint (step {last.step}); a run cannot be shortened")
+    for name, columns in ((schema.STEPS, schema.PREFERENCE_STEP_COLUMNS), (schema.LAYERS, schema.LAYER_COLUMNS),
+                          (schema.ROWS, schema.ROW_COLUMNS)):
+        check_header(run_dir / name, columns)  # a table of an older gradlens: refused before anything is cut
     logged = {name: table_steps(run_dir / name) for name in (schema.STEPS, schema.LAYERS, schema.EVALS, schema.ROWS) if (run_dir / name).exists()}
     rows = logged.get(schema.STEPS, [])
     # Step s's row is logged only after checkpoint step_s (if any) was in place: rows past
     # the first checkpoint with no checkpoint left mean the checkpoints were lost.
-    if last is None and rows and max(rows) >= _first_checkpoint(saved):
+    first = _first_checkpoint(saved, run_dir)
+    finished = run_status(run_dir) == schema.STATUS_COMPLETE  # a complete run wrote its last checkpoint
+    if last is None and rows and (max(rows) >= first or finished):
+        past = f"past the first checkpoint (step {first})" if max(rows) >= first else "of a finished run, which ends with a checkpoint"
         raise ValueError(
-            f"{run_dir}: {schema.STEPS} holds {len(rows)} logged steps (up to step {max(rows)}), past the first checkpoint "
-            f"(step {_first_checkpoint(saved)}), but {root} has no checkpoint to continue from; resuming would discard "
-            "every logged row, so nothing was changed. Restore the checkpoints, or pass --overwrite to record the run again"
+            f"{run_dir}: {schema.STEPS} holds {len(rows)} logged steps (up to step {max(rows)}), {past}, but {root} has no "
+            "checkpoint to continue from; resuming would discard every logged row, so nothing was changed. Restore the "
+            "checkpoints, or pass --overwrite to record the run again"
         )
     reference = ckpt.reference_path(run_dir)
     if reference.exists():

@@ -125,3 +125,4 @@ LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2
 REJECTED_SQ = "rejected_sq"
 DOT = "dot"
+LAYER_COLUMNS = (STEP, LAYER, CHOSEN_SQ, REJECTED_SQ, DOT)  # layers.csv, in this order

@@ -151,6 +151,25 @@ class CsvTable:
                 raise named_os_error(exc, self.path) from None
 
 
+def check_header(path: str | os.PathLike, columns: Iterable[str]) -> None:
+    """RunFormatError when table ``path`` exists but its header lacks a column a writer will append
+    (a table of an older gradlens): found before a resume cuts or appends anything."""
+    path = Path(path)
+    if not path.exists():
+        return
+    first = _read_bytes(path).split(b"\n", 1)[0]
+    try:
+        header = next(csv.reader([first.decode("utf-8")])) if first else []
+    except (UnicodeDecodeError, csv.Error, StopIteration):
+        raise RunFormatError(f"{path}: line 1 (header): not a readable gradlens table header") from None
+    missing = [c for c in columns if c not in header]
+    if header and missing:
+        raise RunFormatError(
+            f"{path}: line 1 (header): no {', '.join(repr(c) for c in missing[:5])} column(s): written by an older gradlens, whose "
+            "tables this one cannot continue, so nothing was changed; record the run again (--overwrite, or a new --out)"
+        )
+
+
 def table_steps(path: str | os.PathLike, step_column: str = "step") -> list[int]:
     """The step of every complete row, in file order; RunFormatError names the line of a bad one.
 
