@@ -125,25 +125,36 @@ def test_writers_open_no_link(tmp_path):
 # ---------------------------------------------------------------- 18: a chat template that refuses a message
 
 
-def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys):
-    """18: the template's raise_exception (a role it does not accept) is one message with file and line."""
+_WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "hi", "there", "yes", "no", "why", "ok"]
+
+
+def _tiny_model(path, chat_template=None):
+    """A 1-layer GPT-2 and a word-level tokenizer, built and saved here (nothing downloaded)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "<eos>", "hi", "there", "yes", "no"]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate(_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = (
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(_WORDS), n_positions=32, n_embd=8, n_layer=1, n_head=2,
+                               bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(path)
+    return path
+
+
+def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys):
+    """18: the template's raise_exception (a role it does not accept) is one message with file and line."""
+    model = _tiny_model(tmp_path / "model", chat_template=(
         "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
         "{{ raise_exception('Conversation roles must be user or assistant, not ' + m['role']) }}{% endif %}"
         "{{ m['content'] }} {% endfor %}"
-    )
-    model = tmp_path / "model"
-    fast.save_pretrained(model)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=32, n_embd=8, n_layer=1, n_head=2)).save_pretrained(model)
+    ))
     data = tmp_path / "d.jsonl"
     good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
             "rejected": [{"role": "assistant", "content": "no"}]}
@@ -322,3 +333,31 @@ def test_resume_before_the_first_checkpoint_still_starts_over(tmp_path):
     (out / schema.STEPS).write_text("".join(lines[:6]))  # rows 0..4 logged, killed before step_10
     assert main(_resume(out, 20, "--checkpoint-every", "10")) == 0
     assert load_run(out).steps[schema.STEP].tolist() == list(range(20))
+
+
+# ---------------------------------------------------------------- 16: the data file changed under a run
+
+
+def test_resume_refuses_a_data_file_edited_in_place(tmp_path, capsys):
+    """16: config.json keeps the data file's SHA-256; --resume on an edited file (same path) is refused."""
+    import hashlib
+
+    model = _tiny_model(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    pairs = [{"prompt": "why", "chosen": "yes", "rejected": "no"}, {"prompt": "hi", "chosen": "ok", "rejected": "no"},
+             {"prompt": "hi there", "chosen": "yes yes", "rejected": "no"}]
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "run"
+    argv = ["record", "--env", "user", "--loss", "dpo", "--model", str(model), "--data", str(data), "--out", str(out), "--quiet",
+            "--batch-size", "2", "--checkpoint-every", "1"]
+    assert main([*argv, "--steps", "2"]) == 0
+    saved = json.loads((out / schema.CONFIG).read_text())["config"]["data_sha256"]
+    assert saved == {"data": hashlib.sha256(data.read_bytes()).hexdigest()}
+    pairs[1]["chosen"] = "yes ok"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    refused(capsys, tmp_path, [*argv, "--steps", "4", "--resume"], 2, f"{data}: its contents changed since the run was recorded",
+            "nothing was changed")
+    pairs[1]["chosen"] = "ok"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))  # restored: the run continues
+    assert main([*argv, "--steps", "4", "--resume"]) == 0
+    assert load_run(out).steps[schema.STEP].tolist() == [0, 1, 2, 3]

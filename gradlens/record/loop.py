@@ -37,6 +37,7 @@ from ..runs.preference_log import PreferenceRunLog
 from . import checkpoint as ckpt
 from . import resume as R
 from .config import RecordConfig, method_options, to_dict
+from .data import FINGERPRINT_KEY, data_fingerprints
 from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
@@ -285,7 +286,8 @@ def record_run(
         start, state = checkpoints.restore(point, policy, optimizer)
     else:
         start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
-    config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
+    config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world,
+              FINGERPRINT_KEY: data_fingerprints({"data": cfg.data, "eval_data": cfg.eval_data})}
     main = dist.is_main
     if main:
         if resume:

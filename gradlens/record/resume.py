@@ -125,12 +125,27 @@ def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> Resume
             "checkpoint to continue from; resuming would discard every logged row, so nothing was changed. Restore the "
             "checkpoints, or pass --overwrite to record the run again"
         )
+    _check_same_data(run_dir, cfg)
     reference = ckpt.reference_path(run_dir)
     if reference.exists():
         ckpt.check_weights_file(reference)
     if last is None:
         return ResumePoint(cfg, None)
     return ResumePoint(cfg, last, ckpt.read_state(last), ckpt.read_optimizer_state(last))
+
+
+def _check_same_data(run_dir: Path, cfg: RecordConfig) -> None:
+    """The data files hold what they held when the run was recorded (config.json's fingerprints)."""
+    from .data import FINGERPRINT_KEY, changed_data
+
+    header = read_json(run_dir / schema.CONFIG)
+    saved = (header.get("config") or {}).get(FINGERPRINT_KEY) if isinstance(header, dict) else None
+    if not isinstance(saved, dict):  # recorded before fingerprints were kept: nothing to compare
+        return
+    changed = changed_data({k: v for k, v in saved.items() if isinstance(v, str)}, {"data": cfg.data, "eval_data": cfg.eval_data})
+    if changed:
+        raise ValueError(f"{changed[0]}; resuming would continue the run on other pairs, so nothing was changed. Restore "
+                         f"the file, or record a new run (--overwrite, or a new --out)")
 
 
 def check_weights_fit(point: ResumePoint, model) -> None:
