@@ -361,3 +361,83 @@ def test_resume_refuses_a_data_file_edited_in_place(tmp_path, capsys):
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))  # restored: the run continues
     assert main([*argv, "--steps", "4", "--resume"]) == 0
     assert load_run(out).steps[schema.STEP].tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- 6: a kill during --overwrite
+
+
+_PAUSE = """
+import os, sys, time
+import gradlens.runs.run_dir as rd
+
+def pause():
+    print("ready", flush=True)
+    time.sleep(600)
+
+point = os.environ["GRADLENS_TEST_KILL_AT"]
+if point == "after-rename":  # the old run renamed aside, the fresh directory not made yet
+    make = rd._fresh_directory
+    rd._fresh_directory = lambda path: (pause(), make(path))
+elif point == "before-first-row":  # the new run's files begun, no row yet
+    init = rd.RunWriter.__init__
+    def paused_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        pause()
+    rd.RunWriter.__init__ = paused_init
+elif point == "after-first-row":  # the new run has its first row; the old one not deleted yet
+    discard = rd.discard_replaced
+    rd.discard_replaced = lambda path: (pause(), discard(path))
+from gradlens.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _without_lock(snapshot: dict) -> dict:
+    return {k: v for k, v in snapshot.items() if not k.endswith(schema.LOCK)}
+
+
+@pytest.mark.parametrize("point", ["after-rename", "before-first-row", "after-first-row"])
+def test_kill_during_overwrite_keeps_the_old_run_or_the_new_one(tmp_path, point):
+    """6: SIGKILL at each point of --overwrite: the old run stays whole (set aside) until the new run has a row,
+    and the next command on the directory puts it back (or, once the new run has rows, discards it)."""
+    import signal
+    import subprocess
+    import sys
+
+    from gradlens.runs import replaced_path
+
+    out = tmp_path / "run"
+    record(out, steps=3)
+    old = _without_lock(tree(out))
+    aside = replaced_path(out)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "GRADLENS_TEST_KILL_AT": point, "PYTHONWARNINGS": "ignore"}
+    argv = ["record", *JOB, "--steps", "5", "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert _without_lock(tree(aside)) == old  # the old run, byte for byte, at every kill point
+    if point == "after-first-row":
+        assert load_run(out).steps[schema.STEP].tolist() == [0]  # and the new run has its row
+        assert main(_resume(out, 5)) == 0  # continuing the new run discards the old one
+        assert not aside.exists() and load_run(out).steps[schema.STEP].tolist() == [0, 1, 2, 3, 4]
+        return
+    with pytest.warns(UserWarning, match="an interrupted --overwrite had set this run aside"):
+        assert main(_resume(out, 3)) == 0  # put back, and already complete: nothing to do
+    assert _without_lock(tree(out)) == old and not aside.exists()
+
+
+def test_a_finished_overwrite_leaves_nothing_aside(tmp_path):
+    """6: once the new run has rows, the run it replaced is gone (record and langevin)."""
+    from gradlens.runs import replaced_path
+
+    out = tmp_path / "run"
+    record(out, steps=3)
+    record(out, "--overwrite", steps=2)
+    assert not replaced_path(out).exists() and load_run(out).steps[schema.STEP].tolist() == [0, 1]
+    lv = tmp_path / "lv"
+    argv = ["langevin", "--no-tensorboard", "--quiet", "--dim", "2", "--step", "0.01", "--steps", "5", "--out", str(lv)]
+    assert main(argv) == 0 and main([*argv, "--overwrite"]) == 0
+    assert not replaced_path(lv).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lv", "run"]

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..runs import RunLock, check_name_lengths, check_not_inside_a_run, check_overwritable, run_contents, schema
+from ..runs import (
+    RunLock, check_name_lengths, check_not_inside_a_run, check_overwritable, restore_replaced, run_contents, schema,
+)
 from ..runs.run_dir import clear_run_files
 from .targets import POTENTIALS_1D
 
@@ -220,6 +222,8 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         raise ValueError(f"{out}: exists and is not a directory")
     check_not_inside_a_run(out)
     check_name_lengths(out)
+    if not overwrite:
+        restore_replaced(out)  # a run an interrupted --overwrite set aside goes back first
     started = out.is_dir() and run_contents(out).started
     if started and not overwrite:
         raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")
@@ -240,6 +244,8 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         contents = run_contents(out)
         if not contents.foreign:
             clear_run_files(out, contents)
+        lock.release()
+        restore_replaced(out)  # the run an --overwrite set aside comes back: the new one logged nothing
         raise
     finally:
         lock.release()

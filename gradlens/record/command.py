@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
+from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, restore_replaced, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import (
@@ -314,7 +314,9 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     finally:
         if lock is not None:
             lock.release()
-            if lock.created_dir and not any(run.path.iterdir()):
+            if run.action == P.OVERWRITE:
+                restore_replaced(run.path)  # stopped before the new run's first row: the old run comes back
+            if lock.created_dir and run.path.is_dir() and not any(run.path.iterdir()):
                 run.path.rmdir()  # refused before the first write: leave no empty directory behind
 
 

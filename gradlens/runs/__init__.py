@@ -7,7 +7,7 @@ from . import schema
 from .lock import RunLock, RunLockedError
 from .run_dir import (
     Run, RunContents, RunWriter, check_continuable_by, check_name_lengths, check_no_links, check_not_inside_a_run, check_overwritable, find_runs, is_complete, is_run_dir, load_run, own_checkpoint_files,
-    prepare_run_dir, run_contents, run_status, write_json_atomic,
+    prepare_run_dir, replaced_path, restore_replaced, run_contents, run_status, write_json_atomic,
 )
 from .tables import CsvTable, RunFormatError, TruncatedRowWarning, read_table
 
@@ -34,6 +34,8 @@ __all__ = [
     "load_run",
     "own_checkpoint_files",
     "prepare_run_dir",
+    "replaced_path",
+    "restore_replaced",
     "read_table",
     "write_json_atomic",
 ]

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import schema
+from .lock import RunLock, held_lock
 from .tables import CsvTable, RunFormatError, check_cells, named_os_error, open_nofollow, read_table
 
 
@@ -278,14 +279,102 @@ def check_not_inside_a_run(path: str | os.PathLike) -> None:
                              "(choose an --out outside it)")
 
 
+# ---------------------------------------------------------------- --overwrite without a moment of loss
+# The run being replaced is renamed aside (one rename: it is whole at either name) and deleted only
+# once the new run has logged its first row. A kill in between leaves the old run whole beside the
+# new one, and the next `gradlens record`/`langevin` on that directory puts it back.
+
+
+def replaced_path(path: str | os.PathLike) -> Path:
+    """Where --overwrite keeps the run it replaces until the new run has a row: ``.NAME.gradlens-replaced``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.gradlens-replaced")
+
+
+def has_rows(path: str | os.PathLike) -> bool:
+    """steps.csv holds at least one complete row."""
+    steps = Path(path) / schema.STEPS
+    try:
+        return steps.is_file() and not steps.is_symlink() and steps.read_bytes().count(b"\n") >= 2
+    except OSError:
+        return False
+
+
+def _fresh_directory(path: Path) -> None:
+    path.mkdir()
+
+
+def set_aside(path: Path, contents: RunContents) -> None:
+    """Move the run at ``path`` aside and leave an empty directory (still locked) in its place."""
+    aside = replaced_path(path)
+    if aside.exists() or aside.is_symlink():
+        if not has_rows(path):
+            # An earlier --overwrite was cut short: the run aside holds the data, the one here none yet.
+            check_overwritable(aside)
+            clear_run_files(path, contents)
+            return
+        discard_replaced(path)  # the new run got its rows: what is aside is the stale old one
+    os.rename(path, aside)
+    try:
+        _fresh_directory(path)
+    except OSError:
+        os.rename(aside, path)
+        raise
+    lock = held_lock(path)
+    if lock is not None:
+        lock.relock(aside / schema.LOCK)
+
+
+def discard_replaced(path: str | os.PathLike) -> None:
+    """Delete the run --overwrite set aside for ``path`` (its run files only; anything else keeps it)."""
+    aside = replaced_path(path)
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    try:
+        contents = check_overwritable(aside)
+    except ValueError:
+        return  # not only gradlens files: left alone
+    clear_run_files(aside, contents)
+    (aside / schema.LOCK).unlink(missing_ok=True)  # nobody holds it: the lock moved with relock
+    if not any(aside.iterdir()):
+        aside.rmdir()
+
+
+def restore_replaced(path: str | os.PathLike) -> bool:
+    """Put back a run that an interrupted --overwrite set aside, when its replacement has no row yet
+    (and no writer holds it). True when it was restored."""
+    path = Path(path)
+    aside = replaced_path(path)
+    if not aside.is_dir() or aside.is_symlink() or has_rows(path):
+        return False
+    if path.exists():
+        try:
+            contents = check_overwritable(path)
+        except ValueError:
+            return False
+        try:
+            with RunLock(path):
+                clear_run_files(path, contents)
+        except ValueError:  # a writer holds it: its --overwrite is under way
+            return False
+        if any(path.iterdir()):
+            return False
+        path.rmdir()
+    os.rename(aside, path)
+    warnings.warn(f"{path}: an interrupted --overwrite had set this run aside (as {aside.name}) before the new run logged a "
+                  "row; it was put back", UserWarning, stacklevel=2)
+    return True
+
+
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Check what may be done to ``path`` and make it ready; refusals change nothing.
 
     * a missing or never-started directory (empty, or left by a writer killed
       before its config.json existed) is used as is;
     * an existing run is continued only with ``resume``, replaced only with
-      ``overwrite`` -- which deletes the run format's files and refuses when the
-      directory is not a gradlens run or holds anything else.
+      ``overwrite`` -- which refuses when the directory is not a gradlens run or
+      holds anything else, and sets the old run aside (``set_aside``) until the
+      new run has logged its first row.
     """
     path = Path(path)
     if resume and overwrite:
@@ -305,7 +394,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
                 f"{path}: run directory already exists and is not empty; "
                 "pass --resume to continue it or --overwrite to replace it (it was left unchanged)"
             )
-        clear_run_files(path, check_overwritable(path))
+        set_aside(path, check_overwritable(path))
     elif contents is not None:
         for leftover in contents.ours:  # config.json.tmp of a run killed at its very start
             if leftover.name != schema.LOCK:
@@ -361,12 +450,16 @@ class RunWriter:
         if not resume:
             header = {"schema_version": schema.SCHEMA_VERSION, "kind": kind, "config": dict(config), "versions": environment_versions()}
             write_json_atomic(self.path / schema.CONFIG, header)
+        self._first_row_logged = False
         self.steps = CsvTable(self.path / schema.STEPS)
         self.layers = CsvTable(self.path / schema.LAYERS)
         self.evals = CsvTable(self.path / schema.EVALS)
 
     def log_step(self, row: Mapping[str, Any]) -> None:
         self.steps.append(row)
+        if not self._first_row_logged:  # the new run is real now: the run it replaces can go
+            self._first_row_logged = True
+            discard_replaced(self.path)
 
     def log_layers(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         self.layers.append_many({schema.STEP: step, schema.LAYER: name, **values} for name, values in layers.items())
