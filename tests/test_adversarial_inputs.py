@@ -236,6 +236,9 @@ def test_plot_counts_copies_of_one_seed_once(tmp_path, capsys):
     assert (comparison["n_group"] == 1).all() and "unpaired" not in captured.out
     report = (tmp_path / "figs" / "report.html").read_text()
     assert "repeats seed 0" in report and "Warnings: none" not in report
+    # Runs of one seed that differ in a setting (here the loss, pooled by --group-by) are not copies.
+    assert main(["plot", str(a), "--group-by", "seed", "--out", str(tmp_path / "by-seed")]) == 0
+    assert "repeats seed" not in capsys.readouterr().err
 
 
 def test_plot_leaves_out_unfinished_runs_beside_finished_ones(tmp_path, capsys):
