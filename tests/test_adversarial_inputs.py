@@ -1,17 +1,13 @@
-"""Adversarial inputs, round 3, outside the run directory: settings files, `gradlens plot` and
+"""Adversarial inputs outside the run directory: settings files, `gradlens plot` and
 `gradlens langevin`. Each case asserts the exit code, the message and (where it is refused)
 a directory tree byte-identical to before.
-
-Items of the reliability list are named in each test's docstring by their number.
 """
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from adversarial_helpers import JOB, record, refused, tree
+from adversarial_helpers import record, refused
 from gradlens.cli import main
 
 LANGEVIN = ["langevin", "--no-tensorboard", "--quiet"]
@@ -26,7 +22,7 @@ _BOMB = "".join(
 
 
 def test_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
-    """9: 9^9 values described in a few hundred bytes; refused before anything is built or shown."""
+    """9^9 values described in a few hundred bytes; refused before anything is built or shown."""
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_BOMB)
     assert bomb.stat().st_size < 600
@@ -44,7 +40,7 @@ def test_yaml_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
 ], ids=["json", "yaml", "toml", "json-40"])
 @pytest.mark.parametrize("command", ["record", "langevin"])
 def test_deeply_nested_config_is_one_message(tmp_path, capsys, suffix, text, command):
-    """17: nesting deep enough to exhaust recursion, and nesting no setting has."""
+    """nesting deep enough to exhaust recursion, and nesting no setting has."""
     path = tmp_path / f"c{suffix}"
     path.write_text(text)
     argv = ["record", "--config", str(path)] if command == "record" else [*LANGEVIN, "--config", str(path)]
@@ -59,7 +55,7 @@ def test_deeply_nested_config_is_one_message(tmp_path, capsys, suffix, text, com
 ], ids=["5000-digits", "30-digits", "surrogate", "nul"])
 @pytest.mark.parametrize("command", ["record", "langevin"])
 def test_unusable_config_values_name_the_file_and_the_setting(tmp_path, capsys, text, problem, command):
-    """22: huge integers, an unpaired surrogate and NUL in a path, each with its file and setting."""
+    """huge integers, an unpaired surrogate and NUL in a path, each with its file and setting."""
     path = tmp_path / "c.json"
     path.write_text(text)
     argv = ["record", "--config", str(path)] if command == "record" else [*LANGEVIN, "--config", str(path)]
@@ -67,7 +63,7 @@ def test_unusable_config_values_name_the_file_and_the_setting(tmp_path, capsys, 
 
 
 def test_tilde_in_a_config_path_is_the_home_directory(tmp_path, monkeypatch):
-    """27: `out: ~/x` in a settings file means $HOME/x, as on a command line; no literal ./~."""
+    """`out: ~/x` in a settings file means $HOME/x, as on a command line; no literal ./~."""
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
@@ -86,7 +82,7 @@ def test_tilde_in_a_config_path_is_the_home_directory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit(3)"])
 def test_langevin_potential_raising_keyboard_interrupt_or_system_exit(tmp_path, capsys, monkeypatch, raised):
-    """20: a user potential that raises KeyboardInterrupt or SystemExit is one message, and nothing is left."""
+    """a user potential that raises KeyboardInterrupt or SystemExit is one message, and nothing is left."""
     (tmp_path / "pot.py").write_text(f"def U(x):\n    raise {raised}\n")
     monkeypatch.chdir(tmp_path)
     refused(capsys, tmp_path, [*LANGEVIN, "--target", "user", "--potential", "pot.py:U", "--dim", "2", "--step", "0.01",
@@ -96,7 +92,7 @@ def test_langevin_potential_raising_keyboard_interrupt_or_system_exit(tmp_path, 
 
 
 def test_langevin_readme_example_runs_and_a_failure_writes_nothing(tmp_path, capsys, monkeypatch):
-    """30: without --step or --eps: one message naming both, and no runs/langevin/ left behind;
+    """without --step or --eps: one message naming both, and no runs/langevin/ left behind;
     the front page's example (with --eps) runs."""
     monkeypatch.chdir(tmp_path)
     refused(capsys, tmp_path, [*LANGEVIN, "--target", "gaussian", "--dim", "10"], 2, "pass --step H", "--eps EPS")
@@ -116,7 +112,7 @@ def test_langevin_readme_example_runs_and_a_failure_writes_nothing(tmp_path, cap
 
 
 def test_plot_out_through_a_link_into_a_run_is_refused(tmp_path, capsys):
-    """7: --out LINK/figs where LINK points at a run is inside the run."""
+    """--out LINK/figs where LINK points at a run is inside the run."""
     run = tmp_path / "runs" / "r"
     record(run)
     link = tmp_path / "link"
@@ -137,7 +133,7 @@ def _plot(tmp_path, *paths):
 
 @pytest.mark.parametrize("name", ["steps.csv", "config.json", "evals.csv", "summary.json"])
 def test_plot_refuses_a_run_file_that_links_out_of_the_run(tmp_path, capsys, name):
-    """10: steps.csv (or any run file) linking to a file outside the run is never opened."""
+    """steps.csv (or any run file) linking to a file outside the run is never opened."""
     run = _run(tmp_path)
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0:the first line of a private file\n")
@@ -148,7 +144,7 @@ def test_plot_refuses_a_run_file_that_links_out_of_the_run(tmp_path, capsys, nam
 
 
 def test_plot_refuses_a_fifo_in_a_run_instead_of_hanging(tmp_path, capsys):
-    """25: a FIFO named evals.csv would block the reader forever."""
+    """a FIFO named evals.csv would block the reader forever."""
     import os
 
     run = _run(tmp_path)
@@ -158,7 +154,7 @@ def test_plot_refuses_a_fifo_in_a_run_instead_of_hanging(tmp_path, capsys):
 
 
 def test_plot_config_with_a_5000_digit_integer_is_one_message(tmp_path, capsys):
-    """19: json's own limit on integer digits is a message naming the file, not a traceback."""
+    """json's own limit on integer digits is a message naming the file, not a traceback."""
     run = _run(tmp_path)
     header = (run / "config.json").read_text().replace('"seed": 0', '"seed": ' + "9" * 5000, 1)
     (run / "config.json").write_text(header)
@@ -186,14 +182,14 @@ def _set_cell(run, column, value, line=3):
     ("step", "", "'step' value (empty) is not a step"),
 ], ids=["loss-abc", "nonfinite-yes", "nonfinite-2", "step-four", "step-3.5", "step-minus-7", "step-1e20", "step-empty"])
 def test_plot_refuses_bad_cells_with_file_and_line(tmp_path, capsys, column, value, problem):
-    """14: a cell gradlens never writes is refused with its file and line, never coerced to NaN."""
+    """a cell gradlens never writes is refused with its file and line, never coerced to NaN."""
     run = _run(tmp_path)
     _set_cell(run, column, value)
     refused(capsys, tmp_path, _plot(tmp_path, run), 1, f"{run / 'steps.csv'}: line 3: {problem}")
 
 
 def test_plot_accepts_the_non_finite_values_gradlens_writes(tmp_path, capsys):
-    """14 (the other side): nan, inf, -inf and empty cells are numbers, as written."""
+    """The other side: nan, inf, -inf and empty cells are numbers, as written."""
     run = _run(tmp_path)
     _set_cell(run, "loss", "inf", line=2)
     _set_cell(run, "grad/ratio", "nan", line=3)
@@ -202,7 +198,7 @@ def test_plot_accepts_the_non_finite_values_gradlens_writes(tmp_path, capsys):
 
 
 def test_plot_uses_rows_in_step_order(tmp_path, capsys):
-    """13: reversed rows are sorted by step (with a warning): last_step and changes keep their sign."""
+    """reversed rows are sorted by step (with a warning): last_step and changes keep their sign."""
     import pandas as pd
 
     run = _run(tmp_path, steps=5)
@@ -219,7 +215,7 @@ def test_plot_uses_rows_in_step_order(tmp_path, capsys):
 
 
 def test_plot_counts_copies_of_one_seed_once(tmp_path, capsys):
-    """11: the default job recorded twice (seed 0 both times) is one seed per group, said in the report."""
+    """the default job recorded twice (seed 0 both times) is one seed per group, said in the report."""
     import pandas as pd
 
     a, b = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
@@ -242,7 +238,7 @@ def test_plot_counts_copies_of_one_seed_once(tmp_path, capsys):
 
 
 def test_plot_leaves_out_unfinished_runs_beside_finished_ones(tmp_path, capsys):
-    """12: a killed run (no summary.json, 2 of 6 steps) is not averaged with finished ones; named in the warning."""
+    """a killed run (no summary.json, 2 of 6 steps) is not averaged with finished ones; named in the warning."""
     import pandas as pd
 
     runs = tmp_path / "runs"
@@ -266,7 +262,7 @@ def test_plot_leaves_out_unfinished_runs_beside_finished_ones(tmp_path, capsys):
 
 
 def test_p_values_are_never_impossible():
-    """15: a bootstrap p is at least 1/(B+1); no spread gives an undefined (NaN) interval, marked."""
+    """a bootstrap p is at least 1/(B+1); no spread gives an undefined (NaN) interval, marked."""
     import math
 
     from gradlens.analysis.compare import NOTE_NO_SPREAD, diff_interval
@@ -283,7 +279,7 @@ def test_p_values_are_never_impossible():
 
 
 def test_plot_p_holm_is_never_zero(tmp_path, capsys):
-    """15, end to end: three paired seeds whose differences all have one sign."""
+    """End to end: three paired seeds whose differences all have one sign."""
     import pandas as pd
 
     runs = tmp_path / "runs"
@@ -297,7 +293,7 @@ def test_plot_p_holm_is_never_zero(tmp_path, capsys):
 
 
 def test_plot_names_a_run_whose_path_is_not_utf8_and_leaves_no_out(tmp_path, capsys):
-    """26: a run directory named in another encoding is named (escaped) in the message; no empty --out is left."""
+    """a run directory named in another encoding is named (escaped) in the message; no empty --out is left."""
     import os
 
     runs = tmp_path / "runs"
@@ -308,7 +304,7 @@ def test_plot_names_a_run_whose_path_is_not_utf8_and_leaves_no_out(tmp_path, cap
 
 
 def test_plot_failure_after_creating_out_removes_it(tmp_path, capsys, monkeypatch):
-    """26: whatever fails after --out was created, the folders it created and left empty are removed again."""
+    """whatever fails after --out was created, the folders it created and left empty are removed again."""
     from gradlens.plot import preference, registry
 
     def broken(groups, options):
@@ -321,7 +317,7 @@ def test_plot_failure_after_creating_out_removes_it(tmp_path, capsys, monkeypatc
 
 
 def test_warnings_print_no_python_source_lines(tmp_path):
-    """29: a warning is one line, `gradlens: warning: ...`, without the file and source line that raised it."""
+    """a warning is one line, `gradlens: warning: ...`, without the file and source line that raised it."""
     import os
     import subprocess
     import sys
@@ -338,7 +334,7 @@ def test_warnings_print_no_python_source_lines(tmp_path):
 
 
 def test_plot_runs_of_two_kinds_each_in_its_own_folder(tmp_path, capsys):
-    """31: a Langevin run beside preference runs: each kind is plotted in OUT/KIND/, nothing is refused."""
+    """a Langevin run beside preference runs: each kind is plotted in OUT/KIND/, nothing is refused."""
     runs = tmp_path / "runs"
     record(runs / "pref")
     assert main([*LANGEVIN, "--dim", "2", "--step", "0.01", "--steps", "20", "--particles", "0", "--out", str(runs / "langevin" / "g")]) == 0
@@ -351,7 +347,7 @@ def test_plot_runs_of_two_kinds_each_in_its_own_folder(tmp_path, capsys):
 
 
 def test_langevin_kl_figure_axis_starts_at_zero_without_overlaps_or_stray_notes(tmp_path):
-    """32: a long run on a log iteration axis: no negative iterations, no overlapping tick labels, and the
+    """a long run on a log iteration axis: no negative iterations, no overlapping tick labels, and the
     k-NN note only where k-NN estimates are drawn."""
     from gradlens.analysis.groups import group_runs
     from gradlens.plot.langevin import kl_figure

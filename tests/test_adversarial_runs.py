@@ -1,8 +1,6 @@
-"""Adversarial cases, round 3, for run directories: `gradlens record` (new, --overwrite, --resume)
+"""Adversarial cases for run directories: `gradlens record` (new, --overwrite, --resume)
 and the trainer integration's run log. Nothing outside a run is ever touched, nothing gradlens did
 not write is deleted, and a refusal leaves the directory tree byte-identical.
-
-Items of the reliability list are named in each test's docstring by their number.
 """
 
 from __future__ import annotations
@@ -22,11 +20,11 @@ def _resume(out, steps, *extra):
     return ["record", *JOB, "--steps", str(steps), "--out", str(out), "--resume", *extra]
 
 
-# ---------------------------------------------------------------- 2: pruning deletes only gradlens's checkpoints
+# ---------------------------------------------------------------- pruning deletes only gradlens's checkpoints
 
 
 def test_pruning_leaves_a_users_files_in_a_step_directory(tmp_path):
-    """2: a user's folder named like a checkpoint (checkpoints/step_0 holding notes) survives pruning."""
+    """a user's folder named like a checkpoint (checkpoints/step_0 holding notes) survives pruning."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "1", steps=2)
     mine = out / schema.CHECKPOINTS / "step_0"
@@ -39,7 +37,7 @@ def test_pruning_leaves_a_users_files_in_a_step_directory(tmp_path):
 
 
 def test_out_inside_another_run_is_refused(tmp_path, capsys):
-    """2: --out RUN/checkpoints/step_5 would make a whole run look like a prunable checkpoint."""
+    """--out RUN/checkpoints/step_5 would make a whole run look like a prunable checkpoint."""
     run = tmp_path / "run"
     record(run, "--checkpoint-every", "1", steps=2)
     inner = run / schema.CHECKPOINTS / "step_5"
@@ -52,7 +50,7 @@ def test_out_inside_another_run_is_refused(tmp_path, capsys):
 
 
 def test_symlinked_checkpoints_is_refused_and_the_folder_outside_untouched(tmp_path, capsys):
-    """2 and 8: checkpoints/ as a link to a user's folder outside the run: resume refuses, nothing changes."""
+    """checkpoints/ as a link to a user's folder outside the run: resume refuses, nothing changes."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "1", steps=3)
     outside = tmp_path / "user_folder"
@@ -67,7 +65,7 @@ def test_symlinked_checkpoints_is_refused_and_the_folder_outside_untouched(tmp_p
 
 
 def test_saving_through_a_linked_checkpoints_folder_is_refused(tmp_path):
-    """2: the writer itself never writes or prunes through a linked checkpoints/ (a link made mid-run)."""
+    """the writer itself never writes or prunes through a linked checkpoints/ (a link made mid-run)."""
     from gradlens.record.checkpoint import prune_checkpoints, save_checkpoint
 
     outside = tmp_path / "outside"
@@ -83,12 +81,12 @@ def test_saving_through_a_linked_checkpoints_folder_is_refused(tmp_path):
     assert tree(outside) == before
 
 
-# ---------------------------------------------------------------- 8: planted links are never followed
+# ---------------------------------------------------------------- planted links are never followed
 
 
 @pytest.mark.parametrize("name", [schema.LOCK, "steps.tmp", "config.json.tmp", "summary.json.tmp", schema.STEPS])
 def test_resume_refuses_planted_links(tmp_path, capsys, name):
-    """8: a link planted in a run (the lock, a temp file, a table) would make --resume overwrite its target."""
+    """a link planted in a run (the lock, a temp file, a table) would make --resume overwrite its target."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "1", steps=3)
     (out / schema.SUMMARY).unlink()
@@ -102,7 +100,7 @@ def test_resume_refuses_planted_links(tmp_path, capsys, name):
 
 
 def test_writers_open_no_link(tmp_path):
-    """8: the writers themselves refuse a link (O_NOFOLLOW), should one appear after the checks."""
+    """the writers themselves refuse a link (O_NOFOLLOW), should one appear after the checks."""
     from gradlens.runs import CsvTable, RunLock, write_json_atomic
 
     victim = tmp_path / "victim.txt"
@@ -122,7 +120,7 @@ def test_writers_open_no_link(tmp_path):
     assert victim.read_text() == "precious"
 
 
-# ---------------------------------------------------------------- 18: a chat template that refuses a message
+# ---------------------------------------------------------------- a chat template that refuses a message
 
 
 _WORDS = ["<pad>", "<unk>", "<bos>", "<eos>", "hi", "there", "yes", "no", "why", "ok"]
@@ -149,7 +147,7 @@ def _tiny_model(path, chat_template=None):
 
 
 def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys):
-    """18: the template's raise_exception (a role it does not accept) is one message with file and line."""
+    """the template's raise_exception (a role it does not accept) is one message with file and line."""
     model = _tiny_model(tmp_path / "model", chat_template=(
         "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
         "{{ raise_exception('Conversation roles must be user or assistant, not ' + m['role']) }}{% endif %}"
@@ -166,13 +164,13 @@ def test_chat_template_raise_exception_names_the_file_and_line(tmp_path, capsys)
     assert "jinja" not in err.lower()
 
 
-# ---------------------------------------------------------------- 28: NaN in JSON data
+# ---------------------------------------------------------------- NaN in JSON data
 
 
 @pytest.mark.parametrize("token,shown", [("NaN", "the number nan (NaN in the file)"), ("-Infinity", "the number -inf (Infinity in the file)"),
                                          ("null", "null")])
 def test_json_nan_in_data_is_named_as_nan(tmp_path, capsys, token, shown):
-    """28: JSON's non-standard NaN is reported as NaN (a number), not as a null."""
+    """JSON's non-standard NaN is reported as NaN (a number), not as a null."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -182,12 +180,12 @@ def test_json_nan_in_data_is_named_as_nan(tmp_path, capsys, token, shown):
             2, f"{data}: line 2: 'prompt' has the wrong type ({shown})")
 
 
-# ---------------------------------------------------------------- 23: a name longer than the file system allows
+# ---------------------------------------------------------------- a name longer than the file system allows
 
 
 @pytest.mark.parametrize("command", ["record", "langevin"])
 def test_out_name_too_long_is_refused_before_anything_starts(tmp_path, capsys, command):
-    """23: a 300-character --out name: refused as a name, with nothing created (no "rows are kept")."""
+    """a 300-character --out name: refused as a name, with nothing created (no "rows are kept")."""
     out = tmp_path / "parent" / ("x" * 300)
     argv = (["record", *JOB, "--steps", "2"] if command == "record"
             else ["langevin", "--no-tensorboard", "--dim", "2", "--step", "0.01", "--steps", "5"])
@@ -196,7 +194,7 @@ def test_out_name_too_long_is_refused_before_anything_starts(tmp_path, capsys, c
     assert "rows logged so far" not in err
 
 
-# ---------------------------------------------------------------- 4 and 24: each writer continues only its own runs
+# ---------------------------------------------------------------- each writer continues only its own runs
 
 
 def _trainer_run(path):
@@ -209,7 +207,7 @@ def _trainer_run(path):
 
 
 def test_trainer_run_log_does_not_resume_a_record_run(tmp_path):
-    """4: RunLog(resume_at=N) on a `gradlens record` run refuses before cutting rows or deleting summary.json."""
+    """RunLog(resume_at=N) on a `gradlens record` run refuses before cutting rows or deleting summary.json."""
     from gradlens.integrations.run_log import RunLog
 
     out = tmp_path / "run"
@@ -227,14 +225,14 @@ def test_trainer_run_log_does_not_resume_a_record_run(tmp_path):
 
 
 def test_record_resume_of_a_trainer_run_says_what_it_is(tmp_path, capsys):
-    """24: `gradlens record --resume` on a trainer run: not "--env must be one of [...]", but what the run is."""
+    """`gradlens record --resume` on a trainer run: not "--env must be one of [...]", but what the run is."""
     trainer = _trainer_run(tmp_path / "trainer")
     err = refused(capsys, tmp_path, ["record", "--out", str(trainer), "--resume", "--steps", "5", "--quiet"], 2,
                   f"{trainer}: recorded by the transformers trainer integration (env 'transformers'), not by `gradlens record`")
     assert "--env must be one of" not in err
 
 
-# ---------------------------------------------------------------- 21: a file too large / a full disk
+# ---------------------------------------------------------------- a file too large / a full disk
 
 
 _FSIZE = """
@@ -252,7 +250,7 @@ sys.exit(main(sys.argv[1:]))
     (6000, ["--no-tensorboard"], "steps.csv"),
 ], ids=["event-file", "checkpoint", "steps-csv"])
 def test_file_too_large_names_the_file_and_keeps_the_rows(tmp_path, limit, extra, culprit):
-    """21: EFBIG (a file-size limit; a full disk fails the same way) names the file it hit, without a traceback."""
+    """EFBIG (a file-size limit; a full disk fails the same way) names the file it hit, without a traceback."""
     import subprocess
     import sys
 
@@ -269,12 +267,12 @@ def test_file_too_large_names_the_file_and_keeps_the_rows(tmp_path, limit, extra
     assert len(read_table(out / schema.STEPS, quiet=True)) >= 1
 
 
-# ---------------------------------------------------------------- 1: an unusable --device
+# ---------------------------------------------------------------- an unusable --device
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "hpu", "lazy"])
 def test_unusable_device_is_refused_before_overwrite_touches_anything(tmp_path, capsys, device):
-    """1: --overwrite with a device this machine lacks: refused before the old run is touched."""
+    """--overwrite with a device this machine lacks: refused before the old run is touched."""
     import torch
 
     if device == "mps" and torch.backends.mps.is_available():  # pragma: no cover - a Mac
@@ -285,7 +283,7 @@ def test_unusable_device_is_refused_before_overwrite_touches_anything(tmp_path, 
             f"--device {device}: not usable on this machine")
 
 
-# ---------------------------------------------------------------- 3 and 5: resume checks everything first
+# ---------------------------------------------------------------- resume checks everything first
 
 
 def _drop_checkpoints(out):
@@ -293,7 +291,7 @@ def _drop_checkpoints(out):
 
 
 def test_resume_of_an_older_schema_changes_nothing(tmp_path, capsys):
-    """3: steps.csv without `nonfinite` (an older gradlens): refused before steps.csv is cut, config.json noted
+    """steps.csv without `nonfinite` (an older gradlens): refused before steps.csv is cut, config.json noted
     or an event file added."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "2", steps=4)
@@ -304,7 +302,7 @@ def test_resume_of_an_older_schema_changes_nothing(tmp_path, capsys):
 
 
 def test_resume_refuses_a_finished_run_shorter_than_checkpoint_every_without_checkpoints(tmp_path, capsys):
-    """5: 3 steps with --checkpoint-every 5 end with a checkpoint at step 3; with it gone, resuming would discard the rows."""
+    """3 steps with --checkpoint-every 5 end with a checkpoint at step 3; with it gone, resuming would discard the rows."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "5", steps=3)
     _drop_checkpoints(out)
@@ -312,7 +310,7 @@ def test_resume_refuses_a_finished_run_shorter_than_checkpoint_every_without_che
 
 
 def test_resume_uses_the_history_when_checkpoint_every_changed(tmp_path, capsys):
-    """5: --checkpoint-every changed on an earlier resume (2, then 100): that resume, from step 4, shows a checkpoint
+    """--checkpoint-every changed on an earlier resume (2, then 100): that resume, from step 4, shows a checkpoint
     existed at step 4, so rows past it with no checkpoint left are not discarded."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "2", steps=4)
@@ -324,7 +322,7 @@ def test_resume_uses_the_history_when_checkpoint_every_changed(tmp_path, capsys)
 
 
 def test_resume_before_the_first_checkpoint_still_starts_over(tmp_path):
-    """5, the other side: a run killed before its first checkpoint is resumed from step 0."""
+    """The other side: a run killed before its first checkpoint is resumed from step 0."""
     out = tmp_path / "run"
     record(out, "--checkpoint-every", "10", steps=20)
     _drop_checkpoints(out)
@@ -335,11 +333,11 @@ def test_resume_before_the_first_checkpoint_still_starts_over(tmp_path):
     assert load_run(out).steps[schema.STEP].tolist() == list(range(20))
 
 
-# ---------------------------------------------------------------- 16: the data file changed under a run
+# ---------------------------------------------------------------- the data file changed under a run
 
 
 def test_resume_refuses_a_data_file_edited_in_place(tmp_path, capsys):
-    """16: config.json keeps the data file's SHA-256; --resume on an edited file (same path) is refused."""
+    """config.json keeps the data file's SHA-256; --resume on an edited file (same path) is refused."""
     import hashlib
 
     model = _tiny_model(tmp_path / "model")
@@ -363,7 +361,7 @@ def test_resume_refuses_a_data_file_edited_in_place(tmp_path, capsys):
     assert load_run(out).steps[schema.STEP].tolist() == [0, 1, 2, 3]
 
 
-# ---------------------------------------------------------------- 6: a kill during --overwrite
+# ---------------------------------------------------------------- a kill during --overwrite
 
 
 _PAUSE = """
@@ -398,7 +396,7 @@ def _without_lock(snapshot: dict) -> dict:
 
 @pytest.mark.parametrize("point", ["after-rename", "before-first-row", "after-first-row"])
 def test_kill_during_overwrite_keeps_the_old_run_or_the_new_one(tmp_path, point):
-    """6: SIGKILL at each point of --overwrite: the old run stays whole (set aside) until the new run has a row,
+    """SIGKILL at each point of --overwrite: the old run stays whole (set aside) until the new run has a row,
     and the next command on the directory puts it back (or, once the new run has rows, discards it)."""
     import signal
     import subprocess
@@ -430,7 +428,7 @@ def test_kill_during_overwrite_keeps_the_old_run_or_the_new_one(tmp_path, point)
 
 
 def test_a_finished_overwrite_leaves_nothing_aside(tmp_path):
-    """6: once the new run has rows, the run it replaced is gone (record and langevin)."""
+    """once the new run has rows, the run it replaced is gone (record and langevin)."""
     from gradlens.runs import replaced_path
 
     out = tmp_path / "run"
