@@ -157,7 +157,10 @@ def check_header(path: str | os.PathLike, columns: Iterable[str]) -> None:
     path = Path(path)
     if not path.exists():
         return
-    first = _read_bytes(path).split(b"\n", 1)[0]
+    data = _read_bytes(path)
+    if b"\n" not in data:  # no complete header (a kill while writing it): the writer starts the table again
+        return
+    first = data.split(b"\n", 1)[0]
     try:
         header = next(csv.reader([first.decode("utf-8")])) if first else []
     except (UnicodeDecodeError, csv.Error, StopIteration):
