@@ -439,3 +439,12 @@ def test_a_finished_overwrite_leaves_nothing_aside(tmp_path):
     argv = ["langevin", "--no-tensorboard", "--quiet", "--dim", "2", "--step", "0.01", "--steps", "5", "--out", str(lv)]
     assert main(argv) == 0 and main([*argv, "--overwrite"]) == 0
     assert not replaced_path(lv).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lv", "run"]
+
+
+def test_overwrite_of_the_current_directory_is_refused(tmp_path, capsys, monkeypatch):
+    """The old run is renamed aside, and the current directory would move with it: refused, nothing changed."""
+    out = tmp_path / "run"
+    record(out)
+    monkeypatch.chdir(out)
+    refused(capsys, tmp_path, ["record", *JOB, "--steps", "3", "--out", ".", "--overwrite"], 2,
+            "--overwrite refused: it is (or holds) the current directory")

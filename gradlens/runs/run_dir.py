@@ -181,6 +181,11 @@ def check_overwritable(path: str | os.PathLike) -> RunContents:
             f"{path}: --overwrite refused: the directory holds files that are not part of a gradlens run: "
             f"{_listing(contents.foreign)}; nothing was deleted. Move them away, or choose another --out"
         )
+    here, run = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(path))
+    if here == run or run in here.parents:
+        # --overwrite renames the old run aside; the current directory would move with it.
+        raise ValueError(f"{path}: --overwrite refused: it is (or holds) the current directory; run the command from "
+                         "outside it. Nothing was deleted")
     return contents
 
 
