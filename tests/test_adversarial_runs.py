@@ -448,3 +448,21 @@ def test_overwrite_of_the_current_directory_is_refused(tmp_path, capsys, monkeyp
     monkeypatch.chdir(out)
     refused(capsys, tmp_path, ["record", *JOB, "--steps", "3", "--out", ".", "--overwrite"], 2,
             "--overwrite refused: it is (or holds) the current directory")
+
+
+def test_lora_checkpoints_with_their_adapter_are_pruned_and_overwritten(tmp_path):
+    """A LoRA checkpoint's adapter/ (peft's files) is gradlens's too: pruned with its checkpoint, replaced by --overwrite."""
+    from gradlens.runs import replaced_path
+
+    model = _tiny_model(tmp_path / "model")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "why", "chosen": "yes", "rejected": "no"}\n{"prompt": "hi", "chosen": "ok", "rejected": "no"}\n')
+    out = tmp_path / "run"
+    argv = ["record", "--env", "user", "--loss", "dpo", "--model", str(model), "--data", str(data), "--out", str(out), "--quiet",
+            "--batch-size", "2", "--checkpoint-every", "1", "--lora-r", "2", "--lora-target-modules", "c_attn"]
+    assert main([*argv, "--steps", "4"]) == 0
+    assert sorted(p.name for p in (out / schema.CHECKPOINTS).iterdir()) == ["step_3", "step_4"]
+    assert (out / schema.CHECKPOINTS / "step_4" / "adapter" / "adapter_model.safetensors").is_file()
+    assert main([*argv, "--steps", "3", "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / schema.CHECKPOINTS).iterdir()) == ["step_2", "step_3"]
+    assert not replaced_path(out).exists()
