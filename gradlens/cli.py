@@ -9,12 +9,10 @@ when asked for (``gradlens record`` runs the built-in one).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import os
 import sys
+import threading
 import warnings
-from typing import Iterator
 
 SUBCOMMANDS = {
     "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
@@ -47,7 +45,30 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, ar
     return parser, parsers
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """One line per warning: what happened, never the Python file and source line that reported it."""
+    what = "warning" if issubclass(category, UserWarning) else f"warning ({category.__name__})"
+    return f"gradlens: {what}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; warnings print as one line each while it runs."""
+    original, thread_hook = warnings.formatwarning, threading.excepthook
+    warnings.formatwarning = _format_warning
+    threading.excepthook = _thread_error
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning, threading.excepthook = original, thread_hook
+
+
+def _thread_error(args) -> None:
+    """An error in a background writer (TensorBoard's) is one line; the command then reports it, naming the file."""
+    where = f"{args.exc_value.filename}: " if isinstance(args.exc_value, OSError) and args.exc_value.filename else ""
+    print(f"gradlens: error in a background writer: {where}{args.exc_value}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser(argv)
     if not argv:
@@ -60,27 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         # The subcommand's usage, not the top level's: that is where the flag was looked for.
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    with _warnings_as_lines(f"gradlens {args.command}"):
-        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
-
-
-@contextlib.contextmanager
-def _warnings_as_lines(prefix: str) -> Iterator[None]:
-    """gradlens's own warnings as one line, ``gradlens record: warning: ...``, not Python's two lines with the
-    source line of ``warnings.warn``; other libraries' warnings keep Python's format (their source helps)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    python_format = warnings.formatwarning  # replaced, not showwarning: code that records warnings still gets them
-
-    def one_line(message, category, filename, lineno, line=None) -> str:
-        if not os.path.abspath(filename).startswith(package):
-            return python_format(message, category, filename, lineno, line)
-        return f"{prefix}: warning: {message}\n"
-
-    warnings.formatwarning = one_line
-    try:
-        yield
-    finally:
-        warnings.formatwarning = python_format
+    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
 
 
 if __name__ == "__main__":

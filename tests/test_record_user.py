@@ -377,4 +377,4 @@ def test_a_warning_is_one_clean_line(model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": root, "PYTHONWARNINGS": "default"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().splitlines() == [f"gradlens record: warning: {data}: skipped 1 pair(s) whose chosen equals rejected (line 4)"]
+    assert done.stderr.strip().splitlines() == [f"gradlens: warning: {data}: skipped 1 pair(s) whose chosen equals rejected (line 4)"]
