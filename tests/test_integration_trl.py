@@ -240,6 +240,10 @@ def test_trainer_logs_and_report_to_tensorboard_carry_the_split(model_dir, tmp_p
         events = _tensorboard_scalars(tensorboard, f"train/{name}")
         assert [step for step, _ in events] == [2, 4], name
         assert [v for _, v in events] == pytest.approx([entry[name] for entry in logged], rel=1e-6), name
+    for name in SPLIT:  # gradlens's own events count steps as the Trainer does (updates done): the curves line up
+        ours, theirs = dict(_tensorboard_scalars(run_dir, name)), _tensorboard_scalars(tensorboard, f"train/{name}")
+        assert sorted(ours) == [1, 2, 3, 4], name
+        assert [ours[step] for step, _ in theirs] == pytest.approx([v for _, v in theirs], rel=1e-6), name
     assert list(run_dir.glob("events.out.tfevents.*")) and load_run(run_dir).summary["status"] == "complete"
 
 
