@@ -26,7 +26,6 @@ from .data import hub_hint
 from .trl_recipe import Recipe
 
 RUN_SUBDIR = "gradlens"  # the run directory inside TRL's output_dir when --out is not given
-SCRIPT_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "dataset_streaming", "ignore_bias_buffers")
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,17 @@ class Output:
             print(message, file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked before the model is loaded."""
+
+    args: Any  # trl.DPOConfig
+    run_dir: Path
+    model_dir: str
+    train: Any  # datasets.Dataset of standard or conversational pairs
+    evaluation: Any  # the same, or None
+
+
 def run_recipe(recipe: Recipe, output: Output) -> int:
     """Train ``recipe`` with TRL's DPOTrainer, recording every step into the run directory."""
     t0 = time.perf_counter()
@@ -50,7 +60,7 @@ def run_recipe(recipe: Recipe, output: Output) -> int:
     run_dir = _run_dir(recipe, args, output)
     model_dir = _model_dir(recipe)
     train, evaluation = _datasets(recipe)
-    trainer = _trainer(recipe, args, output, run_dir, model_dir, train, evaluation)
+    trainer = _trainer(recipe, Prepared(args, run_dir, model_dir, train, evaluation), output)
     for note in _precision_notes(recipe, args):
         output.say(note)
     trainer.train()
@@ -149,7 +159,8 @@ def _new_checkpointing_names(dpo: dict) -> None:
             dpo[old] = None
 
 
-def _trainer(recipe: Recipe, args, output: Output, run_dir: Path, model_dir: str, train, evaluation):
+def _trainer(recipe: Recipe, ready: Prepared, output: Output):
+    """GradlensDPOTrainer as trl/scripts/dpo.py builds DPOTrainer, with the run log as a callback."""
     import trl
 
     from ..integrations.transformers import GradlensCallback
@@ -162,13 +173,13 @@ def _trainer(recipe: Recipe, args, output: Output, run_dir: Path, model_dir: str
     if len(losses) != 1:
         raise ValueError(f"{recipe.path}: a TRL recipe trains one loss; got {losses} (run it once per loss)")
     callback = GradlensCallback(
-        run_dir, layers_every=int(script.get("layers_every", 1)), tensorboard=output.tensorboard, overwrite=output.overwrite,
+        ready.run_dir, layers_every=int(script.get("layers_every", 1)), tensorboard=output.tensorboard, overwrite=output.overwrite,
         config={"recipe": str(recipe.path), "recipe_keys": _jsonable(recipe.written)},
     )  # fmt: skip
     options = {k: script[k] for k in ("balance_space", "adadpo_cap", "unfused_head") if k in script}
     try:
         trainer = GradlensDPOTrainer(
-            model=model_dir, args=args, train_dataset=train, eval_dataset=evaluation, callbacks=[callback],
+            model=ready.model_dir, args=ready.args, train_dataset=ready.train, eval_dataset=ready.evaluation, callbacks=[callback],
             peft_config=trl.get_peft_config(model_args), loss=losses[0], **options,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
