@@ -589,3 +589,9 @@ def test_trl_recipe_reads_the_splits_of_a_saved_datasetdict(model_dir, tmp_path,
     recipe.write_text(recipe.read_text().replace("holdout", "test"), encoding="utf-8")
     assert main(["record", "--config", str(recipe), "--overwrite", "--quiet"]) == 2
     assert "the saved DatasetDict has no split 'test' (it has ['fit', 'holdout'])" in capsys.readouterr().err
+
+
+def test_padding_free_is_refused_with_the_reason(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="padding_free=True packs every row into one sequence"):
+        make_trainer(model_dir, tmp_path, tmp_path / "run", padding_free=True)
+    assert not (tmp_path / "run").exists()

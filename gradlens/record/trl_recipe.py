@@ -269,8 +269,10 @@ def _destinations(key: str, value: Any, where: str, rules: dict, is_flag: bool) 
         out = _destinations(target, value, where, rules, is_flag=False)
         return out + ([("ModelConfig", "use_peft", True)] if key == "lora_r" and value else [])
     if key == "env":
-        if value != "user":
-            raise ValueError(f"{where}: a TRL recipe trains your own model and data; 'env' must be 'user', got {value!r}")
+        from .config import OWN_MODEL_ENV
+
+        if value != OWN_MODEL_ENV:
+            raise ValueError(f"{where}: a TRL recipe trains your own model and data; 'env' must be {OWN_MODEL_ENV!r}, got {value!r}")
         return []
     if key == "optimizer":
         optim = {"adamw": "adamw_torch", "sgd": "sgd"}.get(value)
