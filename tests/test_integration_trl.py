@@ -343,7 +343,7 @@ def test_trl_recipe_trains_the_same_run_as_trl(model_dir, tmp_path):
         worst[column] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine, theirs))
     print(f"measured: worst relative difference per column {worst}")
     assert max(worst.values()) <= RECIPE_TOL, worst
-    assert max(e["grad_norm"] for e in logged) > 0.3  # the recipe's clipping was active
+    assert min(e["grad_norm"] for e in logged) > 0.3  # the recipe's clipping was active on every step
     trained = load_file(str(tmp_path / "trl-out" / "model.safetensors"))
     expected = reference.model.state_dict()
     start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
