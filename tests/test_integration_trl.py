@@ -536,6 +536,8 @@ def test_flags_override_a_recipe_under_gradlenss_names(tmp_path):
     assert recipe.script["out"] == "runs/x"
     # YAML reads 5e-7 (no dot) as a string; TRL's parser would take it as a number, and so does gradlens.
     assert parse_recipe(tmp_path / "dpo.yaml", data, {}).dpo["learning_rate"] == 5e-7
+    # ... and an unquoted `no` as false: TRL's strategies take it as "no".
+    assert parse_recipe(tmp_path / "dpo.yaml", {**data, "save_strategy": False}, {}).dpo["save_strategy"] == "no"
     with pytest.raises(ValueError, match="'learning_rate' and 'lr' both set 'learning_rate'"):
         parse_recipe(tmp_path / "dpo.yaml", {**data, "lr": 1e-3}, {})
 

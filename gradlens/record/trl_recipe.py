@@ -305,6 +305,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     if isinstance(value, bool):
         if bool not in kinds and numeric:
             raise ValueError(f"{where}: {key!r} must be a number, got {value!r}")
+        if bool not in kinds and str in kinds and value is False:
+            return "no"  # YAML reads an unquoted `no` (eval_strategy: no) as false
         return value
     if kinds <= {bool, type(None)}:
         raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
