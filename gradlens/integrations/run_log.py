@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..advantages import advantage_metrics
 from ..gradients import Capture
 from ..losses import PreferenceLossOutput
 from ..pairs import CHOSEN, REJECTED
@@ -29,21 +30,26 @@ PREFERENCE_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
 GROUPS_COLUMNS = schema.GROUPS_STEP_COLUMNS
 
 
-def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = ()) -> dict[str, float]:
-    """The split's columns for ``pair`` = (chosen-like group, rejected-like group); NaN without a capture."""
+def gradient_columns(
+    cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = (), *, empty: Sequence[str] = ()
+) -> dict[str, float]:
+    """The split's columns for ``pair`` = (chosen-like group, rejected-like group); NaN without a capture.
+    Groups in ``empty`` had no rows in the step: their gradient is exactly zero."""
     extra = {schema.group_norm_column(g): math.nan for g in extra_groups}
+    names = schema.split_columns(pair)  # grad_norm/chosen, grad_norm/rejected for DPO's pair
     if cap is None:
-        return {**{c: math.nan for c in GRADIENT_COLUMNS}, **extra}
+        return {**{c: math.nan for c in names}, **extra}
     a, b = pair
     for name in (a, b, *extra_groups):
         if name not in cap.groups.names:
             raise ValueError(f"the batch's row groups are {list(cap.groups.names)}; gradlens logs group {name!r}")
-    gc, gr = cap.norm(a), cap.norm(b)
-    out = {
-        schema.GRAD_NORM: cap.norm(), schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
-        schema.GRAD_DOT: cap.dot(a, b), schema.GRAD_COSINE: cap.cosine(a, b), schema.GRAD_RATIO: cap.ratio(b, a),
-    }  # fmt: skip
-    out.update({schema.group_norm_column(g): cap.norm(g) for g in extra_groups})
+    norm = lambda g: 0.0 if g in empty else cap.norm(g)  # noqa: E731
+    na, nb = norm(a), norm(b)
+    dot = 0.0 if a in empty or b in empty else cap.dot(a, b)
+    cosine = dot / (na * nb) if na * nb > 0 else math.nan
+    ratio = nb / na if na > 0 else (math.nan if nb == 0 or math.isnan(nb) else math.inf)
+    out = dict(zip(names, (cap.norm(), na, nb, dot, cosine, ratio)))
+    out.update({schema.group_norm_column(g): norm(g) for g in extra_groups})
     return out
 
 
@@ -74,6 +80,22 @@ def preference_metrics(result: StepResult) -> dict[str, float]:
         schema.WEIGHT_CHOSEN: cat("weight_chosen").mean().item(),
         schema.WEIGHT_REJECTED: cat("weight_rejected").mean().item(),
     }
+
+
+def advantage_step_metrics(result: StepResult) -> dict[str, float]:
+    """Counts and mean advantage per sign over the step's micro-batches (notes ``advantages``, ``prompt_ids``)."""
+    notes = [m.notes for m in result.micro_batches if "advantages" in m.notes]
+    prompts = [n["prompt_ids"] for n in notes if "prompt_ids" in n]
+    out = advantage_metrics([n["advantages"] for n in notes], prompts if len(prompts) == len(notes) else [])
+    rewards = [n["rewards"].double().reshape(-1) for n in notes if "rewards" in n]
+    if rewards:
+        out[schema.REWARD_MEAN] = torch.cat(rewards).mean().item()
+    return out
+
+
+def step_metrics(result: StepResult) -> dict[str, float]:
+    """The step row's metrics from what its micro-batches noted: preference pairs, advantages."""
+    return {**preference_metrics(result), **advantage_step_metrics(result)}
 
 
 def trainer_logs(row: Mapping[str, Any], *, recorded: bool = True) -> dict[str, float]:
@@ -123,13 +145,16 @@ class RunLog:
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
         cap = result.capture
         row: dict[str, Any] = {schema.STEP: result.step, schema.LOSS: step_loss(result), schema.LR: lr, **dict(metrics)}
-        row.update(gradient_columns(cap, self.pair, self.extra_groups))
-        finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
+        empty = [g for g, n in result.group_rows.items() if n == 0]
+        row.update(gradient_columns(cap, self.pair, self.extra_groups, empty=empty))
+        finite = [row[schema.LOSS], *(row[c] for c in schema.split_columns(self.pair)[:3] if cap is not None)]
         row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
         layers = None
         if cap is not None and result.step % self.layers_every == 0:
-            a, b = self.pair  # layer_table's keys follow the group names; the run log's columns are fixed
-            layers = {layer: {schema.CHOSEN_SQ: v[f"{a}_sq"], schema.REJECTED_SQ: v[f"{b}_sq"], schema.DOT: v["dot"]}
+            a, b = self.pair  # layer_table's keys follow the group names; layers.csv's columns are the pair's (first, second)
+            zero_a, zero_b = a in empty, b in empty
+            layers = {layer: {schema.CHOSEN_SQ: 0.0 if zero_a else v[f"{a}_sq"], schema.REJECTED_SQ: 0.0 if zero_b else v[f"{b}_sq"],
+                              schema.DOT: 0.0 if zero_a or zero_b else v["dot"]}
                       for layer, v in cap.layer_table(a, b).items()}  # fmt: skip
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
