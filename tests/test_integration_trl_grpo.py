@@ -118,7 +118,7 @@ def reference_gradients(trainer, batches: list[dict]) -> dict[str, dict[str, tor
 
             trainer._get_per_token_logps_and_entropies = detached
             loss = trainer.compute_loss(model, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()})
-            if isinstance(trainer, trl.RLOOTrainer):  # RLOO's loss is unscaled: the Trainer divides it by the accumulation steps
+            if not trainer.loss_is_scaled_for_ga:  # RLOO: the Trainer divides the loss by the accumulation steps
                 loss = loss / trainer.args.gradient_accumulation_steps
             grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
             for (n, _), g in zip(params, grads):

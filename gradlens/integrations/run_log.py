@@ -93,9 +93,24 @@ def advantage_step_metrics(result: StepResult) -> dict[str, float]:
     return out
 
 
+def score_metrics(result: StepResult) -> dict[str, float]:
+    """A reward model's scores of the chosen and rejected sides (notes ``scores_chosen``, ``scores_rejected``)."""
+    notes = [m.notes for m in result.micro_batches if "scores_chosen" in m.notes]
+    if not notes:
+        return {}
+    chosen = torch.cat([n["scores_chosen"].double().reshape(-1) for n in notes])
+    rejected = torch.cat([n["scores_rejected"].double().reshape(-1) for n in notes])
+    return {
+        schema.REWARDS_CHOSEN: chosen.mean().item(),
+        schema.REWARDS_REJECTED: rejected.mean().item(),
+        schema.REWARDS_MARGINS: (chosen - rejected).mean().item(),
+        schema.REWARDS_ACCURACIES: (chosen > rejected).double().mean().item(),
+    }
+
+
 def step_metrics(result: StepResult) -> dict[str, float]:
-    """The step row's metrics from what its micro-batches noted: preference pairs, advantages."""
-    return {**preference_metrics(result), **advantage_step_metrics(result)}
+    """The step row's metrics from what its micro-batches noted: preference pairs, advantages, scores."""
+    return {**preference_metrics(result), **advantage_step_metrics(result), **score_metrics(result)}
 
 
 def trainer_logs(row: Mapping[str, Any], *, recorded: bool = True) -> dict[str, float]:
@@ -144,7 +159,9 @@ class RunLog:
 
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
         cap = result.capture
-        row: dict[str, Any] = {schema.STEP: result.step, schema.LOSS: step_loss(result), schema.LR: lr, **dict(metrics)}
+        row: dict[str, Any] = {schema.STEP: result.step, schema.LOSS: step_loss(result), schema.LR: lr}
+        row.update({schema.group_count_column(g): float(n) for g, n in result.group_rows.items()})  # this process's rows
+        row.update(metrics)
         empty = [g for g, n in result.group_rows.items() if n == 0]
         row.update(gradient_columns(cap, self.pair, self.extra_groups, empty=empty))
         finite = [row[schema.LOSS], *(row[c] for c in schema.split_columns(self.pair)[:3] if cap is not None)]

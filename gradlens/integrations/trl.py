@@ -259,6 +259,10 @@ _ELSEWHERE = {
     "GradlensAdvantageMixin": "trl_grpo",
     "GradlensGRPOTrainer": "trl_grpo",
     "GradlensRLOOTrainer": "trl_grpo",
+    "GradlensKTOMixin": "trl_kto",
+    "GradlensKTOTrainer": "trl_kto",
+    "GradlensRewardMixin": "trl_reward",
+    "GradlensRewardTrainer": "trl_reward",
 }
 
 

@@ -87,15 +87,32 @@ def split_columns(pair: tuple[str, str]) -> tuple[str, ...]:
 CONFIG_GROUPS = "groups"
 DEFAULT_GROUPS = ("chosen", "rejected")
 
+def group_count_column(group: str) -> str:
+    """``counts/<group>``: rows of one group over the step's micro-batches (all processes where gathered)."""
+    return f"counts/{group}"
+
+
+# KTO: unpaired desirable and undesirable completions.
+DESIRABLE = "desirable"
+UNDESIRABLE = "undesirable"
+KTO_GROUPS = (DESIRABLE, UNDESIRABLE)
+KTO_STEP_COLUMNS = (STEP, LOSS, LR, *split_columns(KTO_GROUPS), *(group_count_column(g) for g in KTO_GROUPS), NONFINITE)
+
+# Reward models: the chosen and the rejected side of each pair ([chosen; rejected] rows, like DPO);
+# rewards/* are the model's scores here, not DPO's implicit rewards.
+REWARD_MODEL_STEP_COLUMNS = (
+    STEP, LOSS, LR, *GRADIENT_COLUMNS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES, NONFINITE,
+)  # fmt: skip
+
 # Runs whose rows are sampled completions scored by an advantage (GRPO, RLOO, `record --loss grpo`):
 # positive-advantage rows vs negative-advantage rows; zero-advantage rows are a third group.
 POSITIVE = "positive"
 NEGATIVE = "negative"
 ZERO = "zero"
 ADVANTAGE_GROUPS = (POSITIVE, NEGATIVE)
-COUNT_POSITIVE = "counts/positive"             # completions with advantage > 0 in the step
-COUNT_NEGATIVE = "counts/negative"             # advantage < 0
-COUNT_ZERO = "counts/zero"                     # advantage == 0 (only KL / entropy terms reach them)
+COUNT_POSITIVE = group_count_column(POSITIVE)  # completions with advantage > 0 in the step
+COUNT_NEGATIVE = group_count_column(NEGATIVE)  # advantage < 0
+COUNT_ZERO = group_count_column(ZERO)          # advantage == 0 (only KL / entropy terms reach them)
 ADVANTAGE_POSITIVE_MEAN = "advantages/positive_mean"
 ADVANTAGE_NEGATIVE_MEAN = "advantages/negative_mean"
 PROMPT_GROUPS = "prompt_groups"                # prompts whose completions are in the step
