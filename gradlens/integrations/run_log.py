@@ -175,10 +175,16 @@ class RunLog:
                       for layer, v in cap.layer_table(a, b).items()}  # fmt: skip
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
-    def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:
+    def log_eval(self, row: Mapping[str, Any]) -> None:
+        self.out.log_eval(row)
+
+    def finish(
+        self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "", stopped_at_step: int | None = None
+    ) -> None:
         self.out.finish(
-            status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0, resumed_from_step=self.resumed_from
-        )
+            status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0,
+            resumed_from_step=self.resumed_from, stopped_at_step=stopped_at_step,
+        )  # fmt: skip
         self._lock.release()  # the run is written: another writer may continue it
 
     def close(self) -> None:
