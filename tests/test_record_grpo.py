@@ -94,3 +94,31 @@ def test_verifier_and_advantages():
 
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2)
     assert adv[0] > 0 > adv[1] and adv[2] == adv[3] == 0
+
+
+def test_command_line(tmp_path, capsys):
+    from gradlens.cli import main
+
+    out = tmp_path / "run"
+    base = ["record", "--loss", "grpo", "--steps", "3", "--eval-every", "0", "--quiet", "--no-tensorboard"]
+    assert main([*base, "--out", str(out), "--loss-option", "num_generations=4", "--loss-option", "kl=0.1"]) == 0
+    run = load_run(out)
+    assert run.complete and run.config["num_generations"] == 4 and run.config["kl"] == 0.1
+    assert "rho = |g_negative|/|g_positive|" in capsys.readouterr().out
+    assert main([*base, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--overwrite"]) == 0
+    bad = {
+        ("--beta", "0.3"): "--beta has no meaning for --loss grpo",
+        ("--loss", "grpo,dpo"): "record it alone",
+        ("--env", "tabular"): "--env toy-grpo",
+        ("--loss-option", "gamma=2"): "grpo's options are num_generations, epsilon, kl, iterations",
+        ("--loss-option", "num_generations=1"): "num_generations must be at least 2",
+        ("--resume",): "--resume is not available",
+    }
+    for extra, message in bad.items():
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "bad").exists()
+    assert main(["record", "--env", "toy-grpo", "--loss", "dpo", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "use it with --loss grpo" in capsys.readouterr().err

@@ -25,6 +25,8 @@ from .config import (
     parse_loss_options, parse_losses, resolve,
 )
 
+from .grpo_command import ENV as GRPO_ENV
+
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 SMALL_ENVS = ("tabular", "tiny-gpt2")
 
@@ -37,6 +39,7 @@ examples:
   gradlens record --config job.toml --lr 1e-5      # flags override the file
   torchrun --nproc_per_node 4 -m gradlens record --env user --model ./my-model --data prefs.jsonl --fsdp
   gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
+  gradlens record --loss grpo --steps 200 --loss-option num_generations=8   # GRPO on the toy task (seconds)
 """
 
 
@@ -45,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     s = argparse.SUPPRESS  # unset flags stay unset, so a --config file can supply them
     what = parser.add_argument_group("what to train")
-    what.add_argument("--env", choices=ENVS, default=s, help="built-in environment or your own model+data (default tiny-gpt2)")
+    what.add_argument("--env", choices=(*ENVS, GRPO_ENV), default=s,
+                      help=f"built-in environment or your own model+data (default tiny-gpt2; {GRPO_ENV}: the GRPO toy task, with --loss grpo)")
     what.add_argument("--model", metavar="DIR", default=s, help="--env user: local Hugging Face model directory (never downloaded)")
     what.add_argument(
         "--data", metavar="PATH", default=s,
@@ -56,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt-column", metavar="NAME", default=s, help="--env user: the data's prompt column (default prompt; absent: implicit prompt)")
     what.add_argument("--chosen-column", metavar="NAME", default=s, help="--env user: the data's chosen column (default chosen)")
     what.add_argument("--rejected-column", metavar="NAME", default=s, help="--env user: the data's rejected column (default rejected)")
-    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced); or grpo: GRPO on --env {GRPO_ENV}, its options from --loss-option num_generations=, epsilon=, kl=, iterations=")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
@@ -246,7 +250,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from . import grpo_command
     from .distributed import setup, teardown
+
+    if grpo_command.wants_grpo(args):  # sampled completions, not preference pairs: its own loop
+        return grpo_command.main(args)
+    if getattr(args, "env", None) == GRPO_ENV:
+        raise ValueError(f"--env {GRPO_ENV} is the GRPO toy task: use it with --loss grpo")
 
     t0 = time.perf_counter()
     dist = setup(getattr(args, "device", None) or "auto")
