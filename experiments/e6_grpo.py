@@ -19,7 +19,8 @@ What it does, all through gradlens's API:
    band, and the batch's verifier reward.
 
 Outputs (figures/): e6_grpo.png, e6_grpo_per_step.csv (every step of every seed: the
-per-seed data), e6_grpo_per_seed.{csv,md}, e6_grpo_headline.md, e6_grpo_runtime.json.
+per-seed data), e6_grpo_per_seed.{csv,md}, e6_grpo_phases.{csv,md} (the same quantities
+per quarter of training, all seeds pooled), e6_grpo_headline.md, e6_grpo_runtime.json.
 Runs go to experiments/runs/e6/ (not committed; a finished run is kept on a re-run).
 """
 
@@ -38,6 +39,8 @@ FIGURES = [
     "figures/e6_grpo_per_step.csv",
     "figures/e6_grpo_per_seed.csv",
     "figures/e6_grpo_per_seed.md",
+    "figures/e6_grpo_phases.csv",
+    "figures/e6_grpo_phases.md",
     "figures/e6_grpo_headline.md",
     "figures/e6_grpo_runtime.json",
 ]
@@ -98,6 +101,24 @@ def per_seed(table: pd.DataFrame, index: list[dict]) -> pd.DataFrame:
             "mean_positives_per_step": float(steps["n_positive"].mean()),
             "greedy_reward_start": float(evals["eval/true_reward"].iloc[0]),
             "greedy_reward_final": float(evals["eval/true_reward"].iloc[-1]),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def phases(table: pd.DataFrame, parts: int = 4) -> pd.DataFrame:
+    """Per quarter of training (all seeds' steps pooled): medians of rho, cosine and the two norms,
+    the share of steps with rho > 1, the mean batch reward and the mean count of each sign."""
+    steps = int(table["step"].max()) + 1
+    edges = np.linspace(0, steps, parts + 1).round().astype(int)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        part = table[(table["step"] >= lo) & (table["step"] < hi)]
+        rho = part["rho"][np.isfinite(part["rho"]) & (part["rho"] > 0)]
+        rows.append({
+            "steps": f"{lo}-{hi - 1}", "median_rho": rho.median(), "share_rho_above_1": (rho > 1).mean(),
+            "median_cosine": part["cosine"].median(), "median_norm_positive": part["norm_positive"].median(),
+            "median_norm_negative": part["norm_negative"].median(), "mean_reward": part["reward"].mean(),
+            "mean_positive": part["n_positive"].mean(), "mean_negative": part["n_negative"].mean(), "mean_zero": part["n_zero"].mean(),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -163,6 +184,7 @@ def main() -> None:
     table.to_csv(args.figures / "e6_grpo_per_step.csv", index=False)
     seeds = per_seed(table, index)
     common.write_tables(seeds, args.figures, "e6_grpo_per_seed")
+    common.write_tables(phases(table), args.figures, "e6_grpo_phases")
     (args.figures / "e6_grpo_headline.md").write_text(headline(seeds), encoding="utf-8")
     figure(table, args.figures)
     timer.lap("analysis")
