@@ -122,3 +122,24 @@ def test_command_line(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert main(["record", "--env", "toy-grpo", "--loss", "dpo", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "use it with --loss grpo" in capsys.readouterr().err
+
+
+def test_tensorboard_layout_names_the_groups(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    torch.set_num_threads(1)
+    record_grpo(GRPOSettings(steps=3, eval_every=2, seed=2), tmp_path / "run", log=lambda m: None)
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    charts = {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+    split = charts["gradlens: positive vs negative"]
+    assert split["rho = |g_negative| / |g_positive| (> 1: negative dominates)"] == [f"^{schema.GRAD_RATIO}$"]
+    assert "gradlens: advantages" in charts and "gradlens: evaluation" in charts
+    assert not any("chosen" in title or "rejected" in title for c in charts.values() for title in c)
+    steps = load_run(tmp_path / "run").steps
+    assert [e.value for e in acc.Scalars("grad_norm/negative")] == pytest.approx(steps["grad_norm/negative"].tolist(), rel=1e-6)

@@ -140,6 +140,7 @@ class RunLog:
         tensorboard: bool = True,
         overwrite: bool = False,
         resume_at: int | None = None,
+        evals: bool = False,
     ):
         """``resume_at=s``: continue the run directory of a trainer resumed at step s (rows >= s are dropped)."""
         if layers_every < 1:
@@ -149,7 +150,9 @@ class RunLog:
         try:
             self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
             columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
-            self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
+            self.out = PreferenceRunLog(
+                self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard, evals=evals
+            )
         except BaseException:
             self._lock.release()
             raise

@@ -127,7 +127,8 @@ def record_grpo(s: GRPOSettings, run_dir: str | Path, *, log: Callable[[str], No
     full_config = {"env": "toy-grpo", "loss": "grpo", schema.CONFIG_GROUPS: list(schema.ADVANTAGE_GROUPS),
                    **asdict(s), **(config or {})}  # fmt: skip
     out = RunLog(run_dir, full_config, columns=schema.ADVANTAGE_STEP_COLUMNS, pair=schema.ADVANTAGE_GROUPS,
-                 extra_groups=(ZERO,), layers_every=s.layers_every, tensorboard=tensorboard, overwrite=overwrite)  # fmt: skip
+                 extra_groups=(ZERO,), layers_every=s.layers_every, tensorboard=tensorboard, overwrite=overwrite,
+                 evals=s.eval_every > 0)  # fmt: skip
     stepper = StepCapture(policy)
     status, message, stopped, row, finished = schema.STATUS_COMPLETE, "", None, {}, False
     try:
