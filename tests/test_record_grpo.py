@@ -143,3 +143,36 @@ def test_tensorboard_layout_names_the_groups(tmp_path):
     assert not any("chosen" in title or "rejected" in title for c in charts.values() for title in c)
     steps = load_run(tmp_path / "run").steps
     assert [e.value for e in acc.Scalars("grad_norm/negative")] == pytest.approx(steps["grad_norm/negative"].tolist(), rel=1e-6)
+
+
+def test_plot_names_the_groups_and_never_pools_dpo_with_grpo(tmp_path, capsys):
+    """`gradlens plot` on a GRPO run and a DPO run: the labels say which groups each ratio is of,
+    the two are never pooled (not even with --group-by), and their ratios are not compared."""
+    import pandas as pd
+
+    from gradlens.cli import main
+    from gradlens.plot.preference import fig_norms, fig_ratio
+    from gradlens.plot.registry import PlotOptions
+    from gradlens.analysis.groups import split_pair
+
+    torch.set_num_threads(1)
+    grpo, dpo = tmp_path / "grpo", tmp_path / "dpo"
+    record_grpo(GRPOSettings(steps=4, eval_every=0), grpo, tensorboard=False, log=lambda m: None)
+    assert main(["record", "--env", "tabular", "--loss", "dpo", "--steps", "4", "--out", str(dpo), "--quiet", "--no-tensorboard"]) == 0
+    assert split_pair(load_run(grpo)) == ("positive", "negative") and split_pair(load_run(dpo)) == ("chosen", "rejected")
+
+    options = PlotOptions(out=tmp_path)
+    fig = fig_norms({"grpo": [load_run(grpo)]}, options)
+    assert "positive (solid) and negative (dashed)" in fig._suptitle.get_text()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["positive ‖g‖", "negative ‖g‖"]
+    mixed = fig_ratio({"dpo": [load_run(dpo)], "grpo": [load_run(grpo)]}, options)
+    legend = [t.get_text() for t in mixed.axes[0].get_legend().get_texts()]
+    assert "dpo (1 run): rejected / chosen" in legend and "grpo (1 run): negative / positive" in legend
+
+    out = tmp_path / "plots"
+    assert main(["plot", str(dpo), str(grpo), "--group-by", "seed", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "never pooled" in err
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 2 and set(summary["ratio_of"]) == {"rejected/chosen", "negative/positive"}
+    assert not (out / "comparison.csv").exists() or pd.read_csv(out / "comparison.csv").empty
