@@ -1,15 +1,16 @@
-"""Tiny models and a word-level tokenizer saved to disk for the TRL trainer tests; nothing downloaded.
+"""Tiny models of two families, and the word-level tokenizer of ``trl_harness``, saved to disk for the
+GRPO/RLOO, KTO and reward-model trainer tests; nothing downloaded.
 
-Two families: GPT-2 (Conv1D layers, tied embedding and LM head) and Llama (Linear layers,
-untied head). Dropout is off so that a reference pass sees the same function as training.
+GPT-2 (Conv1D layers, tied embedding and LM head) and Llama (Linear layers, untied head), as causal
+LMs or as sequence classifiers (reward models). Dropout is off, so a reference pass computes the same
+function as the training step it checks (TRL's GRPO and reward trainers keep the model's dropout).
 """
 
 from __future__ import annotations
 
 import torch
 
-WORDS = ["<eos>", "<unk>"] + "a b c d e f g h i j k l m n o p".split()
-FAMILIES = ("gpt2", "llama")
+from trl_harness import WORDS
 
 
 def save_tokenizer(path) -> None:

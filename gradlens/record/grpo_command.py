@@ -14,8 +14,12 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runs import RunLockedError, check_overwritable, is_run_dir
+
+if TYPE_CHECKING:
+    from .grpo import GRPOSettings
 
 LOSS = "grpo"
 ENV = "toy-grpo"
@@ -33,7 +37,7 @@ def wants_grpo(args: argparse.Namespace) -> bool:
     return isinstance(loss, str) and LOSS in [part.strip() for part in loss.split(",")]
 
 
-def settings_from(args: argparse.Namespace):
+def settings_from(args: argparse.Namespace) -> tuple[GRPOSettings, Path]:
     """The run's ``GRPOSettings`` and output directory, or ValueError naming the flag."""
     from .grpo import GRPOSettings
 
