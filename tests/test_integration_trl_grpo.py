@@ -28,15 +28,19 @@ TOL = 1e-5
 PROMPTS = ["a b c", "b c", "c d e f", "p", "e", "g h", "i j k", "l"]
 
 
-def reward_early_letters(prompts, completions, **kwargs) -> list[float]:
-    """Share of completion words from the first half of the alphabet (varies between random samples);
-    prompts starting with "p" or "l" always score 0.5, so their completions have advantage 0."""
-    out = []
-    for prompt, text in zip(prompts, completions):
-        words = text.split()
-        constant = prompt.split()[0] in ("p", "l")
-        out.append(0.5 if constant else sum(w in "a b c d e f g h" for w in words) / max(len(words), 1))
-    return out
+def reward_early_letters(constant: tuple[str, ...] = ("p", "l")):
+    """Reward: the share of completion words from the first half of the alphabet (varies between
+    random samples); prompts whose first word is in ``constant`` always score 0.5, so all their
+    completions have advantage 0."""
+
+    def reward(prompts, completions, **kwargs) -> list[float]:
+        out = []
+        for prompt, text in zip(prompts, completions):
+            words = text.split()
+            out.append(0.5 if prompt.split()[0] in constant else sum(w in "a b c d e f g h" for w in words) / max(len(words), 1))
+        return out
+
+    return reward
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +67,10 @@ def make(kind: str, model_dir: str, tmp_path, *, gradlens: bool, callbacks=(), *
     trainers = {"grpo": (trl.GRPOTrainer, GradlensGRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, GradlensRLOOTrainer, trl.RLOOConfig)}
     plain, recorded, config_cls = trainers[kind]
     extra = {k: overrides.pop(k) for k in ("peft_config", "gradlens_dir") if k in overrides}
+    reward = reward_early_letters(overrides.pop("constant_prompts", ("p", "l")))
     cls = recorded if gradlens else plain
     return cls(
-        model=model_dir, reward_funcs=reward_early_letters, args=config(config_cls, tmp_path, **overrides),
+        model=model_dir, reward_funcs=reward, args=config(config_cls, tmp_path, **overrides),
         train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS]),
         processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"), callbacks=list(callbacks), **extra,
     )  # fmt: skip
@@ -155,10 +160,10 @@ def check_first_step(row, cap, ref) -> None:
 
 CASES = {
     # family, trainer, TRL settings: loss types, generation across micro-batches, KL (zero-advantage rows)
-    "gpt2-grpo-kl-entropy-ga-across-generations": ("gpt2", "grpo", dict(loss_type="grpo", beta=0.1, entropy_coef=0.05, gradient_accumulation_steps=2, steps_per_generation=1)),
+    "gpt2-grpo-kl-entropy-ga-across-generations": ("gpt2", "grpo", dict(loss_type="grpo", beta=0.1, entropy_coef=0.05, gradient_accumulation_steps=2, steps_per_generation=1, constant_prompts=("p", "l", "e", "g"))),
     "llama-dapo-one-generation-two-micro": ("llama", "grpo", dict(loss_type="dapo", num_generations=4, gradient_accumulation_steps=2)),
     "gpt2-dr_grpo-iterations": ("gpt2", "grpo", dict(loss_type="dr_grpo", num_iterations=2, steps_per_generation=1, max_steps=2)),
-    "llama-bnpo-entropy": ("llama", "grpo", dict(loss_type="bnpo", entropy_coef=0.05)),
+    "llama-bnpo-entropy": ("llama", "grpo", dict(loss_type="bnpo", entropy_coef=0.05, constant_prompts=("p", "l", "e", "g"))),
     "gpt2-cispo": ("gpt2", "grpo", dict(loss_type="cispo")),
     "llama-sapo": ("llama", "grpo", dict(loss_type="sapo")),
     "gpt2-rloo-ga": ("gpt2", "rloo", dict(gradient_accumulation_steps=2, steps_per_generation=1)),
@@ -183,8 +188,8 @@ def test_first_step_split_matches_separate_autograd_passes(case, model_dirs, tmp
     check_first_step(row, captures[0], reference_gradients(reference, first))
     # counts: every completion of the step is in exactly one sign group
     rows = sum(int(b["advantages"].numel()) for b in first)
-    if settings.get("entropy_coef") and row[schema.COUNT_ZERO] > 0:  # the entropy bonus reaches zero-advantage rows
-        assert row[schema.group_norm_column(schema.ZERO)] > 0
+    if settings.get("entropy_coef"):  # the entropy bonus reaches zero-advantage rows: a third group with a gradient
+        assert row[schema.COUNT_ZERO] > 0 and row[schema.group_norm_column(schema.ZERO)] > 0
     assert row[schema.COUNT_POSITIVE] + row[schema.COUNT_NEGATIVE] + row[schema.COUNT_ZERO] == rows
     assert run.config[schema.CONFIG_GROUPS] == [schema.POSITIVE, schema.NEGATIVE]
     assert run.config["loss"] == kind
