@@ -15,15 +15,15 @@ One optimizer step, top to bottom:
 
 With ``iterations`` = 1 (the default) π_old = π_θ and the clip never binds; with more,
 the same batch serves that many optimizer steps and the clip acts, as in TRL's
-``num_iterations``. Rows are written through ``gradlens.integrations.run_log`` (the same
-row builder as the TRL trainers), so a run directory of this loop and one of
-``GradlensGRPOTrainer`` have the same columns.
+``num_iterations``. Rows are built by ``gradlens.runs.step_row`` and the advantage counts by
+``gradlens.advantages``, as for ``GradlensGRPOTrainer``, so both write the same columns.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +31,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..advantages import ZERO, advantage_groups
-from ..integrations.run_log import RunLog, step_metrics
-from ..integrations.stepper import StepCapture
-from ..runs import schema
+from ..advantages import ZERO, advantage_groups, advantage_metrics
+from ..gradients.recorder import GradientRecorder
+from ..runs import lock_run_dir, release_run_dir, schema
+from ..runs.preference_log import PreferenceRunLog
+from ..runs.step_row import layer_rows, step_row
 from . import grpo_task as task
+
+COLUMNS = (*schema.ADVANTAGE_STEP_COLUMNS, schema.group_norm_column(ZERO))
 
 STD_EPS = 1e-4  # TRL's GRPO: advantages / (std + 1e-4)
 
@@ -118,7 +121,7 @@ def grpo_loss(logps: torch.Tensor, batch: GenerationBatch, s: GRPOSettings) -> t
 
 def record_grpo(s: GRPOSettings, run_dir: str | Path, *, log: Callable[[str], None] = print, tensorboard: bool = True,
                 overwrite: bool = False, config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train and record one run into ``run_dir``; returns its summary row (the last steps.csv row)."""
+    """Train and record one run into ``run_dir``; returns its last steps.csv row."""
     s.validate()
     policy = task.build_policy(s.seed)
     reference = copy.deepcopy(policy).requires_grad_(False) if s.kl > 0 else None
@@ -126,47 +129,51 @@ def record_grpo(s: GRPOSettings, run_dir: str | Path, *, log: Callable[[str], No
     generator = torch.Generator().manual_seed(s.seed)
     full_config = {"env": "toy-grpo", "loss": "grpo", schema.CONFIG_GROUPS: list(schema.ADVANTAGE_GROUPS),
                    **asdict(s), **(config or {})}  # fmt: skip
-    out = RunLog(run_dir, full_config, columns=schema.ADVANTAGE_STEP_COLUMNS, pair=schema.ADVANTAGE_GROUPS,
-                 extra_groups=(ZERO,), layers_every=s.layers_every, tensorboard=tensorboard, overwrite=overwrite,
-                 evals=s.eval_every > 0)  # fmt: skip
-    stepper = StepCapture(policy)
-    status, message, stopped, row, finished = schema.STATUS_COMPLETE, "", None, {}, False
+    lock, path = lock_run_dir(run_dir, overwrite=overwrite)  # one writer; refuses what gradlens did not write
+    try:
+        out = PreferenceRunLog(path, full_config, columns=COLUMNS, tensorboard=tensorboard, evals=s.eval_every > 0)
+    except BaseException:
+        release_run_dir(lock)
+        raise
+    recorder = GradientRecorder(policy)
+    status, message, stopped, row, t0 = schema.STATUS_COMPLETE, "", None, {}, time.perf_counter()
+    evaluate = lambda at: out.log_eval({schema.STEP: at, schema.EVAL_TRUE_REWARD: task.greedy_reward(policy, torch.device("cpu"))})  # noqa: E731
     try:
         batch = None
         for step in range(s.steps):
             if s.eval_every and step % s.eval_every == 0:
-                out.log_eval({schema.STEP: step, schema.EVAL_TRUE_REWARD: task.greedy_reward(policy, torch.device("cpu"))})
+                evaluate(step)
             if step % s.iterations == 0:
                 batch = generate(policy, reference, s, generator, first_id=step * s.batch_size)
-            row = _train_step(policy, optimizer, stepper, out, batch, s, step)
+            row = _train_step(policy, optimizer, recorder, out, batch, s, step)
             if row[schema.NONFINITE]:
                 status, stopped = schema.STATUS_NONFINITE, step
                 message = f"step {step}: the loss or the gradient is not finite (loss={row[schema.LOSS]}); the run stopped"
                 log(message)
                 break
         else:
-            out.log_eval({schema.STEP: s.steps, schema.EVAL_TRUE_REWARD: task.greedy_reward(policy, torch.device("cpu"))})
-        out.finish(status=status, message=message, steps=s.steps, stopped_at_step=stopped)
-        finished = True
+            if s.eval_every:
+                evaluate(s.steps)
+        out.finish(status=status, message=message, steps=s.steps, wall_time_s=time.perf_counter() - t0, stopped_at_step=stopped)
     finally:
-        stepper.close()
-        if not finished:
-            out.close()  # a killed or failed run keeps every row it logged
+        recorder.close()
+        out.close()  # a killed or failed run keeps every row it logged
+        release_run_dir(lock)
     return row
 
 
-def _train_step(policy, optimizer, stepper: StepCapture, out: RunLog, batch: GenerationBatch, s: GRPOSettings, step: int) -> dict:
-    rows = batch.advantages.numel()
-    stepper.begin_micro_batch(step, advantage_groups(batch.advantages), num_rows=rows)
-    stepper.note(advantages=batch.advantages, prompt_ids=batch.prompt_ids, rewards=batch.rewards)
-    try:
+def _train_step(policy, optimizer, recorder: GradientRecorder, out: PreferenceRunLog, batch: GenerationBatch, s: GRPOSettings, step: int) -> dict:
+    groups = advantage_groups(batch.advantages)
+    with recorder.capture(groups=groups, num_rows=batch.advantages.numel()) as cap:
         loss = grpo_loss(task.completion_logps(policy, batch.prompts, batch.completions), batch, s)
         loss.backward()
-    except BaseException:
-        stepper.abort()
-        raise
-    result = stepper.end_micro_batch(loss, last=True)
-    row = out.write_step(result, lr=optimizer.param_groups[0]["lr"], metrics=step_metrics(result))
+    counts = {schema.group_count_column(g): float(len(rows)) for g, rows in groups.items()}
+    metrics = {**counts, **advantage_metrics([batch.advantages], [batch.prompt_ids]), schema.REWARD_MEAN: batch.rewards.double().mean().item()}
+    empty = [g for g, rows in groups.items() if len(rows) == 0]  # exactly zero gradient, whatever the rounding
+    row = step_row(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], pairs=metrics, capture=cap,
+                   pair=schema.ADVANTAGE_GROUPS, extra_groups=(ZERO,), empty=empty)  # fmt: skip
+    layers = layer_rows(cap, schema.ADVANTAGE_GROUPS, empty=empty) if step % s.layers_every == 0 else None
+    row = out.log_step(row, layers=layers, unattributed=cap.unattributed)
     if not row[schema.NONFINITE]:
         optimizer.step()  # never apply a non-finite update
     optimizer.zero_grad(set_to_none=True)
