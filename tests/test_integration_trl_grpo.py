@@ -166,6 +166,8 @@ CASES = {
     "llama-bnpo-entropy": ("llama", "grpo", dict(loss_type="bnpo", entropy_coef=0.05, constant_prompts=("p", "l", "e", "g"))),
     "gpt2-cispo": ("gpt2", "grpo", dict(loss_type="cispo")),
     "llama-sapo": ("llama", "grpo", dict(loss_type="sapo")),
+    "gpt2-luspo-sequence-level": ("gpt2", "grpo", dict(loss_type="luspo", importance_sampling_level="sequence")),
+    "llama-vespo": ("llama", "grpo", dict(loss_type="vespo", num_iterations=2, steps_per_generation=1, max_steps=2)),
     "gpt2-rloo-ga": ("gpt2", "rloo", dict(gradient_accumulation_steps=2, steps_per_generation=1)),
     "llama-rloo": ("llama", "rloo", dict(num_generations=4)),
 }
