@@ -49,11 +49,7 @@ def advantage_step_metrics(result: StepResult) -> dict[str, float]:
     """Counts and mean advantage per sign over the step's micro-batches (notes ``advantages``, ``prompt_ids``)."""
     notes = [m.notes for m in result.micro_batches if "advantages" in m.notes]
     prompts = [n["prompt_ids"] for n in notes if "prompt_ids" in n]
-    out = advantage_metrics([n["advantages"] for n in notes], prompts if len(prompts) == len(notes) else [])
-    rewards = [n["rewards"].double().reshape(-1) for n in notes if "rewards" in n]
-    if rewards:
-        out[schema.REWARD_MEAN] = torch.cat(rewards).mean().item()
-    return out
+    return advantage_metrics([n["advantages"] for n in notes], prompts if len(prompts) == len(notes) else [])
 
 
 def score_metrics(result: StepResult) -> dict[str, float]:
@@ -103,7 +99,6 @@ class RunLog:
         tensorboard: bool = True,
         overwrite: bool = False,
         resume_at: int | None = None,
-        evals: bool = False,
     ):
         """``resume_at=s``: continue the run directory of a trainer resumed at step s (rows >= s are dropped)."""
         if layers_every < 1:
@@ -113,9 +108,7 @@ class RunLog:
         self._lock, self.path = lock_run_dir(path, resume=resume, overwrite=overwrite and not resume)
         try:
             columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
-            self.out = PreferenceRunLog(
-                self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard, evals=evals
-            )
+            self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
         except BaseException:
             release_run_dir(self._lock)
             raise
@@ -135,16 +128,10 @@ class RunLog:
         layers = layer_rows(cap, self.pair, empty=empty) if cap is not None and result.step % self.layers_every == 0 else None
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
-    def log_eval(self, row: Mapping[str, Any]) -> None:
-        self.out.log_eval(row)
-
-    def finish(
-        self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "", stopped_at_step: int | None = None
-    ) -> None:
+    def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:
         self.out.finish(
-            status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0,
-            resumed_from_step=self.resumed_from, stopped_at_step=stopped_at_step,
-        )  # fmt: skip
+            status=status, message=message, steps=steps, wall_time_s=time.perf_counter() - self._t0, resumed_from_step=self.resumed_from
+        )
         self._lock.release()  # the run is written: another writer may continue it
 
     def close(self) -> None:

@@ -84,7 +84,8 @@ class GradlensAdvantageMixin(GradlensTrainerMixin):
     def train(self, *args, **kwargs):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, GradlensCallback):
-                callback.columns = schema.ADVANTAGE_STEP_COLUMNS
+                # TRL logs its own `reward` (per reward function too); the step table leaves that column out.
+                callback.columns = tuple(c for c in schema.ADVANTAGE_STEP_COLUMNS if c != schema.REWARD_MEAN)
                 callback.pair, callback.extra_groups = schema.ADVANTAGE_GROUPS, (ZERO,)
                 callback.config.update(self._gradlens_config())
         return super().train(*args, **kwargs)
