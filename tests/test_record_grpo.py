@@ -175,4 +175,6 @@ def test_plot_names_the_groups_and_never_pools_dpo_with_grpo(tmp_path, capsys):
     assert "never pooled" in err
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 2 and set(summary["ratio_of"]) == {"rejected/chosen", "negative/positive"}
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(layers["ratio_of"]) == {"rejected/chosen", "negative/positive"}
     assert not (out / "comparison.csv").exists() or pd.read_csv(out / "comparison.csv").empty

@@ -187,8 +187,11 @@ def summarize_groups(
     # Which ratio each group's rho is (second group / first group): a DPO group's rejected/chosen
     # and a GRPO group's negative/positive are different quantities and are never compared.
     pairs = {group: split_pair(runs[0]) for group, runs in groups.items() if runs}
+    ratio_of = lambda g: "{1}/{0}".format(*pairs.get(g, schema.DEFAULT_GROUPS))  # noqa: E731
     if not summary.empty:
-        summary.insert(1, "ratio_of", summary["group"].map(lambda g: "{1}/{0}".format(*pairs.get(g, schema.DEFAULT_GROUPS))))
+        summary.insert(1, "ratio_of", summary["group"].map(ratio_of))
+    if not layers.empty:  # chosen_share / rejected_share are the first / the second group's
+        layers.insert(1, "ratio_of", layers["group"].map(ratio_of))
     names = list(groups)
     if baseline is None:
         baseline = "dpo" if "dpo" in names else (names[0] if names else None)
