@@ -120,6 +120,14 @@ def test_command_line(tmp_path, capsys):
         assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "a-file").write_text("mine")
+    assert main([*base, "--out", str(tmp_path / "a-file")]) == 2 and "is a file" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main([*base, "--out", str(tmp_path / "other"), "--overwrite"]) == 2  # never deletes what gradlens did not write
+    capsys.readouterr()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     assert main(["record", "--env", "toy-grpo", "--loss", "dpo", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "use it with --loss grpo" in capsys.readouterr().err
 

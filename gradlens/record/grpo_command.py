@@ -87,6 +87,8 @@ def _options(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> int:
     try:
         settings, out = settings_from(args)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
         if is_run_dir(out) or (out.exists() and any(out.iterdir())):
             if not args.overwrite:
                 raise ValueError(f"{out} already holds files; pass --overwrite to replace a gradlens run there, or choose another --out")
