@@ -197,11 +197,14 @@ def test_first_step_split_matches_separate_autograd_passes(case, model_dirs, tmp
     assert run.config["loss"] == kind
 
 
-def test_logs_reach_log_history_and_peft(model_dirs, tmp_path):
+def test_logs_reach_log_history_report_to_and_peft(model_dirs, tmp_path):
     peft = pytest.importorskip("peft")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
     trainer = make("grpo", model_dirs["gpt2"], tmp_path, gradlens=True, gradlens_dir=tmp_path / "run", max_steps=2,
-                   peft_config=lora, loss_type="grpo")  # fmt: skip
+                   peft_config=lora, loss_type="grpo", report_to=["tensorboard"])  # fmt: skip
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
@@ -212,6 +215,12 @@ def test_logs_reach_log_history_and_peft(model_dirs, tmp_path):
     run = load_run(tmp_path / "run")
     assert len(run.steps) == 2 and run.summary["status"] == "complete"
     steps = run.steps
+    # report_to: the Trainer's own TensorBoard events (under output_dir) carry the split of each logged step
+    (events,) = {p.parent for p in (tmp_path / "trainer").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    for name in (schema.GRAD_RATIO, schema.group_norm_column(schema.NEGATIVE), schema.COUNT_POSITIVE):
+        assert [e.value for e in acc.Scalars(f"train/{name}")] == pytest.approx([h[name] for h in logged], rel=1e-6, nan_ok=True), name
     # only LoRA weights train; with beta = 0 the zero-advantage rows carry no gradient, so
     # ||g||^2 = ||g+||^2 + ||g-||^2 + 2 <g+, g->
     for _, r in steps.iterrows():
