@@ -1,16 +1,18 @@
 """E6 -- positive vs negative samples in GRPO: rho = ||g_negative|| / ||g_positive|| and their cosine.
 
-    python experiments/e6_grpo.py            # 5 seeds x 200 steps on the toy task, ~3 min on 2 idle cores
-    python experiments/e6_grpo.py --smoke    # 2 seeds x 8 steps, seconds
+    python experiments/e6_grpo.py            # 2 settings x 5 seeds x 200 steps on the toy task, ~6 min on 2 shared cores
+    python experiments/e6_grpo.py --smoke    # 2 settings x 2 seeds x 8 steps, seconds
 
 What it does, all through gradlens's API:
 
 1. ``gradlens record --loss grpo`` (``gradlens.record.grpo.record_grpo``) on the built-in
-   toy task (``--env toy-grpo``: digit successor, verifier reward in [0, 1]), default
-   settings: 8 prompts x 8 completions per step, TRL's clipped ``grpo`` objective,
-   no KL term, AdamW lr 3e-3, one optimizer step per generation batch; 5 seeds.
-   Every step's gradient is split exactly into the completions with positive advantage
-   and those with negative advantage (zero-advantage rows carry no gradient here).
+   toy task (``--env toy-grpo``: digit successor, verifier reward in [0, 1]), 8 prompts x
+   8 completions per step, TRL's clipped ``grpo`` objective, AdamW lr 3e-3, 5 seeds, in
+   two settings: ``default`` (no KL term, one optimizer step per generation batch, so the
+   clip never binds) and ``kl+clip`` (KL coefficient 0.05 to the starting policy, two
+   optimizer steps per generation batch, so the ratio moves and the clip acts).
+   Every step's gradient is split exactly into the completions with positive advantage,
+   those with negative advantage and (``kl+clip``: through the KL term) those with 0.
 2. Per step: rho and cos(g_positive, g_negative). Per seed: the median of ln rho and the
    share of steps with rho > 1 ("negative samples dominate"), over the whole run and over
    its first and second half; the mean cosine; the final greedy reward. Across seeds: the
@@ -45,12 +47,14 @@ FIGURES = [
     "figures/e6_grpo_runtime.json",
 ]
 
+SETTINGS = {"default": {}, "kl+clip": {"kl": 0.05, "iterations": 2}}  # name -> GRPOSettings overrides
 FULL = dict(seeds=range(5), steps=200, eval_every=25)
 SMOKE = dict(seeds=range(2), steps=8, eval_every=4)
 COLUMNS = {  # steps.csv column -> the per-step table's name
     "step": "step", "reward": "reward", "grad_norm/positive": "norm_positive", "grad_norm/negative": "norm_negative",
     "grad/dot": "dot", "grad/cosine": "cosine", "grad/ratio": "rho", "counts/positive": "n_positive",
     "counts/negative": "n_negative", "counts/zero": "n_zero", "prompt_groups/no_signal": "groups_no_signal",
+    "grad_norm/zero": "norm_zero",
 }  # fmt: skip
 
 
@@ -59,13 +63,14 @@ def record_all(args, grid: dict) -> list[dict]:
     from gradlens.runs import run_status
 
     index = []
-    for seed in grid["seeds"]:
-        path = args.out / f"toy-grpo-s{seed}"
-        settings = GRPOSettings(seed=seed, steps=grid["steps"], eval_every=grid["eval_every"])
-        kept = run_status(path, settings.steps) is not None
-        if not kept:
-            record_grpo(settings, path, log=print, tensorboard=False, overwrite=path.exists())
-        index.append({"seed": seed, "path": str(path), "kept": kept})
+    for name, overrides in SETTINGS.items():
+        for seed in grid["seeds"]:
+            path = args.out / (f"toy-grpo-s{seed}" if name == "default" else f"toy-grpo-{name.replace('+', '-')}-s{seed}")
+            settings = GRPOSettings(seed=seed, steps=grid["steps"], eval_every=grid["eval_every"], **overrides)
+            kept = run_status(path, settings.steps) is not None
+            if not kept:
+                record_grpo(settings, path, log=print, tensorboard=False, overwrite=path.exists())
+            index.append({"setting": name, "seed": seed, "path": str(path), "kept": kept})
     return index
 
 
@@ -75,21 +80,22 @@ def per_step(index: list[dict]) -> pd.DataFrame:
     frames = []
     for item in index:
         steps = load_run(item["path"]).steps[list(COLUMNS)].rename(columns=COLUMNS)
-        frames.append(steps.assign(seed=item["seed"]))
+        frames.append(steps.assign(setting=item["setting"], seed=item["seed"]))
     table = pd.concat(frames, ignore_index=True)
-    return table[["seed", *COLUMNS.values()]]
+    return table[["setting", "seed", *COLUMNS.values()]]
 
 
 def per_seed(table: pd.DataFrame, index: list[dict]) -> pd.DataFrame:
     from gradlens.runs import load_run
 
     rows = []
-    for seed, steps in table.groupby("seed"):
+    for (setting, seed), steps in table.groupby(["setting", "seed"], sort=False):
         rho = steps["rho"].to_numpy(float)
         ok = np.isfinite(rho) & (rho > 0)  # a step where a group is empty has no rho
         half = len(steps) // 2
-        evals = load_run(next(i["path"] for i in index if i["seed"] == seed)).evals
+        evals = load_run(next(i["path"] for i in index if i["seed"] == seed and i["setting"] == setting)).evals
         rows.append({
+            "setting": setting,
             "seed": int(seed),
             "steps_with_rho": int(ok.sum()),
             "median_ln_rho": float(np.median(np.log(rho[ok]))),
@@ -106,20 +112,22 @@ def per_seed(table: pd.DataFrame, index: list[dict]) -> pd.DataFrame:
 
 
 def phases(table: pd.DataFrame, parts: int = 4) -> pd.DataFrame:
-    """Per quarter of training (all seeds' steps pooled): medians of rho, cosine and the two norms,
-    the share of steps with rho > 1, the mean batch reward and the mean count of each sign."""
+    """Per setting and quarter of training (all seeds' steps pooled): medians of rho, cosine and the
+    norms, the share of steps with rho > 1, the mean batch reward and the mean count of each sign."""
     steps = int(table["step"].max()) + 1
     edges = np.linspace(0, steps, parts + 1).round().astype(int)
     rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        part = table[(table["step"] >= lo) & (table["step"] < hi)]
-        rho = part["rho"][np.isfinite(part["rho"]) & (part["rho"] > 0)]
-        rows.append({
-            "steps": f"{lo}-{hi - 1}", "median_rho": rho.median(), "share_rho_above_1": (rho > 1).mean(),
-            "median_cosine": part["cosine"].median(), "median_norm_positive": part["norm_positive"].median(),
-            "median_norm_negative": part["norm_negative"].median(), "mean_reward": part["reward"].mean(),
-            "mean_positive": part["n_positive"].mean(), "mean_negative": part["n_negative"].mean(), "mean_zero": part["n_zero"].mean(),
-        })  # fmt: skip
+    for setting, runs in table.groupby("setting", sort=False):
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            part = runs[(runs["step"] >= lo) & (runs["step"] < hi)]
+            rho = part["rho"][np.isfinite(part["rho"]) & (part["rho"] > 0)]
+            rows.append({
+                "setting": setting, "steps": f"{lo}-{hi - 1}", "median_rho": rho.median(), "share_rho_above_1": (rho > 1).mean(),
+                "median_cosine": part["cosine"].median(), "median_norm_positive": part["norm_positive"].median(),
+                "median_norm_negative": part["norm_negative"].median(), "median_norm_zero": part["norm_zero"].median(),
+                "mean_reward": part["reward"].mean(), "mean_positive": part["n_positive"].mean(),
+                "mean_negative": part["n_negative"].mean(), "mean_zero": part["n_zero"].mean(),
+            })  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -132,7 +140,9 @@ def bootstrap_mean(values: np.ndarray, seed: int = 0, draws: int = 10_000) -> tu
 
 
 def headline(seeds: pd.DataFrame) -> str:
-    lines = ["| quantity (mean over seeds, 95 % bootstrap CI over seeds) | value |", "|---|---|"]
+    names = list(dict.fromkeys(seeds["setting"]))
+    lines = ["| quantity (mean over seeds, 95 % bootstrap CI over seeds) | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]  # fmt: skip
     for column, label in (
         ("median_ln_rho", "median ln rho over the run (> 0: negatives dominate)"),
         ("median_ln_rho_first_half", "median ln rho, first half"),
@@ -141,11 +151,14 @@ def headline(seeds: pd.DataFrame) -> str:
         ("mean_cosine", "mean cos(g_positive, g_negative)"),
         ("greedy_reward_final", "final greedy verifier reward (start: 1/7)"),
     ):
-        mean, low, high = bootstrap_mean(seeds[column].dropna().to_numpy())
-        lines.append(f"| {label} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] |")
-    rho = math.exp(bootstrap_mean(seeds["median_ln_rho"].to_numpy())[0])
-    lines.append(f"| rho = exp(mean median ln rho) | {rho:.3f} |")
-    return "\n".join(lines) + f"\n\n{len(seeds)} seeds.\n"
+        cells = []
+        for name in names:
+            mean, low, high = bootstrap_mean(seeds.loc[seeds["setting"] == name, column].dropna().to_numpy())
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rhos = [f"{math.exp(bootstrap_mean(seeds.loc[seeds['setting'] == n, 'median_ln_rho'].to_numpy())[0]):.3f}" for n in names]
+    lines.append("| rho = exp(mean median ln rho) | " + " | ".join(rhos) + " |")
+    return "\n".join(lines) + f"\n\n{seeds['seed'].nunique()} seeds per setting.\n"
 
 
 def figure(table: pd.DataFrame, figures: Path) -> Path:
@@ -153,22 +166,24 @@ def figure(table: pd.DataFrame, figures: Path) -> Path:
     from gradlens.plot.style import apply_style, color_for, plt
 
     apply_style()
-    frames = [steps.set_index("step") for _, steps in table.groupby("seed")]
-    frames = [f.reset_index() for f in frames]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    draw_seeds(axes[0], frames, "rho", color=color_for(0), label="rho = |g_negative| / |g_positive|", positive=True)
+    for k, (setting, runs) in enumerate(table.groupby("setting", sort=False)):
+        frames = [steps for _, steps in runs.groupby("seed")]
+        color = color_for(k)
+        draw_seeds(axes[0], frames, "rho", color=color, label=setting, positive=True)
+        draw_seeds(axes[1], frames, "cosine", color=color, label=setting)
+        draw_seeds(axes[2], frames, "reward", color=color, label=setting)
     axes[0].set_yscale("log")
     axes[0].axhline(1.0, color="0.4", lw=0.8, ls=":")
-    axes[0].set_title("rho (> 1: negative-advantage samples dominate)")
-    draw_seeds(axes[1], frames, "cosine", color=color_for(1), label="cos(g_positive, g_negative)")
+    axes[0].set_title("rho = |g_negative| / |g_positive| (> 1: negatives dominate)", fontsize=10)
     axes[1].axhline(0.0, color="0.4", lw=0.8, ls=":")
-    axes[1].set_title("cosine of the two gradients")
-    draw_seeds(axes[2], frames, "reward", color=color_for(2), label="batch verifier reward")
-    axes[2].set_title("verifier reward of the sampled batch")
+    axes[1].set_title("cos(g_positive, g_negative)", fontsize=10)
+    axes[2].set_title("verifier reward of the sampled batch", fontsize=10)
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"E6: GRPO on the toy task (toy-grpo), {table['seed'].nunique()} seeds: median and IQR over seeds", fontsize=10)
+    seeds = table.groupby("setting")["seed"].nunique().max()
+    fig.suptitle(f"E6: GRPO on the toy task (toy-grpo), {seeds} seeds per setting: median and IQR over seeds", fontsize=10)
     fig.tight_layout()
     return common.save(fig, figures, "e6_grpo")
 
