@@ -375,7 +375,14 @@ def _layer_norm() -> Rule:
         return {name: rows(t).sum((0, 1)).reshape(shape) for name, t in terms(use).items()}
 
     def probe(use: Use, probes: Probes) -> ProbeResult:
-        return {name: _dot_with_scale(t.sum((0, 1)), probes[name][0]) for name, t in terms(use).items()}
+        # The scale sums magnitudes before the row sum: rows whose gradients cancel exactly (a reward
+        # model's chosen and rejected scores: Σ dL/dr = 0 reaches the final LayerNorm's bias) must
+        # not shrink the rounding tolerance to the size of the cancelled sum.
+        out = {}
+        for name, t in terms(use).items():
+            v = probes[name][0]
+            out[name] = (t.sum((0, 1)) @ v, t.abs().sum((0, 1)) @ v.abs())
+        return out
 
     def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
         return {name: t.sum(1).pow(2).sum(1) for name, t in terms(use).items()}

@@ -36,15 +36,28 @@ class StepResult:
     step: int
     capture: Optional[Capture]
     micro_batches: list[MicroBatch]
+    # rows each group had over the step's micro-batches; a group with none has an exactly zero
+    # gradient (the recorder may still report float rounding for a group taken as the remainder)
+    group_rows: dict[str, int] = field(default_factory=dict)
 
 
 class StepCapture:
     """Owns a ``GradientRecorder`` and opens one capture per recorded optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, *, record_every: int = 1, capture_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        record_every: int = 1,
+        capture_options: Mapping[str, Any] | None = None,
+        attach_per_step: bool = False,
+    ):
+        """``attach_per_step``: hooks only during recorded steps (a compiled model: unrecorded steps run
+        compiled, and hooks there would break its graph); otherwise attached once, for the whole run."""
         if record_every < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
-        self.recorder = GradientRecorder(model)
+        self.model, self.attach_per_step = model, attach_per_step
+        self.recorder: Optional[GradientRecorder] = None if attach_per_step else GradientRecorder(model)
         self.record_every = record_every
         # extra GradientRecorder.capture() arguments; a step may span several micro-batches
         self.capture_options = {"accumulate": True, **(capture_options or {})}
@@ -54,6 +67,7 @@ class StepCapture:
         self._step: Optional[int] = None
         self._micro: list[MicroBatch] = []
         self._notes: dict = {}
+        self._group_rows: dict[str, int] = {}
         self._done: Optional[StepResult] = None
 
     def will_record(self, step: int) -> bool:
@@ -72,12 +86,17 @@ class StepCapture:
                 "micro-batch of that step (is `accelerator.sync_gradients` set on the last micro-batch?)"
             )
         if self._step is None:
-            self._step, self._micro, self._done = step, [], None
+            self._step, self._micro, self._done, self._group_rows = step, [], None, {}
             if self.will_record(step):
                 self._stack = contextlib.ExitStack()
+                if self.attach_per_step:
+                    self.recorder = GradientRecorder(self.model)
+                    self._stack.callback(self._detach)  # closed after the capture: LIFO
                 self._capture = self._stack.enter_context(self.recorder.capture(groups=groups, num_rows=num_rows, **self.capture_options))
         elif self._capture is not None:
             self._capture.set_groups(groups, num_rows=num_rows)
+        for name, rows in groups.items():
+            self._group_rows[str(name)] = self._group_rows.get(str(name), 0) + _count(rows)
         self._notes = {}
         self.micro_batches_seen += 1
 
@@ -94,7 +113,7 @@ class StepCapture:
             return None
         if self._stack is not None:
             self._stack.close()  # finishes the capture: reads p.grad before anyone clips it
-        self._done = StepResult(self._step, self._capture, self._micro)
+        self._done = StepResult(self._step, self._capture, self._micro, self._group_rows)
         self._stack, self._capture, self._step, self._micro = None, None, None, []
         return self._done
 
@@ -109,6 +128,19 @@ class StepCapture:
         done, self._done = self._done, None
         return done
 
+    def _detach(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+
     def close(self) -> None:
         self.abort()
-        self.recorder.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+def _count(rows: Any) -> int:
+    """Rows in one group spec (a slice or indices), without validating it (the capture does)."""
+    if isinstance(rows, slice):
+        return max(0, (rows.stop or 0) - (rows.start or 0))
+    return len(rows)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, run_contents, schema
+from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, restore_replaced, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import (
@@ -25,6 +25,8 @@ from .config import (
     parse_losses, resolve,
 )
 from .envs.registry import env_names, envs_with, get_env, load_envs, per_env
+
+from .grpo_command import ENV as GRPO_ENV
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 # TRL's DPOConfig learning rate: made for large models and long runs.
@@ -39,6 +41,7 @@ examples:
   gradlens record --config job.toml --lr 1e-5      # flags override the file
   torchrun --nproc_per_node 4 -m gradlens record --env user --model ./my-model --data prefs.jsonl --fsdp
   gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
+  gradlens record --loss grpo --steps 200 --loss-option num_generations=8   # GRPO on the toy task (seconds)
 """
 
 
@@ -48,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # unset flags stay unset, so a --config file can supply them
     own, lora_envs, fsdp_envs = (" or ".join(envs_with(flag)) for flag in ("model_and_data", "lora", "fsdp"))
     what = parser.add_argument_group("what to train")
-    what.add_argument("--env", choices=env_names(), default=s, help=f"{_env_help()} (default {DEFAULT_ENV})")
+    what.add_argument("--env", choices=(*env_names(), GRPO_ENV), default=s,
+                      help=f"{_env_help()}; {GRPO_ENV}: the GRPO toy task, with --loss grpo (default {DEFAULT_ENV})")
     what.add_argument("--model", metavar="DIR", default=s, help=f"--env {own}: local Hugging Face model directory (never downloaded)")
     what.add_argument(
         "--data", metavar="PATH", default=s,
@@ -59,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt-column", metavar="NAME", default=s, help=f"--env {own}: the data's prompt column (default prompt; absent: implicit prompt)")
     what.add_argument("--chosen-column", metavar="NAME", default=s, help=f"--env {own}: the data's chosen column (default chosen)")
     what.add_argument("--rejected-column", metavar="NAME", default=s, help=f"--env {own}: the data's rejected column (default rejected)")
-    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced); or grpo: GRPO on --env {GRPO_ENV}, its options from --loss-option num_generations=, epsilon=, kl=, iterations=")
     what.add_argument("--pairs", choices=PAIR_SOURCES, default=s, help="--env smollm2: onpolicy (default: the model's own samples, labelled by the verifier) or offpolicy (reference answer vs a plausible wrong one)")
     what.add_argument("--prompts", type=int, default=s, help="--env smollm2: training prompts; a third as many more are held out (default 48)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
@@ -97,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     out.add_argument(
         "--config", metavar="FILE",
-        help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
+        help="TOML, JSON or YAML file of settings (the flags' names); a TRL DPO recipe (TRL's names: learning_rate, "
+        "model_name_or_path, ...) is trained by TRL's own DPOTrainer; flags override the file",
     )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
@@ -130,6 +135,22 @@ def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
     if "loss_options" in flags:
         flags["loss_options"] = parse_loss_options(flags["loss_options"])
     return file_values, flags
+
+
+def _trl_recipe(args: argparse.Namespace):
+    """The --config file as a TRL recipe (trl_recipe.Recipe), or None when it uses gradlens's names only."""
+    from ..settings_file import read_settings_file
+    from .trl_recipe import looks_like_recipe, parse_recipe
+
+    if not getattr(args, "config", None):
+        return None
+    data = read_settings_file(args.config)
+    if not looks_like_recipe(data, _CONFIG_FIELDS):
+        return None
+    if args.resume:
+        raise ValueError(f"{args.config}: --resume: a TRL recipe's run cannot be resumed by gradlens record; start a new run")
+    flags = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
+    return parse_recipe(Path(args.config), data, flags)
 
 
 def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
@@ -239,7 +260,7 @@ def _stalled_note(run: P.PlannedRun) -> str:
     default = " (TRL's default, made for large models and long runs)" if trl_default else ""
     return (
         f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
-        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
+        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr {10 * run.cfg.lr:g} or {100 * run.cfg.lr:g}"
     )
 
 
@@ -256,9 +277,27 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .progress import quiet_libraries
+
+    with quiet_libraries(getattr(args, "quiet", False)):  # --quiet: no loading bars from transformers either
+        return _main_body(args)
+
+
+def _main_body(args: argparse.Namespace) -> int:
+    from . import grpo_command
     from .distributed import setup, teardown
 
+    if grpo_command.wants_grpo(args):  # sampled completions, not preference pairs: its own loop
+        return grpo_command.main(args)
+    if getattr(args, "env", None) == GRPO_ENV:
+        raise ValueError(f"--env {GRPO_ENV} is the GRPO toy task: use it with --loss grpo")
+
     t0 = time.perf_counter()
+    recipe = _trl_recipe(args)
+    if recipe is not None:  # TRL's names: TRL's own trainer runs it (trl_run.py)
+        from .trl_run import Output, run_recipe
+
+        return run_recipe(recipe, Output(quiet=args.quiet, tensorboard=getattr(args, "tensorboard", True), overwrite=args.overwrite))
     dist = setup(getattr(args, "device", None) or "auto")
     try:
         quiet = getattr(args, "quiet", False) or not dist.is_main
@@ -292,6 +331,7 @@ def _record_all(job: Job) -> int:
     for run in job.plans:
         if run.note:
             job.say(f"note: {run.note}")
+    _say_precision(job)
     results = []
     for run in job.plans:
         if run.action == P.DONE:
@@ -308,6 +348,14 @@ def _record_all(job: Job) -> int:
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
 
 
+def _say_precision(job: Job) -> None:
+    from .progress import precision_note
+
+    for note in dict.fromkeys(precision_note(run.cfg.dtype) for run in job.plans if run.action != P.DONE):
+        if note:
+            job.say(note)
+
+
 def _record_one(job: Job, run: P.PlannedRun, env):
     """One run under the writer lock (rank 0 holds it; other ranks write nothing)."""
     from .loop import record_run
@@ -321,6 +369,8 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     finally:
         if lock is not None:
             release_run_dir(lock)
+            if run.action == P.OVERWRITE:
+                restore_replaced(run.path)  # stopped before the new run's first row: the old run comes back
 
 
 def _recheck(run: P.PlannedRun) -> None:

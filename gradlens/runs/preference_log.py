@@ -21,8 +21,8 @@ import numpy as np
 
 from . import schema
 from .run_dir import RunWriter
-from .tables import CsvTable, read_table
-from .tensorboard import EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
+from .tables import CsvTable, check_header, read_table
+from .tensorboard import ADVANTAGE_LAYOUT, EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger, split_layout
 
 
 class PreferenceRunLog:
@@ -31,7 +31,9 @@ class PreferenceRunLog:
     ``path`` must already be prepared (``prepare_run_dir``). ``resume_at=s``
     continues an existing directory: rows with step >= s are dropped first and
     TensorBoard hides the events it logs again. ``columns`` fixes steps.csv's
-    header; a row's missing columns are written as NaN.
+    header; a row's missing columns are written as NaN. ``tensorboard_step_offset=1``
+    puts step s at TensorBoard step s + 1: the Trainer's global step (updates done), for
+    runs whose TensorBoard curves sit beside a Trainer's own ``report_to`` curves.
     """
 
     def __init__(
@@ -44,10 +46,15 @@ class PreferenceRunLog:
         tensorboard: bool = True,
         evals: bool = False,
         per_row: bool = False,
+        tensorboard_step_offset: int = 0,
     ):
         self.path = Path(path)
+        self.tb_offset = tensorboard_step_offset
         resume = resume_at is not None
         self.columns = tuple(columns)
+        if resume:  # before the first write: tables of an older gradlens cannot be continued
+            check_header(self.path / schema.STEPS, self.columns)
+            check_header(self.path / schema.LAYERS, schema.LAYER_COLUMNS)
         self.writer = RunWriter(self.path, config, kind=schema.KIND_PREFERENCE, resume=resume)
         self.rows = CsvTable(self.path / schema.ROWS, schema.ROW_COLUMNS) if per_row else None
         self.steps_logged = self.nonfinite_steps = 0
@@ -57,12 +64,15 @@ class PreferenceRunLog:
                 self.rows.keep_steps_upto(resume_at - 1)
             (self.path / schema.SUMMARY).unlink(missing_ok=True)
             self._count_kept_rows()
-        # The evaluation charts appear for the metrics the first evaluation row holds.
-        self.tb = (
-            TensorBoardLogger(self.path, PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT, purge_step=resume_at, optional_layout=EVAL_LAYOUT if evals else ())
-            if tensorboard
-            else None
-        )
+        # The evaluation charts appear for the metrics the first evaluation row holds; runs of other
+        # groups than chosen/rejected get charts titled with their groups, shown for the tags they log.
+        groups = tuple(config.get(schema.CONFIG_GROUPS) or schema.DEFAULT_GROUPS)
+        if groups == schema.DEFAULT_GROUPS:
+            layout = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
+        else:
+            layout = split_layout(*groups) + (ADVANTAGE_LAYOUT if groups == schema.ADVANTAGE_GROUPS else [])
+        optional = EVAL_LAYOUT if evals else []
+        self.tb = TensorBoardLogger(self.path, layout, purge_step=None if resume_at is None else resume_at + self.tb_offset, optional_layout=optional) if tensorboard else None
         self.unattributed: set[str] = set()
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
@@ -85,11 +95,11 @@ class PreferenceRunLog:
         row = {c: row.get(c, math.nan) for c in self.columns}
         self.writer.log_step(row)
         if self.tb is not None:
-            self.tb.scalars(step, row)
+            self.tb.scalars(step + self.tb_offset, row)
         if layers is not None:
             self.writer.log_layers(step, layers)
             if self.tb is not None:
-                self.tb.layer_ratios(step, layers)
+                self.tb.layer_ratios(step + self.tb_offset, layers)
         self.unattributed.update(unattributed)
         self.steps_logged += 1
         self.nonfinite_steps += int(row.get(schema.NONFINITE) or 0)
@@ -104,12 +114,12 @@ class PreferenceRunLog:
         if self.tb is not None:
             for side in sorted({r[schema.ROW_SIDE] for r in rows}):
                 norms = np.asarray([r[schema.ROW_GRAD_NORM] for r in rows if r[schema.ROW_SIDE] == side], dtype=np.float64)
-                self.tb.writer.add_histogram(f"per_row/grad_norm_{side}", norms, step)
+                self.tb.writer.add_histogram(f"per_row/grad_norm_{side}", norms, step + self.tb_offset)
 
     def log_eval(self, row: Mapping[str, Any]) -> None:
         self.writer.log_eval(row)
         if self.tb is not None:
-            self.tb.scalars(row[schema.STEP], row)
+            self.tb.scalars(row[schema.STEP] + self.tb_offset, row)
             self.tb.flush()
         self.last_eval = dict(row)
 

@@ -18,12 +18,14 @@ in one section, instead of single-value histograms that render as spikes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 from typing import Mapping, Sequence
 
 from . import schema
+from .tables import named_os_error
 
 Layout = list[tuple[str, list[tuple[str, list[str]]]]]
 LAYER_PREFIX = "layer_ln_ratio"
@@ -81,6 +83,45 @@ EVAL_LAYOUT: Layout = [
     )
 ]
 
+def split_layout(first: str, second: str) -> Layout:
+    """The split's charts for a run whose two groups are not chosen/rejected (desirable/undesirable,
+    positive/negative advantage): ``PREFERENCE_LAYOUT``'s gradient charts titled with the run's own
+    group names, and the rows of each group per step."""
+    g1, g2 = schema.group_norm_column(first), schema.group_norm_column(second)
+    return [
+        (
+            f"gradlens: {first} vs {second}",
+            [
+                (f"|g_{first}| ({first} gradient norm)", [f"^{g1}$"]),
+                (f"|g_{second}| ({second} gradient norm)", [f"^{g2}$"]),
+                (f"rho = |g_{second}| / |g_{first}| (> 1: {second} dominates)", [f"^{schema.GRAD_RATIO}$"]),
+                (f"cosine(g_{first}, g_{second})", [f"^{schema.GRAD_COSINE}$"]),
+                (f"dot(g_{first}, g_{second})", [f"^{schema.GRAD_DOT}$"]),
+                ("|g| (whole gradient)", ["^grad_norm$"]),
+                ("loss", ["^loss$"]),
+                (f"{first} rows per step", [f"^{schema.group_count_column(first)}$"]),
+                (f"{second} rows per step", [f"^{schema.group_count_column(second)}$"]),
+            ],
+        )
+    ]
+
+
+# Runs split by the sign of an advantage (GRPO, RLOO): what else their steps.csv holds.
+ADVANTAGE_LAYOUT: Layout = [
+    (
+        "gradlens: advantages",
+        [
+            ("zero-advantage rows per step", [f"^{schema.COUNT_ZERO}$"]),
+            ("|g_zero| (KL or entropy terms only)", [f"^{schema.group_norm_column(schema.ZERO)}$"]),
+            ("mean advantage of the positive rows", [f"^{schema.ADVANTAGE_POSITIVE_MEAN}$"]),
+            ("mean advantage of the negative rows", [f"^{schema.ADVANTAGE_NEGATIVE_MEAN}$"]),
+            ("prompt groups with both signs", [f"^{schema.PROMPT_GROUPS_MIXED}$"]),
+            ("prompt groups with no learning signal (all advantages 0)", [f"^{schema.PROMPT_GROUPS_NO_SIGNAL}$"]),
+        ],
+    )
+]
+
+
 def filter_layout(layout: Layout, tags: set[str]) -> Layout:
     """``layout`` with only the charts that match at least one of ``tags``; empty categories dropped."""
     kept = []
@@ -133,7 +174,23 @@ class TensorBoardLogger:
             self.writer.add_custom_scalars({category: {title: ["Multiline", regexes] for title, regexes in charts} for category, charts in full})
         self._layout_pending = False
 
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        """A failed write (EFBIG, ENOSPC) names the event file: TensorBoard's own error names none."""
+        try:
+            yield
+        except OSError as exc:
+            try:
+                name = self.writer._get_file_writer().event_writer._file_name
+            except Exception:  # noqa: BLE001 - a private attribute of tensorboard's writer; the folder will do
+                name = self.writer.log_dir
+            raise named_os_error(exc, name) from None
+
     def scalars(self, step: int, values: Mapping[str, object]) -> None:
+        with self._naming_the_file():
+            self._scalars(step, values)
+
+    def _scalars(self, step: int, values: Mapping[str, object]) -> None:
         tags = set()
         for tag, value in values.items():
             if tag == schema.STEP or value is None or isinstance(value, str):
@@ -145,13 +202,16 @@ class TensorBoardLogger:
 
     def layer_ratios(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         """Per-layer ln rho as scalars, one chart per layer under ``layer_ln_ratio/``."""
-        for tag, value in layer_ln_ratios(layers).items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        with self._naming_the_file():
+            for tag, value in layer_ln_ratios(layers).items():
+                self.writer.add_scalar(tag, value, global_step=step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._naming_the_file():
+            self.writer.flush()
 
     def close(self) -> None:
-        if self._layout_pending:
-            self._write_layout(set())
-        self.writer.close()
+        with self._naming_the_file():
+            if self._layout_pending:
+                self._write_layout(set())
+            self.writer.close()
