@@ -106,3 +106,19 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(["record", "--env", "tabular", "--loss", "dpo", "--lr", "0.5", "--out", str(out), "--resume", "--quiet"]) == 2
     assert "cannot change --lr when resuming" in capsys.readouterr().err
     assert (out / "config.json").read_bytes() == before
+
+
+def test_smollm2_settings_and_threads_are_checked():
+    from gradlens.record.config import resolve
+
+    cfg = resolve({}, {"env": "smollm2"})[0]
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.pairs, cfg.prompts, cfg.threads) == (8, 16.0, "onpolicy", 48, None)  # LoRA by default
+    assert resolve({}, {"env": "smollm2", "lora_r": 0})[0].lora_r == 0  # full fine-tuning on request
+    assert resolve({}, {"env": "tiny-gpt2"})[0].lora_r == 0
+    for flags, message in (({"env": "tiny-gpt2", "pairs": "offpolicy"}, "--pairs is only used with --env smollm2"),
+                           ({"env": "tabular", "prompts": 10}, "--prompts is only used with --env smollm2"),
+                           ({"env": "smollm2", "pairs": "both"}, "--pairs must be one of"),
+                           ({"env": "smollm2", "prompts": 2}, "--prompts must be at least 3"),
+                           ({"env": "tabular", "threads": 0}, "--threads must be at least 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            resolve({}, flags)
