@@ -82,9 +82,12 @@ def _run_dir(recipe: Recipe, args, output: Output) -> Path:
 
 
 def _model_dir(recipe: Recipe) -> str:
-    from .envs.user import check_model_dir
+    from ..pretrained.load import check_model_path, is_gguf
 
-    return str(check_model_dir(recipe.script["model_name_or_path"]))
+    path = check_model_path(recipe.script["model_name_or_path"])
+    if is_gguf(path):
+        raise ValueError(f"{path}: TRL's trainer loads a model directory, not a GGUF file (gradlens record --env user takes .gguf files)")
+    return str(path)
 
 
 def _datasets(recipe: Recipe):
