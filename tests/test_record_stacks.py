@@ -58,7 +58,7 @@ def test_lora_alpha_default_is_stored_resolved():
 
 def test_lora_flags_need_a_rank_and_the_user_env(capsys, tmp_path):
     assert main(["record", "--env", "tabular", "--lora-r", "4", "--out", str(tmp_path / "a")]) == 2
-    assert "--lora-r is only used with --env user" in capsys.readouterr().err
+    assert "--lora-r is only used with --env smollm2 or user" in capsys.readouterr().err
     assert main(["record", "--env", "tabular", "--lora-alpha", "4", "--out", str(tmp_path / "b")]) == 2
     assert "--lora-alpha needs --lora-r" in capsys.readouterr().err
 

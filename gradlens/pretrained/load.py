@@ -27,7 +27,7 @@ def check_model_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ValueError(
-            f"{path}: model not found; --model takes a local directory written by save_pretrained or a .gguf file "
+            f"{path}: model directory not found; --model takes a local directory written by save_pretrained, or a .gguf file "
             "(gradlens never downloads models; `gradlens fetch smollm2` fetches the one built-in model)"
         )
     if is_gguf(path):
