@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .rules import IndexedRows, probe_dense
+from .state import LOW_PRECISION_RTOL, PROBE_RTOL, ParamState, Probe, norms_row, pair_names, probe_agrees, set_norms
 
 
 class UnsupportedShardingError(ValueError):
@@ -138,7 +139,7 @@ class ShardedParams:
             raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
         if keep_pieces:
             raise ValueError("keep_pieces is not available for FSDP2-sharded models: each rank holds only its rows of every piece")
-        self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
+        self._start = {id(p): p.grad.to_local().detach().clone() for p in self.params() if p.grad is not None}
         self.temporary_bytes = 0
 
     def scatter(self, p: nn.Parameter, piece) -> torch.Tensor:
@@ -159,47 +160,26 @@ class ShardedParams:
         start, stop = self._rows(p)
         return out[: stop - start].div_(self.world)
 
-    def finish(self, capture, states: list) -> list:
-        """Totals from FSDP's sharded ``.grad``, the probe check and the norms, summed over ranks."""
-        ordered = [capture._state(p) for p in self._params()]  # every parameter, same order on every rank
-        for st in ordered:
+    def params(self) -> list[nn.Parameter]:
+        """Every sharded parameter that needs a gradient, in the same order on every rank."""
+        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
+
+    def set_totals(self, states: list[ParamState]) -> None:
+        """Each parameter's total: FSDP's sharded ``.grad`` (this rank's rows), minus its value at the start."""
+        for st in states:
             local = st.param.grad.to_local().detach() if st.param.grad is not None else None
             start = self._start.get(id(st.param))
             if local is not None and start is not None:
                 local = local - start
-            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
-            st.total = total
-        self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for t in st.groups.values())
-        self._probe_check(capture, ordered)
-        for st in ordered:
-            total, st.total = st.total, None
-            capture._take_norms(st, total)
-        capture._read_norms(ordered)
-        self._sum_over_ranks(capture, ordered)
+            st.total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
+        self.piece_bytes = sum(t.numel() * t.element_size() for st in states for t in st.groups.values())
         self._start = {}
-        return ordered
 
-    # ---- helpers -------------------------------------------------------------------------------
-
-    def _params(self) -> list[nn.Parameter]:
-        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
-
-    def _rows(self, p: nn.Parameter) -> tuple[int, int]:
-        chunk = math.ceil(p.shape[0] / self.world)
-        start = min(self.rank * chunk, p.shape[0])
-        return start, min(start + chunk, p.shape[0])
-
-    def _local_shape(self, p: nn.Parameter) -> tuple[int, ...]:
-        start, stop = self._rows(p)
-        return (stop - start, *p.shape[1:])
-
-    def _probe_check(self, capture, ordered: list) -> None:
+    def check_probes(self, states: list[ParamState], index) -> None:
         """The probe of the global total (partial over rows, summed) against the mean of every rank's hooked probes."""
-        from .capture import LOW_PRECISION_RTOL, PROBE_RTOL
-
         rows = []
-        for st in ordered:
-            vectors = capture.index.probe_vectors(st.param)
+        for st in states:
+            vectors = index.probe_vectors(st.param)
             start, stop = self._rows(st.param)
             local = (vectors[0][start:stop],) + tuple(vectors[1:])
             total = st.total
@@ -209,24 +189,30 @@ class ShardedParams:
                                      (value, scale, hooks, hook_scale, float(st.uses), float(st.low_precision))]))
         table = (torch.stack(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)).to(self.device)
         dist.all_reduce(table, group=self.group)
-        for st, (value, scale, hooks, hook_scale, uses, low) in zip(ordered, table.tolist()):
+        for st, (value, scale, hooks, hook_scale, uses, low) in zip(states, table.tolist()):
             hooks, hook_scale = hooks / self.world, hook_scale / self.world
-            if not (math.isfinite(value) and math.isfinite(hooks)):
-                st.unattributed = False  # non-finite gradients are reported as such, not as unattributed
-            elif uses == 0:
+            if uses == 0 and math.isfinite(value):
                 st.unattributed = value != 0.0 or scale != 0.0
             else:
                 rtol = LOW_PRECISION_RTOL if low else PROBE_RTOL[st.dtype]
-                st.unattributed = abs(value - hooks) > rtol * (scale + hook_scale) + 1e-30
+                st.unattributed = not probe_agrees(rtol, Probe(hooks, hook_scale), Probe(value, scale))
 
-    def _sum_over_ranks(self, capture, ordered: list) -> None:
+    def sum_over_ranks(self, states: list[ParamState], names: tuple[str, ...]) -> None:
         """Squared norms and dots were sums over this rank's rows: add them over ranks."""
-        names = capture.groups.names
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-        values = [[st.total_sq] + [st.sq.get(g, 0.0) for g in names] + [st.dots.get(k, 0.0) for k in pairs] for st in ordered]
-        table = torch.tensor(values, dtype=torch.float64, device=self.device).reshape(len(ordered), 1 + len(names) + len(pairs))
+        values = [norms_row(st, names) for st in states]
+        width = 1 + len(names) + len(pair_names(names))
+        table = torch.tensor(values, dtype=torch.float64, device=self.device).reshape(len(states), width)
         dist.all_reduce(table, group=self.group)
-        for st, row in zip(ordered, table.tolist()):
-            st.total_sq = row[0]
-            st.sq = dict(zip(names, row[1 : 1 + len(names)]))
-            st.dots = dict(zip(pairs, row[1 + len(names) :]))
+        for st, row in zip(states, table.tolist()):
+            set_norms(st, row, names)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _rows(self, p: nn.Parameter) -> tuple[int, int]:
+        chunk = math.ceil(p.shape[0] / self.world)
+        start = min(self.rank * chunk, p.shape[0])
+        return start, min(start + chunk, p.shape[0])
+
+    def _local_shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        start, stop = self._rows(p)
+        return (stop - start, *p.shape[1:])

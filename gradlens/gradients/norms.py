@@ -1,0 +1,113 @@
+"""One pass over a parameter's gradient: the squared norms and dots of its group pieces, and its probes.
+
+A capture stores the pieces of the explicitly computed groups; when the groups
+cover every row (``Layout.complement``), the last group is never stored: it is
+the total minus the others, formed block by block here and never as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .rules import IndexedRows
+from .state import CHUNK, ParamState, Probe, pair_names
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a capture keeps its groups' pieces."""
+
+    names: tuple[str, ...]
+    complement: bool  # the last group is the total minus the others (not stored)
+    keep_pieces: bool = False  # keep every group's piece after the norms (``Capture.pieces``)
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        return self.names[:-1] if self.complement else self.names
+
+
+@dataclass
+class NormPass:
+    stats: torch.Tensor  # [‖total‖², ‖group‖² per group, ⟨a, b⟩ per pair], on the device
+    probes: list[Probe]  # one per probed tensor, in order
+
+
+def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequence[torch.Tensor] = (), vectors=None) -> list[Probe]:
+    """Set ``st.stats`` from ``total`` and the stored pieces, and return the probes of ``probed``;
+    frees the pieces (or keeps them whole in ``st.pieces``, with ``layout.keep_pieces``)."""
+    explicit = [st.groups.pop(g, None) for g in layout.stored]
+    st.groups.clear()
+    result = stats_pass(total, explicit, complement=layout.complement, probed=probed, vectors=vectors)
+    st.stats = result.stats
+    if layout.keep_pieces:
+        pieces = [torch.zeros(st.param.shape, dtype=st.dtype, device=total.device) if t is None else t for t in explicit]
+        if layout.complement:
+            last = total.to(st.dtype, copy=True)
+            for t in pieces:
+                last -= t
+            pieces.append(last)
+        st.pieces = dict(zip(layout.names, (t.view(st.param.shape) for t in pieces)))
+    return result.probes
+
+
+def stats_pass(
+    total: torch.Tensor,
+    explicit: list[Optional[torch.Tensor]],
+    *,
+    complement: bool,
+    probed: Sequence[torch.Tensor] = (),
+    vectors: Optional[tuple[torch.Tensor, ...]] = None,
+) -> NormPass:
+    """One pass over a parameter's gradient, in row blocks that stay in cache:
+
+    - stats: [‖total‖², the groups' squared norms, their dots (pairs i < j)], where the
+      groups are the ``explicit`` pieces (None: zero) and, with ``complement``, the total
+      minus them;
+    - the rank-1 probe of every tensor in ``probed`` against ``vectors`` ((v, z) for
+      a 2-D view, (z,) for 1-D). The scale is ‖t‖·‖v‖·‖z‖/√(numel): for random
+      Gaussian v, z, rounding errors E in t move the probe by about ‖E‖, so it bounds
+      them with a wide margin, and a missing gradient M is caught once ‖M‖ exceeds
+      the rounding tolerance times ‖t‖.
+
+    No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
+    """
+    dtype = next((e.dtype for e in explicit if e is not None), torch.float64 if total.dtype == torch.float64 else torch.float32)
+    rows = total.shape[0] if total.dim() >= 1 else 1
+    cols = total.numel() // max(rows, 1)
+    view = lambda t: _dense(t).reshape(rows, cols)  # noqa: E731
+    t2 = view(total)
+    flats = [None if e is None else view(e) for e in explicit]
+    probed = [view(p) for p in probed]
+    v, z = (None, None) if not probed else (vectors[0], vectors[1]) if len(vectors) == 2 else (None, vectors[0])
+    k = len(flats) + complement
+    pairs = pair_names(range(k))
+    acc = torch.zeros(1 + k + len(pairs), dtype=dtype, device=total.device)
+    found = torch.zeros(len(probed), 2, dtype=dtype, device=total.device)  # (value, ‖t‖²)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        tc = t2[r0 : r0 + step].to(dtype)
+        blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step] for f in flats]
+        if complement:
+            rest = tc - blocks[0] if blocks else tc.clone()
+            for b in blocks[1:]:
+                rest -= b
+            blocks.append(rest)
+        flat = [b.reshape(-1) for b in blocks]
+        values = [tc.reshape(-1) @ tc.reshape(-1)] + [b @ b for b in flat] + [flat[i] @ flat[j] for i, j in pairs]
+        acc += torch.stack(values)
+        for n, p in enumerate(probed):
+            block = p[r0 : r0 + step].to(dtype)
+            value = block.reshape(-1) @ z[r0 : r0 + step] if v is None else v[r0 : r0 + step] @ block @ z
+            flat_block = block.reshape(-1)
+            found[n] += torch.stack([value, flat_block @ flat_block])
+    if not probed:
+        return NormPass(acc, [])
+    size = (v.norm() if v is not None else 1.0) * z.norm() / max(total.numel(), 1) ** 0.5
+    return NormPass(acc, [Probe(found[n, 0], found[n, 1].sqrt() * size) for n in range(len(probed))])
+
+
+def _dense(t) -> torch.Tensor:
+    return t.dense() if isinstance(t, IndexedRows) else t
