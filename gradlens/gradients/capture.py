@@ -177,7 +177,7 @@ class Capture:
         if totals:
             explicit = pieces(names)
             return explicit, _sum_parts(explicit, names) if every_row else rule.contribution(use, lambda x: x)
-        if rule.recompute:
+        if rule.reruns_forward:
             explicit = pieces(names)
             return explicit, _sum_parts(explicit, names) if every_row else None
         return pieces(stored), None

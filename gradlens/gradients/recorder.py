@@ -29,6 +29,7 @@ groups' pieces), or bit for bit with ``split_backward=False``.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -99,7 +100,7 @@ class GradientRecorder:
                 continue
             rule = rule_for(module)
             self.rules[path] = rule
-            if rule.recompute:
+            if rule.reruns_forward:
                 self._handles.append(module.register_forward_pre_hook(self._save_rng))
             self._handles.append(module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True))
         for p in self.index.trainable():
@@ -133,7 +134,7 @@ class GradientRecorder:
                 # parameter gradient is unchanged.
                 output = result = output.expand(n, *output.shape[1:])
                 args, kwargs = tree_map(lambda x: _expand_rows(x, n), (args, kwargs))
-            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast=autocast_state())
+            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast_state(), self._paused_call)
             if self.split_backward and route.can_route(rule, module, args, kwargs, output):
                 return route.route(output, args[0], module, use, rule, lambda u: self._weight_grads(u, rule, path))
             self._observe(output, use, rule, path)
@@ -154,12 +155,10 @@ class GradientRecorder:
             full = [None] * num_leaves
             for i, g in zip(needs, grads):
                 full[i] = g
-            use.grad_outputs = tuple(full)
             cap = self._capture
             if cap is not None and not self._closed:
-                use.recompute = self._paused_call
                 with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
-                    cap.add_use(use, rule, path)
+                    cap.add_use(replace(use, grad_outputs=tuple(full)), rule, path)
 
         if len(needs) == 1:
             leaves[needs[0]].register_hook(lambda g: on_grads((g,)))

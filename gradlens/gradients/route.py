@@ -18,6 +18,7 @@ keeps the plain backward and bit-identical gradients).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -59,11 +60,9 @@ class SplitBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        use: Use = ctx.use
-        use.args, use.grad_outputs = (x,), (g,)
+        use = replace(ctx.use, args=(x,), grad_outputs=(g,))  # this backward's use: dropped when it returns
         gx = ctx.rule.grad_input(use.module, g) if ctx.needs_input_grad[1] else None
         grads = ctx.weight_grads(use)
-        use.args, use.grad_outputs = (), ()  # the use is done: hold no activations
         return None, gx, grads.get("weight"), grads.get("bias"), None, None, None
 
 
@@ -71,5 +70,5 @@ def route(output: torch.Tensor, x: torch.Tensor, module: nn.Module, use: Use, ru
     """``output`` re-parented onto ``SplitBackward`` (a view of the same storage)."""
     weight = module.weight if "weight" in use.wanted else None
     bias: Optional[torch.Tensor] = module.bias if "bias" in use.wanted else None
-    use.args, use.kwargs = (), {}  # x lives in the autograd context only (checkpointing can free it)
+    use = replace(use, args=(), kwargs={})  # x lives in the autograd context only (checkpointing can free it)
     return SplitBackward.apply(output.detach(), x, weight, bias, use, rule, weight_grads)
