@@ -51,6 +51,21 @@ def _expand_rows(x, n: int):
     return x
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module the recorder attaches to: ``model`` itself, or, for ``torch.compile(model)``
+    (an ``OptimizedModule``), the module it compiled, so parameter names have no ``_orig_mod.``.
+
+    A compiled forward is recorded exactly: every recorder hook is excluded from compilation
+    (``torch.compiler.disable``), so the compiler splits its graph at each parameter-owning
+    module, and the hooks see real tensors, as in eager mode. The price is those graph
+    breaks: such a forward runs module by module, close to eager speed.
+    """
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
+
+
 def _accumulation_dtype(module: nn.Module) -> torch.dtype:
     p = next(module.parameters(recurse=False))
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -74,6 +89,7 @@ class GradientRecorder:
     """
 
     def __init__(self, model: nn.Module, *, probe_seed: int = 0, split_backward: bool = True):
+        model = uncompiled(model)
         validate(model)
         self.model = model
         self.index = ParamIndex(model, probe_seed=probe_seed)  # names, owners, probe vectors
@@ -93,7 +109,8 @@ class GradientRecorder:
     # ---- hooks -------------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._note_batch_rows, with_kwargs=True))
+        eager = torch.compiler.disable  # hooks run eagerly, also inside a torch.compile'd forward (see uncompiled)
+        self._handles.append(self.model.register_forward_pre_hook(eager(self._note_batch_rows), with_kwargs=True))
         for path, module in self.model.named_modules():
             wanted = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
             if not wanted:
@@ -101,8 +118,8 @@ class GradientRecorder:
             rule = rule_for(module)
             self.rules[path] = rule
             if rule.reruns_forward:
-                self._handles.append(module.register_forward_pre_hook(self._save_rng))
-            self._handles.append(module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(eager(self._save_rng)))
+            self._handles.append(module.register_forward_hook(eager(self._forward_hook(path, rule, wanted)), with_kwargs=True))
         for p in self.index.trainable():
             self._handles.append(p.register_hook(self._param_hook(p)))
 
