@@ -136,6 +136,8 @@ class Capture:
             isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None)
         )  # the forward ran under autocast, or on bf16/fp16 tensors
         explicit, full = self._pieces_of(use, rule, totals)
+        if full is not None:  # in each parameter's own dtype: what autograd hands to its hook
+            full = {local: t.to(params[local].dtype) if isinstance(t, torch.Tensor) else t for local, t in full.items()}
         probes = None if full is not None else rule.probe(use, {n: self.index.probe_vectors(params[n]) for n in use.wanted})
         for local in use.wanted:
             st = self._state(params[local])

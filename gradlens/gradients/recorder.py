@@ -183,11 +183,13 @@ class GradientRecorder:
             torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in needs], on_grads)
 
     def _weight_grads(self, use: Use, rule: Rule, path: str) -> dict[str, torch.Tensor]:
-        """A split layer's full parameter gradients: the capture's sum of group pieces, if one is open."""
+        """A split layer's full parameter gradients, in each parameter's dtype: the open capture's
+        sum of group pieces, else the rule's product over all rows."""
         cap = self._capture
-        with no_autocast():  # split layers only run where no autocast was on at forward
+        with no_autocast():  # the rule replays the forward's casts itself (route.can_route)
             if cap is None or self._closed:
-                return rule.contribution(use, lambda x: x)
+                grads = rule.contribution(use, lambda x: x)
+                return {name: g.to(getattr(use.module, name).dtype) for name, g in grads.items()}
             return cap.add_use(use, rule, path, totals=True)
 
     def _param_hook(self, p: torch.nn.Parameter):

@@ -24,18 +24,24 @@ def _widths(m: nn.Module, transposed: bool) -> tuple[int, int]:
 
 
 def _grad_and_input(use: Use, rows: RowSelector, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's output gradients G (tokens, out) and inputs A (tokens, in), in the accumulation dtype."""
+    """The group's output gradients G (tokens, out) and inputs A (tokens, in) as autograd's own
+    backward multiplies them: in the dtype the forward's product ran in, the output's (bf16
+    under bf16 autocast, which casts A as the forward did; the layer's dtype otherwise)."""
     width_in, width_out = _widths(use.module, transposed)
-    return flat(rows(use.grad()), width_out, use.dtype), flat(rows(use.input()), width_in, use.dtype)
+    g = rows(use.grad()).reshape(-1, width_out)
+    return g, rows(use.input()).reshape(-1, width_in).to(g.dtype)
 
 
 def contribution(use: Use, rows: RowSelector, transposed: bool) -> dict[str, torch.Tensor]:
+    """The group's Gᵀ A (and Σ G), the very product autograd computes over all rows, restricted
+    to the group: same operand dtypes, same accumulation (bf16 products accumulate in float32
+    inside the kernel and round once), returned in the accumulation dtype."""
     g, a = _grad_and_input(use, rows, transposed)
     out = {}
     if "weight" in use.wanted:
-        out["weight"] = a.T @ g if transposed else g.T @ a
+        out["weight"] = (a.T @ g if transposed else g.T @ a).to(use.dtype)
     if "bias" in use.wanted:
-        out["bias"] = g.sum(0)
+        out["bias"] = g.sum(0).to(use.dtype)
     return out
 
 
@@ -44,14 +50,16 @@ def add_contribution(use: Use, rows: RowSelector, base: dict, transposed: bool) 
     g, a = _grad_and_input(use, rows, transposed)
     out = {}
     if "weight" in use.wanted:
-        out["weight"] = torch.addmm(base["weight"], a.T, g) if transposed else torch.addmm(base["weight"], g.T, a)
+        w = base["weight"].to(g.dtype)
+        out["weight"] = (torch.addmm(w, a.T, g) if transposed else torch.addmm(w, g.T, a)).to(use.dtype)
     if "bias" in use.wanted:
-        out["bias"] = base["bias"] + g.sum(0)
+        out["bias"] = (base["bias"].to(g.dtype) + g.sum(0)).to(use.dtype)
     return out
 
 
 def probe(use: Use, probes: Probes, transposed: bool) -> ProbeResult:
-    g, a = _grad_and_input(use, lambda x: x, transposed)
+    width_in, width_out = _widths(use.module, transposed)
+    g, a = flat(use.grad(), width_out, use.dtype), flat(use.input(), width_in, use.dtype)
     out = {}
     if "weight" in use.wanted:
         v, z = probes["weight"]  # v along W's rows, z along its columns
@@ -99,7 +107,7 @@ def _affine_rule(name: str, transposed: bool, grad_input, splits) -> Rule:
 @register_rule(nn.Linear)
 def _linear() -> Rule:
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
-        return g @ m.weight
+        return g @ m.weight.to(g.dtype)  # autocast: the forward's cast of W, replayed
 
     def splits(m: nn.Module) -> bool:
         return type(m).forward is nn.Linear.forward
@@ -114,7 +122,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 @register_rule(predicate=is_hf_conv1d)
 def _conv1d() -> Rule:
     def grad_input(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
-        return g @ m.weight.T
+        return g @ m.weight.T.to(g.dtype)  # autocast: the forward's cast of W, replayed
 
     def splits(m: nn.Module) -> bool:
         forward = type(m).forward
