@@ -7,7 +7,10 @@ ratios:
   plain        policy forward on 2B rows, DPO loss, backward, AdamW step
   recorded     the same step inside ``GradientRecorder.capture`` (the default:
                split backward, norms streamed), plus reading the norms, the
-               cosine and the per-layer table
+               cosine and the per-layer table. The recorder stays attached, as in
+               training (its one-off attach time is printed separately); the
+               recorded variants run on their own copy of the model, so the plain
+               step never runs with hooks attached
   +ref         both again with the reference model's forward included (what a
                DPO trainer does; it dilutes the ratio)
   bit-exact    the recorder with ``split_backward=False`` (p.grad bit-identical)
@@ -177,9 +180,12 @@ def sequence_logps(model: nn.Module, ids: torch.Tensor, prompt_len: int) -> torc
 class DpoBench:
     """A policy, its frozen reference, AdamW, a fixed batch; ``variants()`` are the step functions."""
 
-    def __init__(self, cfg: Config, device: str, autocast: str | None):
+    def __init__(self, cfg: Config, device: str, autocast: str | None, *, copies: bool = True):
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
+        self.copies = copies  # False (one variant per process, for memory): record on the policy itself
+        self._attached: dict[str, tuple] = {}  # recorder options -> (policy, optimizer, recorder)
+        self.attach_seconds: dict[str, float] = {}
         self.policy = build_model(cfg).to(device).train()
         if cfg.precision == "bf16-weights":
             self.policy = self.policy.to(torch.bfloat16)
@@ -221,17 +227,29 @@ class DpoBench:
             self._loss(self._forward(self.policy, ids), ids, b, with_ref).backward()
         self.opt.step()
 
+    def _recorder(self, **recorder_options):
+        """(policy, optimizer, recorder) for these options: attached once, on a copy of the policy."""
+        key = json.dumps(recorder_options, sort_keys=True)
+        if key not in self._attached:
+            policy, opt = self.policy, self.opt
+            if self.copies:
+                policy = copy.deepcopy(self.policy)
+                opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+            t0 = time.perf_counter()
+            self._attached[key] = (policy, opt, gradlens.GradientRecorder(policy, **recorder_options))
+            self.attach_seconds[key] = time.perf_counter() - t0
+        return self._attached[key]
+
     def recorded(self, with_ref=False, **recorder_options):
-        self.opt.zero_grad(set_to_none=True)
-        rec = gradlens.GradientRecorder(self.policy, **recorder_options)  # attach + close are part of the cost
+        policy, opt, rec = self._recorder(**recorder_options)
+        opt.zero_grad(set_to_none=True)
         b = self.cfg.pairs // self.cfg.micro_batches
         groups = {"chosen": slice(0, b), "rejected": slice(b, 2 * b)}
         with rec.capture(groups=groups, accumulate=self.cfg.micro_batches > 1) as cap:
             for ids, b in self._chunks():
-                self._loss(self._forward(self.policy, ids), ids, b, with_ref).backward()
+                self._loss(self._forward(policy, ids), ids, b, with_ref).backward()
         cap.norm("chosen"), cap.norm("rejected"), cap.cosine("chosen", "rejected"), cap.layer_table()
-        rec.close()
-        self.opt.step()
+        opt.step()
 
     def naive(self):
         self.opt.zero_grad(set_to_none=True)
@@ -260,10 +278,13 @@ class DpoBench:
 class PerRowBench:
     """Per-row gradient norms: gradlens ``per_row=True`` against Opacus, forward + backward only."""
 
-    def __init__(self, cfg: Config, device: str, autocast: str | None):
+    def __init__(self, cfg: Config, device: str, autocast: str | None, *, copies: bool = True):
         torch.manual_seed(0)
         self.cfg = cfg
         self.model = build_model(cfg).to(device).train()
+        self.copies = copies
+        self._attached = None  # (model copy, recorder), attached once
+        self.attach_seconds: dict[str, float] = {}
         self.n = 2 * cfg.pairs
         self.ids = torch.randint(0, cfg.vocab, (self.n, cfg.seq), device=device)
         self.groups = {"chosen": slice(0, cfg.pairs), "rejected": slice(cfg.pairs, self.n)}
@@ -278,11 +299,15 @@ class PerRowBench:
         self._loss(self.model).backward()
 
     def gradlens(self) -> torch.Tensor:
-        self.model.zero_grad(set_to_none=True)
-        rec = gradlens.GradientRecorder(self.model)
+        if self._attached is None:
+            model = copy.deepcopy(self.model) if self.copies else self.model
+            t0 = time.perf_counter()
+            self._attached = (model, gradlens.GradientRecorder(model))
+            self.attach_seconds["{}"] = time.perf_counter() - t0
+        model, rec = self._attached
+        model.zero_grad(set_to_none=True)
         with rec.capture(groups=self.groups, per_row=True) as cap:
-            self._loss(self.model).backward()
-        rec.close()
+            self._loss(model).backward()
         return cap.per_row_norms()
 
     def opacus(self, kind: str) -> torch.Tensor:
@@ -323,8 +348,9 @@ class PerRowBench:
         return worst
 
 
-def make_bench(cfg: Config, device: str, autocast: str | None):
-    return PerRowBench(cfg, device, autocast) if cfg.family == "mlp" else DpoBench(cfg, device, autocast)
+def make_bench(cfg: Config, device: str, autocast: str | None, *, copies: bool = True):
+    kind = PerRowBench if cfg.family == "mlp" else DpoBench
+    return kind(cfg, device, autocast, copies=copies)
 
 
 def sync(device: str) -> None:
@@ -363,7 +389,7 @@ def peak_memory_child(config_key: str, variant: str, steps: int, device: str, au
     import gradlens.gradients  # noqa: F401  (every variant pays the library's import, so the ratio is the steps')
 
     cfg = (SMOKE if smoke else CONFIGS)[config_key]
-    bench = make_bench(cfg, device, autocast)
+    bench = make_bench(cfg, device, autocast, copies=False)  # one model in this process, as in training
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     fn = bench.variants()[variant]
@@ -503,6 +529,9 @@ def run_config(key: str, args, *, memory: bool = True) -> list[str]:
     cells = [f"{k} {med[k] / base:.3f}" for k in med if k not in ("plain", "plain+ref", "recorded+ref")]
     if "recorded+ref" in med:
         cells.insert(1, f"recorded+ref/plain+ref {med['recorded+ref'] / med['plain+ref']:.3f}")
+    attach = bench.attach_seconds.get("{}")
+    if attach is not None:
+        cells.append(f"attach {attach * 1e3:.0f} ms once")
     rows = [
         f"| {cfg.name} | {med['recorded'] / base:.3f}x | {memory_cell} | plain {base * 1e3:.0f} ms; " + "; ".join(cells) + " |"
     ]

@@ -2,7 +2,7 @@
 
 The recorder attaches to ``torch.compile(model)``'s own module (``_orig_mod``) and its
 hooks are excluded from compilation, so a forward through the compiled module is split
-like an eager one. Reference: the same step through the uncompiled model, recorded and
+like an eager one, whether the model was compiled before or after the recorder attached. Reference: the same step through the uncompiled model, recorded and
 by separate ``torch.autograd.grad`` passes. Tolerance: float32, 1e-5 of each parameter's
 gradient norm (measured <= 7.6e-8: compiled and eager kernels round differently).
 The ``aot_eager`` backend compiles forward and backward graphs as inductor does, without
@@ -11,6 +11,7 @@ generating C++ code (fast enough for a test on two cores).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -33,7 +34,8 @@ class SmallLM(nn.Module):
         return self.head(self.norm(torch.relu(self.up(self.embed(input_ids)))))
 
 
-def test_compiled_model_is_recorded_exactly_per_parameter():
+@pytest.mark.parametrize("order", ["compile-then-attach", "attach-then-compile"])
+def test_compiled_model_is_recorded_exactly_per_parameter(order):
     torch.manual_seed(0)
     model = SmallLM()
     g = torch.Generator().manual_seed(0)
@@ -41,8 +43,12 @@ def test_compiled_model_is_recorded_exactly_per_parameter():
     w = torch.randn(2 * B, generator=g)
     ref = reference_pieces(model, sequence_logps(model, ids, PROMPT), w, GROUPS)
 
-    compiled = torch.compile(model, backend="aot_eager")
-    rec = gradlens.GradientRecorder(compiled)
+    if order == "compile-then-attach":
+        compiled = torch.compile(model, backend="aot_eager")
+        rec = gradlens.GradientRecorder(compiled)
+    else:
+        rec = gradlens.GradientRecorder(model)
+        compiled = torch.compile(model, backend="aot_eager")
     assert rec.model is model  # names without "_orig_mod."
     for _ in range(2):  # the second step runs the cached compiled graphs
         model.zero_grad(set_to_none=True)

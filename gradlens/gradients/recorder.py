@@ -55,15 +55,32 @@ def uncompiled(model: nn.Module) -> nn.Module:
     """The module the recorder attaches to: ``model`` itself, or, for ``torch.compile(model)``
     (an ``OptimizedModule``), the module it compiled, so parameter names have no ``_orig_mod.``.
 
-    A compiled forward is recorded exactly: every recorder hook is excluded from compilation
-    (``torch.compiler.disable``), so the compiler splits its graph at each parameter-owning
-    module, and the hooks see real tensors, as in eager mode. The price is those graph
-    breaks: such a forward runs module by module, close to eager speed.
+    A compiled forward is recorded exactly, whether the model was compiled before or after
+    the recorder attached: every recorder hook runs outside compilation (``compile_safe``),
+    so the compiler splits its graph at each parameter-owning module, and the hooks see
+    real tensors, as in eager mode. The price is those graph breaks: such a forward runs
+    module by module, close to eager speed.
     """
     orig = getattr(model, "_orig_mod", None)
     if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
         return orig
     return model
+
+
+def compile_safe(fn):
+    """``fn``, run eagerly even when called from a ``torch.compile``'d forward: there it goes
+    through ``torch.compiler.disable``, so the compiler breaks its graph around it. Outside
+    compilation it is called directly (no compiler import, no wrapper cost)."""
+    eager = []
+
+    def hook(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not eager:
+                eager.append(torch.compiler.disable(fn))
+            return eager[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
 
 
 def _accumulation_dtype(module: nn.Module) -> torch.dtype:
@@ -109,7 +126,7 @@ class GradientRecorder:
     # ---- hooks -------------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        eager = torch.compiler.disable  # hooks run eagerly, also inside a torch.compile'd forward (see uncompiled)
+        eager = compile_safe  # hooks run eagerly, also inside a torch.compile'd forward (see uncompiled)
         self._handles.append(self.model.register_forward_pre_hook(eager(self._note_batch_rows), with_kwargs=True))
         for path, module in self.model.named_modules():
             wanted = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)

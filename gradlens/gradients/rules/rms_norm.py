@@ -64,8 +64,23 @@ def _forward(module: nn.Module, x: torch.Tensor, w: torch.Tensor):
     return y if isinstance(y, torch.Tensor) and y.shape == x.shape else None
 
 
+# module -> ((weight dtype, eps), verdict): the check runs once per module, not at every attach.
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def is_rms_norm(module: nn.Module) -> bool:
     """Whether ``module`` computes x · rsqrt(mean(x²) + eps) · w over its last dim (see the module docstring)."""
+    weight = getattr(module, "weight", None)
+    key = (getattr(weight, "dtype", None), _eps(module))
+    known = _VERDICTS.get(module)
+    if known is not None and known[0] == key:
+        return known[1]
+    verdict = _check(module)
+    _VERDICTS[module] = (key, verdict)
+    return verdict
+
+
+def _check(module: nn.Module) -> bool:
     own = dict(module.named_parameters(recurse=False))
     eps = _eps(module)
     if list(own) != ["weight"] or own["weight"].dim() != 1 or eps is None or eps < 0:
