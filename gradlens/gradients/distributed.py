@@ -22,6 +22,8 @@ def average_over_ranks(states: list[ParamState], layout: Layout) -> None:
     """Average every bucket (the total and each stored group) of every parameter over ranks,
     in place. ``states`` must list the same parameters in the same order on every rank."""
     buckets = [None, *layout.stored]  # None: the total
+    for st in states:
+        st.densify()  # the all-reduce needs every piece whole
     world = dist.get_world_size()
     device = states[0].param.device if states else torch.device("cpu")
     for bucket in buckets:

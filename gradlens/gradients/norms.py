@@ -38,6 +38,9 @@ class NormPass:
 def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequence[torch.Tensor] = (), vectors=None) -> list[Probe]:
     """Set ``st.stats`` from ``total`` and the stored pieces, and return the probes of ``probed``;
     frees the pieces (or keeps them whole in ``st.pieces``, with ``layout.keep_pieces``)."""
+    if st.sparse and not st.groups and not layout.keep_pieces:
+        return _take_sparse_norms(st, total, layout, probed, vectors)
+    st.densify()
     explicit = [st.groups.pop(g, None) for g in layout.stored]
     st.groups.clear()
     result = stats_pass(total, explicit, complement=layout.complement, probed=probed, vectors=vectors)
@@ -51,6 +54,40 @@ def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequ
             pieces.append(last)
         st.pieces = dict(zip(layout.names, (t.view(st.param.shape) for t in pieces)))
     return result.probes
+
+
+def _take_sparse_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed, vectors) -> list[Probe]:
+    """``take_norms`` for pieces that are only sparse rows (an embedding's): over the rows the
+    batch touched, R, plus one pass over the whole total for ‖total‖² and the probes.
+
+    Outside R every stored piece is 0, so there the last group (the total minus the others)
+    is the total itself: its squared norm gains ‖total‖² − ‖total_R‖², and no dot changes.
+    No vocabulary-sized buffer is made for the pieces.
+    """
+    parts = {g: st.sparse.pop(g, []) for g in layout.stored}
+    st.sparse.clear()
+    index = torch.cat([p.index for ps in parts.values() for p in ps])
+    rows, where = torch.unique(index, return_inverse=True)  # R, and each piece row's place in it
+    width = total[0].numel() if total.dim() else 1
+    explicit, offset = [], 0
+    for g in layout.stored:
+        if not parts[g]:
+            explicit.append(None)
+            continue
+        block = torch.zeros(rows.numel(), width, dtype=st.dtype, device=total.device)
+        for p in parts[g]:
+            n = p.index.numel()
+            block.index_add_(0, where[offset : offset + n], p.values.reshape(n, width).to(st.dtype))
+            offset += n
+        explicit.append(block)
+    on_rows = stats_pass(total.reshape(total.shape[0], width)[rows], explicit, complement=layout.complement)
+    whole = stats_pass(total, [], complement=False, probed=probed, vectors=vectors)
+    stats = on_rows.stats.clone()
+    stats[0] = whole.stats[0]
+    if layout.complement:  # the last group's square, index k: add what lies outside R
+        stats[len(layout.names)] += whole.stats[0] - on_rows.stats[0]
+    st.stats = stats
+    return whole.probes
 
 
 def stats_pass(

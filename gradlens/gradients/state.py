@@ -43,7 +43,8 @@ class ParamState:
     name: str
     modules: list[str]
     dtype: torch.dtype  # accumulation dtype: float32, or float64 for float64 parameters
-    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # explicitly computed groups' pieces
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # explicitly computed groups' pieces (dense)
+    sparse: dict[str, list] = field(default_factory=dict)  # groups whose pieces so far are only IndexedRows
     total: Optional[torch.Tensor] = None  # kept totals (accumulate/global/FSDP2), unless p.grad is the total
     total_is_grad: bool = False  # p.grad was None when the capture began: at the end it *is* the total
     backwards: int = 0
@@ -65,16 +66,33 @@ class ParamState:
     pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # kept only with keep_pieces=True
 
     def add(self, bucket: str, t) -> None:
-        if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
-            if bucket in self.groups:
+        """Add a use's piece to a group. Sparse rows (embeddings) stay sparse while the group has
+        no dense piece: their norms are then taken over the rows the batch touched (``norms.py``)."""
+        if isinstance(t, IndexedRows):
+            if bucket in self.groups:  # add in place, no dense temporary
                 self.groups[bucket].index_add_(0, t.index, t.values.to(self.dtype))
             else:
-                self.groups[bucket] = t.dense().to(self.dtype)
+                self.sparse.setdefault(bucket, []).append(t)
             return
+        self.densify(bucket)
         if bucket in self.groups:
             self.groups[bucket] += t.detach()
         else:  # rules return fresh tensors: keep them, no copy
             self.groups[bucket] = t.detach().to(self.dtype)
+
+    def densify(self, bucket: str | None = None) -> None:
+        """Turn a group's (or every group's) sparse pieces into one dense, parameter-shaped buffer."""
+        for name in [bucket] if bucket is not None else list(self.sparse):
+            parts = self.sparse.pop(name, None)
+            if not parts:
+                continue
+            dense = self.groups.get(name)
+            for part in parts:
+                if dense is None:
+                    dense = part.dense().to(self.dtype)
+                else:
+                    dense.index_add_(0, part.index, part.values.to(self.dtype))
+            self.groups[name] = dense
 
     def add_probe(self, probe: Probe, *, real: bool) -> None:
         """Add a probe of one use (``real=False``) or of the real gradient (``real=True``)."""
