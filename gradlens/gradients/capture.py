@@ -39,10 +39,10 @@ import torch
 
 from .distributed import average_over_ranks
 from .groups import GroupSpec, RowGroups, make_groups
-from .norms import Layout, stats_pass, take_norms
+from .norms import Layout, fold_dense_use, stats_pass, take_norms
 from .params import ParamIndex
 from .rules import IndexedRows, Rule, Use, probe_dense
-from .state import LOW_PRECISION, ParamState, Probe, pair_names, probe_agrees, probe_rtol, read_norms, set_norms
+from .state import LOW_PRECISION, ParamState, PendingUses, Probe, pair_names, probe_agrees, probe_rtol, read_norms, set_norms
 
 
 class UnattributedGradientWarning(UserWarning):
@@ -74,12 +74,14 @@ class Capture:
         distributed: str = "local",
         keep_pieces: bool = False,
         sharded: Optional[Sharding] = None,
+        pending: Optional[dict[int, PendingUses]] = None,
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
         self.distributed = distributed
         self.index = index  # the recorder's knowledge of the model's parameters (names, probes)
         self.sharded = sharded  # FSDP2: pieces are kept sharded (gradients/fsdp.py)
+        self.pending = pending if pending is not None else {}  # tied parameters' uses still to come (recorder)
         self.groups = groups
         self.per_row = per_row
         self.verify = verify
@@ -144,6 +146,12 @@ class Capture:
             st.rules.add(rule.name)
             st.uses += 1
             st.low_precision |= low
+            rows = self._rows_still_to_come(params[local], rule)
+            if rows is not None and full is not None and self._can_fold(st):
+                # a head tied to an embedding: stats outside the embedding's rows now, no buffer kept
+                fold_dense_use(st, {g: explicit[g][local] for g in self.layout.stored}, full[local], rows, self.layout)
+                st.add_probe(Probe(*probe_dense(full[local].to(st.dtype), self.index.probe_vectors(params[local]))), real=False)
+                continue
             for g in self.layout.stored:
                 st.add(g, sharded.scatter(params[local], explicit[g][local]) if sharded else explicit[g][local])
             if full is not None and sharded:  # no parameter hook fires under FSDP2: probe now
@@ -156,6 +164,28 @@ class Capture:
         if self.per_row:
             self._add_per_row(use, rule, params)
         return full if totals else None
+
+    def _rows_still_to_come(self, p: torch.nn.Parameter, rule: Rule) -> Optional[torch.Tensor]:
+        """Count this use off the parameter's pending forward uses; for a dense use after which
+        only sparse uses remain, the rows those will touch (else None)."""
+        pending = self.pending.get(id(p))
+        if pending is None:
+            return None
+        if rule.sparse_rows is not None:
+            if pending.rows:
+                pending.rows.pop(0)
+            return None
+        pending.dense = max(0, pending.dense - 1)
+        if pending.dense or not pending.rows:
+            return None
+        return torch.cat([r.reshape(-1) for r in pending.rows])
+
+    def _can_fold(self, st: ParamState) -> bool:
+        """One backward whose norms are streamed, no piece kept whole, nothing added yet."""
+        return (
+            self.streaming and self.sharded is None and not self.keep_pieces and not self.per_row
+            and st.param.dim() == 2 and not st.groups and not st.sparse and st.folded_rows is None and st.backwards == 0
+        )
 
     def _pieces_of(self, use: Use, rule: Rule, totals: bool) -> tuple[dict, Optional[dict]]:
         """The pieces of the groups this use computes explicitly, and the use's full gradient

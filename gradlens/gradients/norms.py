@@ -38,6 +38,8 @@ class NormPass:
 def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequence[torch.Tensor] = (), vectors=None) -> list[Probe]:
     """Set ``st.stats`` from ``total`` and the stored pieces, and return the probes of ``probed``;
     frees the pieces (or keeps them whole in ``st.pieces``, with ``layout.keep_pieces``)."""
+    if st.folded_rows is not None:
+        return _take_folded_norms(st, total, layout, probed, vectors)
     if st.sparse and not st.groups and not layout.keep_pieces:
         return _take_sparse_norms(st, total, layout, probed, vectors)
     st.densify()
@@ -54,6 +56,49 @@ def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequ
             pieces.append(last)
         st.pieces = dict(zip(layout.names, (t.view(st.param.shape) for t in pieces)))
     return result.probes
+
+
+def fold_dense_use(st: ParamState, pieces: dict[str, torch.Tensor], full: torch.Tensor, rows: torch.Tensor, layout: Layout) -> None:
+    """A tied parameter's dense use (a head) whose remaining uses in this backward only touch
+    ``rows`` (an embedding's tokens): take its stats outside those rows now, and keep its pieces
+    on them only, instead of a parameter-sized buffer until the embedding's use.
+
+    Outside the rows nothing else will be added, so the groups there are final: the stored
+    pieces, and the last group as this use's full gradient minus them.
+    """
+    rows = torch.unique(rows.to(full.device))
+    width = full[0].numel()
+    keep = torch.ones(full.shape[0], dtype=st.dtype, device=full.device)
+    keep[rows] = 0
+    explicit = [pieces.get(g) for g in layout.stored]
+    st.folded_stats = stats_pass(full, explicit, complement=layout.complement, keep_rows=keep).stats
+    st.folded_rows = rows
+    st.folded = {g: t.reshape(full.shape[0], width)[rows].to(st.dtype) for g, t in zip(layout.stored, explicit) if t is not None}
+
+
+def _take_folded_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed, vectors) -> list[Probe]:
+    """``take_norms`` after ``fold_dense_use``: the rows R formed exactly from the kept pieces,
+    the sparse uses' rows and the real gradient; the rest was taken at the dense use."""
+    rows, width = st.folded_rows, total[0].numel()
+    explicit = []
+    for g in layout.stored:
+        block = st.folded.get(g)
+        block = torch.zeros(rows.numel(), width, dtype=st.dtype, device=total.device) if block is None else block
+        for part in st.sparse.pop(g, []):
+            where = torch.searchsorted(rows, part.index)
+            if not bool((rows[where.clamp_max(rows.numel() - 1)] == part.index).all()):
+                raise RuntimeError(f"parameter {st.name!r}: a sparse use touched rows its forward did not announce")
+            block.index_add_(0, where, part.values.reshape(-1, width).to(st.dtype))
+        explicit.append(block)
+    st.sparse.clear()
+    st.groups.clear()
+    on_rows = stats_pass(total.reshape(total.shape[0], width)[rows], explicit, complement=layout.complement)
+    whole = stats_pass(total, [], complement=False, probed=probed, vectors=vectors)
+    stats = st.folded_stats + on_rows.stats
+    stats[0] = whole.stats[0]
+    st.stats = stats
+    st.folded_rows, st.folded, st.folded_stats = None, {}, None
+    return whole.probes
 
 
 def _take_sparse_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed, vectors) -> list[Probe]:
@@ -97,6 +142,7 @@ def stats_pass(
     complement: bool,
     probed: Sequence[torch.Tensor] = (),
     vectors: Optional[tuple[torch.Tensor, ...]] = None,
+    keep_rows: Optional[torch.Tensor] = None,
 ) -> NormPass:
     """One pass over a parameter's gradient, in row blocks that stay in cache:
 
@@ -109,6 +155,7 @@ def stats_pass(
       them with a wide margin, and a missing gradient M is caught once ‖M‖ exceeds
       the rounding tolerance times ‖t‖.
 
+    ``keep_rows`` (0/1 per row of the stats, not of the probes) leaves rows out of the stats.
     No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
     """
     dtype = next((e.dtype for e in explicit if e is not None), torch.float64 if total.dtype == torch.float64 else torch.float32)
@@ -127,6 +174,9 @@ def stats_pass(
     for r0 in range(0, rows, step):
         tc = t2[r0 : r0 + step].to(dtype)
         blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step] for f in flats]
+        if keep_rows is not None:
+            keep = keep_rows[r0 : r0 + step].to(dtype).unsqueeze(1)
+            tc, blocks = tc * keep, [b * keep for b in blocks]
         if complement:
             rest = tc - blocks[0] if blocks else tc.clone()
             for b in blocks[1:]:

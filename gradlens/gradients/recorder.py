@@ -43,6 +43,7 @@ from .groups import GroupSpec, make_groups
 from .params import ParamIndex, world_size
 from .precision import autocast_state, no_autocast
 from .rules import Rule, Use, rule_for, tensor_leaves, validate
+from .state import PendingUses
 
 
 def _expand_rows(x, n: int):
@@ -119,6 +120,7 @@ class GradientRecorder:
         self._closed = False
         self._handles: list = []
         self._rng_before: dict[int, tuple] = {}
+        self._pending: dict[int, PendingUses] = {}  # tied parameters' forward uses not yet seen in backward
         self._batch_rows: Optional[int] = None
         self.rules: dict[str, Rule] = {}
         self._attach()
@@ -134,11 +136,29 @@ class GradientRecorder:
                 continue
             rule = rule_for(module)
             self.rules[path] = rule
+            shared = [n for n in wanted if self.index.is_shared(getattr(module, n))]
+            if shared and self.sharded is None:  # tied: note each forward use, dense or sparse rows
+                self._handles.append(module.register_forward_hook(eager(self._note_use(rule, shared))))
             if rule.reruns_forward:
                 self._handles.append(module.register_forward_pre_hook(eager(self._save_rng)))
             self._handles.append(module.register_forward_hook(eager(self._forward_hook(path, rule, wanted)), with_kwargs=True))
         for p in self.index.trainable():
             self._handles.append(p.register_hook(self._param_hook(p)))
+
+    def _note_use(self, rule: Rule, names: list[str]):
+        """Forward hook: a use of tied parameters, so a capture knows which uses are still to come."""
+
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if self._paused or self._closed or not torch.is_grad_enabled():
+                return
+            for name in names:
+                pending = self._pending.setdefault(id(getattr(module, name)), PendingUses())
+                if rule.sparse_rows is not None:
+                    pending.rows.append(rule.sparse_rows(Use(module, args, {}, (), (name,), torch.float32)))
+                else:
+                    pending.dense += 1
+
+        return hook
 
     def _note_batch_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The batch size N of the model's input: rows are counted along its dim 0."""
@@ -274,13 +294,14 @@ class GradientRecorder:
             self.sharded.begin(distributed=distributed, per_row=per_row, keep_pieces=keep_pieces)
         cap = Capture(
             self.index, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
-            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,
+            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded, pending=self._pending,
         )
         self._capture = cap
         try:
             yield cap
         finally:
             self._capture = None
+        self._pending.clear()  # a later forward starts afresh
         with no_autocast():
             cap.finish()
 

@@ -58,6 +58,11 @@ class ParamState:
     row_sq: Optional[torch.Tensor] = None  # ghost per-row squared norms (single use)
     row_parts: Optional[torch.Tensor] = None  # materialised per-row gradients (tied / reused)
     stats: Optional[torch.Tensor] = None  # [total_sq, sq per group, dot per pair], on the device
+    # A tied parameter whose dense use (a head) came before its sparse uses (the embedding):
+    # that use's stats outside the rows R the embedding touches, and its pieces on R only.
+    folded_rows: Optional[torch.Tensor] = None  # R, sorted
+    folded: dict[str, torch.Tensor] = field(default_factory=dict)  # stored groups' pieces on R
+    folded_stats: Optional[torch.Tensor] = None  # stats of the dense use outside R
     # results
     sq: dict[str, float] = field(default_factory=dict)
     dots: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -100,6 +105,14 @@ class ParamState:
         zero = torch.zeros((), dtype=value.dtype, device=value.device)
         v = torch.stack([zero, zero, value, scale] if real else [value, scale, zero, zero])
         self.probe = v if self.probe is None else self.probe + v.to(self.probe.device)
+
+
+@dataclass
+class PendingUses:
+    """Uses of one shared parameter made in forward whose gradients have not arrived yet."""
+
+    dense: int = 0
+    rows: list = field(default_factory=list)  # the touched rows of each pending sparse use
 
 
 def probe_agrees(rtol: float, hooks: Probe, real: Probe) -> bool:

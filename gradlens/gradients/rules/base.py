@@ -98,6 +98,9 @@ class Rule:
     # (use, rows, base) -> {param: base[param] + contribution}, as one fused operation
     # (``addmm``), so that the split's full gradient needs no extra temporary.
     add_contribution: Optional[Callable[[Use, RowSelector, dict], dict[str, torch.Tensor]]] = None
+    # use -> the parameter rows it touches (an embedding's token ids), for a rule whose
+    # contributions are sparse rows; known at forward time.
+    sparse_rows: Optional[Callable[[Use], torch.Tensor]] = None
 
 
 # ---- small shared pieces ---------------------------------------------------------------------

@@ -50,4 +50,4 @@ def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
 
 @register_rule(nn.Embedding)
 def _embedding() -> Rule:
-    return Rule("embedding", contribution, probe, per_row_sq)
+    return Rule("embedding", contribution, probe, per_row_sq, sparse_rows=lambda use: use.input().reshape(-1))
