@@ -149,8 +149,9 @@ class Capture:
             rows = self._rows_still_to_come(params[local], rule)
             if rows is not None and full is not None and self._can_fold(st):
                 # a head tied to an embedding: stats outside the embedding's rows now, no buffer kept
-                fold_dense_use(st, {g: explicit[g][local] for g in self.layout.stored}, full[local], rows, self.layout)
-                st.add_probe(Probe(*probe_dense(full[local].to(st.dtype), self.index.probe_vectors(params[local]))), real=False)
+                pieces = {g: explicit[g][local] for g in self.layout.stored}
+                vectors = self.index.probe_vectors(params[local])
+                st.add_probe(fold_dense_use(st, pieces, full[local], rows, self.layout, vectors), real=False)
                 continue
             for g in self.layout.stored:
                 st.add(g, sharded.scatter(params[local], explicit[g][local]) if sharded else explicit[g][local])

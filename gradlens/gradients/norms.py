@@ -58,22 +58,27 @@ def take_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed: Sequ
     return result.probes
 
 
-def fold_dense_use(st: ParamState, pieces: dict[str, torch.Tensor], full: torch.Tensor, rows: torch.Tensor, layout: Layout) -> None:
+def fold_dense_use(
+    st: ParamState, pieces: dict[str, torch.Tensor], full: torch.Tensor, rows: torch.Tensor, layout: Layout, vectors: tuple
+) -> Probe:
     """A tied parameter's dense use (a head) whose remaining uses in this backward only touch
     ``rows`` (an embedding's tokens): take its stats outside those rows now, and keep its pieces
     on them only, instead of a parameter-sized buffer until the embedding's use.
 
     Outside the rows nothing else will be added, so the groups there are final: the stored
-    pieces, and the last group as this use's full gradient minus them.
+    pieces, and the last group as this use's full gradient minus them. Returns the probe of
+    the use's full gradient, taken in the same pass.
     """
     rows = torch.unique(rows.to(full.device))
     width = full[0].numel()
     keep = torch.ones(full.shape[0], dtype=st.dtype, device=full.device)
     keep[rows] = 0
     explicit = [pieces.get(g) for g in layout.stored]
-    st.folded_stats = stats_pass(full, explicit, complement=layout.complement, keep_rows=keep).stats
+    result = stats_pass(full, explicit, complement=layout.complement, probed=[full], vectors=vectors, keep_rows=keep)
+    st.folded_stats = result.stats
     st.folded_rows = rows
     st.folded = {g: t.reshape(full.shape[0], width)[rows].to(st.dtype) for g, t in zip(layout.stored, explicit) if t is not None}
+    return result.probes[0]
 
 
 def _take_folded_norms(st: ParamState, total: torch.Tensor, layout: Layout, probed, vectors) -> list[Probe]:
