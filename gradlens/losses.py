@@ -52,11 +52,16 @@ To add a method, write one function ``(ctx: PairContext) -> (beta_w, beta_l, a_w
 and decorate it with ``@register_reweighting("name", options=...)``. The
 registry is what ``gradlens record --loss`` offers, and the method's
 ``options`` are what ``--loss-option KEY=VALUE`` accepts.
+
+A method and its options are resolved once, by ``resolve_loss``, into a
+``LossSpec`` (defaults filled in, every value checked); that object is what
+travels to ``preference_loss`` and to ``Reweighting.rebalance``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 import torch
@@ -78,7 +83,7 @@ class PairContext:
     beta: float
     chosen_lengths: torch.Tensor | None
     rejected_lengths: torch.Tensor | None
-    options: dict
+    options: Mapping[str, object]  # the method's resolved options (LossSpec.options)
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,31 @@ def get_reweighting(name: str) -> Reweighting:
     return REWEIGHTINGS[name]
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered method with its options resolved: every declared option present, parsed and checked.
+
+    Built once by ``resolve_loss``; the options mapping is read-only.
+    """
+
+    method: Reweighting
+    options: Mapping[str, object]
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+
+def resolve_loss(name: str, options: Mapping[str, object] | None = None) -> LossSpec:
+    """Method ``name`` from the registry with ``options`` (CLI strings or typed values) over its defaults.
+
+    An unknown method lists the registry; an option the method does not declare, or a bad value,
+    is an error naming the method and the option.
+    """
+    method = get_reweighting(name)
+    return LossSpec(method, MappingProxyType(method.resolve_options(dict(options or {}))))
+
+
 BALANCE_SPACE = Option(
     "balance_space", "sequence", "weights from sequence log-probs or per-token means (needs completion lengths)",
     choices=("sequence", "token_mean"),
@@ -217,6 +247,14 @@ def _adadpo(ctx: PairContext) -> Weights:
 register_reweighting("norm_balanced", options=(BALANCE_SCOPE,), rebalance=rebalance_capture)(_ones)
 
 
+def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """``rewards/accuracies``: the share of pairs with r_chosen > r_rejected, or NaN when a reward is NaN
+    (a comparison with NaN is no answer, and a plain fraction would count it as a wrong one)."""
+    if bool(torch.isnan(chosen_rewards).any() or torch.isnan(rejected_rewards).any()):
+        return float("nan")
+    return (chosen_rewards > rejected_rewards).double().mean().item()
+
+
 @dataclass
 class PreferenceLossOutput:
     """``.loss`` to backpropagate; DPO's value and per-pair diagnostics beside it.
@@ -238,12 +276,6 @@ class PreferenceLossOutput:
     log_pw_over_pl: torch.Tensor
     nonfinite: bool
 
-    def _accuracy(self) -> float:
-        """Share of pairs with r_chosen > r_rejected; NaN when a reward is NaN (a comparison with NaN is no answer)."""
-        if bool(torch.isnan(self.chosen_rewards).any() or torch.isnan(self.rejected_rewards).any()):
-            return float("nan")
-        return (self.chosen_rewards > self.rejected_rewards).float().mean().item()
-
     def metrics(self) -> dict[str, float]:
         """Batch means under TRL's names (plus gradlens's own)."""
         return {
@@ -251,7 +283,7 @@ class PreferenceLossOutput:
             names.REWARDS_CHOSEN: self.chosen_rewards.mean().item(),
             names.REWARDS_REJECTED: self.rejected_rewards.mean().item(),
             names.REWARDS_MARGINS: self.margins.mean().item(),
-            names.REWARDS_ACCURACIES: self._accuracy(),
+            names.REWARDS_ACCURACIES: reward_accuracy(self.chosen_rewards, self.rejected_rewards),
             names.LOG_PW_OVER_PL: self.log_pw_over_pl.mean().item(),
             names.SIGMOID_NEG_U: self.sigmoid_neg_u.mean().item(),
             names.WEIGHT_CHOSEN: self.weight_chosen.mean().item(),
@@ -266,6 +298,17 @@ def _check_shapes(**tensors: torch.Tensor) -> None:
         raise ValueError(f"log-probabilities must all be 1-D tensors of the same length B; got shapes {shapes}")
 
 
+def _loss_spec(method: str | LossSpec, *, options: Mapping[str, object] | None, **keywords: object) -> LossSpec:
+    """``method`` as a LossSpec; a LossSpec already carries its options, so none may be given beside it."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if isinstance(method, LossSpec):
+        if given or options:
+            raise ValueError(f"method {method.name!r} is a resolved LossSpec: set its options in resolve_loss, not in preference_loss")
+        return method
+    declared = {o.name for o in get_reweighting(method).options}
+    return resolve_loss(method, {**{k: v for k, v in given.items() if k in declared}, **(options or {})})
+
+
 def preference_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -273,27 +316,27 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-    method: str = "dpo",
-    balance_space: str = "sequence",
+    method: str | LossSpec = "dpo",
+    balance_space: str | None = None,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
-    adadpo_cap: float = 2.0,
+    adadpo_cap: float | None = None,
     options: Mapping[str, object] | None = None,
 ) -> PreferenceLossOutput:
     """A registered method's loss from summed completion log-probs of shape (B,).
 
-    ``options`` are the method's own settings (``REWEIGHTINGS[method].options``);
-    ``balance_space`` and ``adadpo_cap`` are kept as keywords and reach only the
-    methods that declare them. For methods with weights 1 (``dpo``,
-    ``norm_balanced``) ``.loss`` is the DPO loss itself.
+    ``method``: a ``LossSpec`` from ``resolve_loss`` (options resolved once, used as
+    they are), or a method's name, whose options are then resolved here from
+    ``options`` (``REWEIGHTINGS[method].options``) and the keywords
+    ``balance_space`` and ``adadpo_cap``, which reach only the methods that declare
+    them (unset: the registry's defaults, "sequence" and 2). For methods with
+    weights 1 (``dpo``, ``norm_balanced``) ``.loss`` is the DPO loss itself.
 
     NaN inputs propagate: the loss becomes NaN and ``.nonfinite`` is True; nothing
     is replaced or dropped.
     """
-    rw = get_reweighting(method)
-    declared = {o.name for o in rw.options}
-    keywords = {k: v for k, v in (("balance_space", balance_space), ("adadpo_cap", adadpo_cap)) if k in declared}
-    resolved = rw.resolve_options({**keywords, **(options or {})})
+    spec = _loss_spec(method, balance_space=balance_space, adadpo_cap=adadpo_cap, options=options)
+    rw, resolved = spec.method, spec.options
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
     _check_shapes(

@@ -1,6 +1,6 @@
 """Small numeric fits shared by the producers (langevin) and the readers (analysis, plot).
 
-numpy only; imports nothing from gradlens, so every room reaches it downwards.
+numpy only; imports nothing from gradlens, so every package reaches it downwards.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Adversarial inputs: each case ends in one clear message (file, line, problem), the
 right exit code, and -- where it is refused -- a directory tree byte-identical to before.
 
-One test per item of the reliability issue; the tabular environment keeps each
+One test per promise of docs/reliability.md; the tabular environment keeps each
 recorded run to a fraction of a second.
 """
 

@@ -20,45 +20,18 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import gradlens  # noqa: E402
 from gradlens.gradients import UnattributedGradientWarning  # noqa: E402
 from gradlens.runs import load_run  # noqa: E402
-
-WORDS = ["<eos>", "<unk>"] + "a b c d e f g h i j k l m n o p".split()
-PAIRS = [
-    {"prompt": "a b c", "chosen": " d e", "rejected": " f g h"},
-    {"prompt": "b c", "chosen": " i", "rejected": " j k"},
-    {"prompt": "c d e f", "chosen": " l m n", "rejected": " o"},
-    {"prompt": "p", "chosen": " a a", "rejected": " b"},
-    {"prompt": "e", "chosen": " f g h i", "rejected": " g"},
-]
-TOL = 1e-5
+from trl_harness import PAIRS, TOL, WORDS, dpo_config, flat, save_tiny_gpt2, spy_training_batches, trl_loss_split  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(path)  # tie_word_embeddings: lm_head.weight is transformer.wte.weight
-    return str(path)
-
-
-def dpo_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
-        report_to="none", use_cpu=True, bf16=False, max_length=16, logging_steps=1, save_strategy="no", seed=0,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return trl.DPOConfig(**kwargs)
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def make_trainer(model_dir, tmp_path, run_dir=None, **kwargs):
@@ -71,19 +44,6 @@ def make_trainer(model_dir, tmp_path, run_dir=None, **kwargs):
     )  # fmt: skip
 
 
-def spy_training_batches(trainer) -> list[dict]:
-    """The inputs of every training micro-batch, as the trainer saw them."""
-    seen, compute_loss = [], trainer.compute_loss
-
-    def spy(model, inputs, *args, **kwargs):
-        if model.training and torch.is_grad_enabled():
-            seen.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)} | {"_checkpointing": trainer.model.is_gradient_checkpointing})
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = spy
-    return seen
-
-
 def trl_reference(model_dir, tmp_path, micro_batches):
     """(g_chosen, g_rejected, per-parameter chosen parts) of TRL's own loss, summed over micro-batches as Trainer does."""
     policy = AutoModelForCausalLM.from_pretrained(model_dir)  # the initial weights: step 0
@@ -93,31 +53,9 @@ def trl_reference(model_dir, tmp_path, micro_batches):
     )  # fmt: skip
     names = {id(p): n for n, p in policy.named_parameters()}
     params = list({id(p): p for p in policy.parameters() if p.requires_grad}.values())
-    fused, tapped = policy.forward, {}
-
-    def tap(*args, **kwargs):
-        out = fused(*args, **kwargs)
-        if torch.is_grad_enabled():
-            tapped["log_probs"] = out.log_probs
-        return out
-
-    policy.forward = tap
-    policy.train()
-    sums = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    for inputs in micro_batches:
-        inputs = {k: v for k, v in inputs.items() if not k.startswith("_")}
-        loss = plain.compute_loss(policy, inputs) / len(micro_batches)  # Trainer divides by the micro-batch count
-        lp = tapped.pop("log_probs")
-        (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
-        b = lp.shape[0] // 2
-        for k, rows in enumerate((slice(0, b), slice(b, 2 * b))):
-            grads = torch.autograd.grad(lp[rows], params, grad_outputs=w[rows], retain_graph=True, allow_unused=True)
-            for acc, g in zip(sums[k], grads):
-                if g is not None:
-                    acc += g
-    flat = [torch.cat([g.reshape(-1) for g in part]) for part in sums]
+    sums = trl_loss_split(plain, policy, params, micro_batches)
     per_param = {names[id(p)]: (gc, gr) for p, gc, gr in zip(params, *sums)}
-    return flat[0], flat[1], per_param
+    return flat(sums[0]), flat(sums[1]), per_param
 
 
 def rel(a: float, b: float) -> float:

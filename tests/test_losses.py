@@ -169,3 +169,45 @@ def test_a_registered_method_is_offered_by_the_cli_with_its_options():
         assert RecordConfig().loss_options == {}
     finally:
         REWEIGHTINGS.pop("scaled_rejected")
+
+
+def test_a_loss_spec_is_resolved_once_and_used_as_it_is():
+    from types import MappingProxyType
+
+    from gradlens.losses import LossSpec, resolve_loss
+
+    spec = resolve_loss("power", {"tau": "0.25", "balance_space": "token_mean"})
+    assert isinstance(spec, LossSpec) and spec.name == "power" and spec.method is REWEIGHTINGS["power"]
+    assert dict(spec.options) == {"tau": 0.25, "balance_space": "token_mean"}
+    assert isinstance(spec.options, MappingProxyType)  # read-only: nothing downstream can change it
+    assert dict(resolve_loss("balanced").options) == {"balance_space": "sequence"}  # the registry's defaults
+    lengths = torch.tensor([3.0, 5.0, 2.0, 7.0, 4.0], dtype=torch.float64)
+    kw = dict(chosen_lengths=lengths, rejected_lengths=lengths.flip(0))
+    by_spec, gw, gl, *_ = grads(spec, **kw)
+    by_name, gw2, gl2, *_ = grads("power", options={"tau": 0.25}, balance_space="token_mean", **kw)
+    assert torch.equal(by_spec.loss, by_name.loss) and torch.equal(gw, gw2) and torch.equal(gl, gl2)
+    assert torch.equal(by_spec.weight_chosen, by_name.weight_chosen)
+    with pytest.raises(ValueError, match="resolved LossSpec: set its options in resolve_loss"):
+        grads(spec, options={"tau": 0.5})
+    with pytest.raises(ValueError, match="resolved LossSpec"):
+        grads(spec, balance_space="sequence")
+    with pytest.raises(ValueError, match="method 'balanced' has no option 'tau'"):
+        resolve_loss("balanced", {"tau": 1})
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve_loss("nope")
+
+
+def test_record_resolves_the_loss_options_once_not_every_step(tmp_path, monkeypatch):
+    from gradlens.cli import main
+    from gradlens.losses import Reweighting
+
+    calls = []
+    real = Reweighting.resolve_options
+    monkeypatch.setattr(Reweighting, "resolve_options", lambda self, given: calls.append(self.name) or real(self, given))
+    counts = {}
+    for steps in (2, 5):
+        calls.clear()
+        args = ["record", "--env", "tabular", "--loss", "power", "--loss-option", "tau=0.25", "--steps", str(steps), "--batch-size", "4"]
+        assert main([*args, "--out", str(tmp_path / f"s{steps}"), "--quiet", "--no-tensorboard"]) == 0
+        counts[steps] = len(calls)
+    assert counts[2] == counts[5] >= 1, counts  # the same number for 2 and 5 steps: none per step

@@ -15,6 +15,9 @@ peft = pytest.importorskip("peft")
 
 from models import tiny_gpt2, tiny_llama  # noqa: E402
 from test_recorder_exact import make_batch, recorded, reference_split, rel  # noqa: E402
+from trl_harness import PAIRS as TRL_PAIRS  # noqa: E402
+from trl_harness import TOL as TRL_TOL  # noqa: E402
+from trl_harness import dpo_config, flat, save_tiny_gpt2, spy_training_batches, trl_loss_split  # noqa: E402
 
 TOL = 1e-10  # float64
 # Per family: the LoRA target modules and a module trained in full next to the adapter.
@@ -100,9 +103,6 @@ def _lora_reference(initial: dict, model_dir, tmp_path, micro_batches):
     import trl
     from transformers import AutoTokenizer
 
-    from test_integration_trl import PAIRS as TRL_PAIRS
-    from test_integration_trl import dpo_config
-
     plain = trl.DPOTrainer(model=model_dir, args=dpo_config(tmp_path, gradient_checkpointing=False, output_dir=str(tmp_path / "reference")),
                            train_dataset=datasets.Dataset.from_list(TRL_PAIRS), processing_class=AutoTokenizer.from_pretrained(model_dir),
                            peft_config=_trl_lora_config())  # fmt: skip
@@ -110,38 +110,15 @@ def _lora_reference(initial: dict, model_dir, tmp_path, micro_batches):
     policy = plain.model
     policy.load_state_dict(initial)
     params = [p for p in policy.parameters() if p.requires_grad]
-    fused, tapped = policy.forward, {}
-
-    def tap(*args, **kwargs):
-        out = fused(*args, **kwargs)
-        if torch.is_grad_enabled():
-            tapped["log_probs"] = out.log_probs
-        return out
-
-    policy.forward = tap
-    policy.train()
-    sums = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-    for inputs in micro_batches:
-        inputs = {k: v for k, v in inputs.items() if not k.startswith("_")}
-        loss = plain.compute_loss(policy, inputs) / len(micro_batches)
-        lp = tapped.pop("log_probs")
-        (w,) = torch.autograd.grad(loss, lp, retain_graph=True)
-        b = lp.shape[0] // 2
-        for k, rows in enumerate((slice(0, b), slice(b, 2 * b))):
-            grads = torch.autograd.grad(lp[rows], params, grad_outputs=w[rows], retain_graph=True, allow_unused=True)
-            for acc, g in zip(sums[k], grads):
-                if g is not None:
-                    acc += g
-    return [torch.cat([g.reshape(-1) for g in part]) for part in sums]
+    chosen, rejected = trl_loss_split(plain, policy, params, micro_batches)
+    return flat(chosen), flat(rejected)
 
 
 @pytest.fixture(scope="module")
 def trl_model_dir(tmp_path_factory):
-    """The TRL test's tiny GPT-2 (tied embeddings) and word-level tokenizer, saved locally."""
+    """The TRL tests' tiny GPT-2 (tied embeddings) and word-level tokenizer, saved locally."""
     pytest.importorskip("trl")
-    from test_integration_trl import model_dir
-
-    return model_dir.__wrapped__(tmp_path_factory)
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def test_gradlens_dpo_trainer_with_peft_config_is_exact_at_step_0(trl_model_dir, tmp_path):
@@ -154,9 +131,6 @@ def test_gradlens_dpo_trainer_with_peft_config_is_exact_at_step_0(trl_model_dir,
     from gradlens.gradients import UnattributedGradientWarning
     from gradlens.integrations.trl import GradlensDPOTrainer
     from gradlens.runs import load_run
-    from test_integration_trl import PAIRS as TRL_PAIRS
-    from test_integration_trl import TOL as TRL_TOL
-    from test_integration_trl import dpo_config, spy_training_batches
 
     model_dir = trl_model_dir
     run_dir = tmp_path / "run"

@@ -9,7 +9,8 @@ import pytest
 from gradlens.cli import build_parser, main
 from gradlens.record import plan as P
 from gradlens.record.command import _plan
-from gradlens.record.config import ENV_DEFAULTS, load_config_file
+from gradlens.record.config import load_config_file
+from gradlens.record.envs.registry import get_env
 
 
 def _args(argv):
@@ -27,7 +28,7 @@ def test_toml_config_with_flag_override_is_saved_resolved(tmp_path):
     assert saved["beta"] == 0.25  # the flag wins
     assert saved["steps"] == 3 and saved["batch_size"] == 8 and saved["loss"] == "balanced"
     assert saved["balance_space"] == "token_mean"
-    assert saved["lr"] == ENV_DEFAULTS["tabular"]["lr"] and saved["optimizer"] == "adam"  # env defaults filled in
+    assert saved["lr"] == get_env("tabular").defaults.lr and saved["optimizer"] == "adam"  # env defaults filled in
     assert saved["seed"] == 0 and saved["device"] == "auto"
     assert {"python", "torch", "transformers"} <= set(header["versions"])
 
@@ -77,7 +78,7 @@ def test_no_arguments_is_dpo_then_balanced_on_tiny_gpt2(tmp_path, monkeypatch):
         ("tiny-gpt2", "dpo", "runs/tiny-gpt2-dpo-s0", P.NEW),
         ("tiny-gpt2", "balanced", "runs/tiny-gpt2-balanced-s0", P.NEW),
     ]
-    assert plans[0].cfg.steps == ENV_DEFAULTS["tiny-gpt2"]["steps"]
+    assert plans[0].cfg.steps == get_env("tiny-gpt2").defaults.steps
 
 
 def test_rerunning_the_default_job_picks_fresh_names(tmp_path, monkeypatch):

@@ -26,6 +26,31 @@ def _complete_rows(path) -> int:
         return 0
 
 
+def _kill_record_after(argv, steps_csv, rows: int, what: str) -> None:
+    """Run `gradlens record argv` in a child process and SIGKILL it once steps_csv holds `rows` complete rows.
+
+    The child must still be running when the rows are there (a run that ends first fails the
+    test), and the kill is a real SIGKILL: no handler, no clean-up, as a crash or an OOM kill.
+    """
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradlens", "record", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while _complete_rows(steps_csv) < rows:
+            if proc.poll() is not None:
+                pytest.fail(f"{what} ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} wrote too few rows within 60 s")
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _assert_same_logs(a, b):
     """Byte for byte: the resumed run logged exactly what an uninterrupted run logs."""
     for table in (schema.STEPS, schema.LAYERS, schema.EVALS):
@@ -39,23 +64,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "run"
     steps, every = 600, 50
     argv = [*JOB, "--steps", str(steps), "--checkpoint-every", str(every), "--eval-every", "100", "--out", str(out)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "gradlens", "record", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 60
-    try:
-        while _complete_rows(out / schema.STEPS) < 2 * every + 10:
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the run wrote too few rows within 60 s")
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    _kill_record_after(argv, out / schema.STEPS, 2 * every + 10, "the run")
 
     # What the killed run left is readable: complete rows, consecutive steps, no summary.
     with warnings.catch_warnings():
@@ -156,22 +165,7 @@ def test_default_two_loss_job_killed_in_its_first_run_is_finished_by_resume(tmp_
     steps, every = 40, 10
     argv = ["--env", "tabular", "--quiet", "--steps", str(steps), "--checkpoint-every", str(every), "--out", str(parent)]
     first = parent / "tabular-dpo-s0"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "gradlens", "record", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 60
-    try:
-        while _complete_rows(first / schema.STEPS) < every + 5:
-            if proc.poll() is not None:
-                pytest.fail(f"the job ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the first run wrote too few rows within 60 s")
-            time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    _kill_record_after(argv, first / schema.STEPS, every + 5, "the first run")
     assert not (parent / "tabular-balanced-s0").exists() and not (first / schema.SUMMARY).exists()
 
     assert main(["record", *argv, "--resume"]) == 0

@@ -97,5 +97,5 @@ def test_resumed_run_shows_each_step_once(tmp_path):
     assert main([*JOB, "--steps", "8", "--checkpoint-every", "2", "--out", str(out), "--resume"]) == 0
     acc = _accumulator(out)
     assert [e.step for e in acc.Scalars(schema.LOSS)] == list(range(8))
-    assert [e.step for e in acc.Scalars("eval/kl_to_optimum")] == [0, 3, 6, 8]  # the first session's final eval at 4 is purged
+    assert [e.step for e in acc.Scalars("eval/kl_to_optimum")] == [0, 3, 6, 8]  # the first launch's final eval at 4 is purged
     _layout(acc)  # still exactly one layout

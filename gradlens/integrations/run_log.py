@@ -12,39 +12,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..gradients import Capture
-from ..losses import PreferenceLossOutput
 from ..pairs import CHOSEN, REJECTED
-from ..runs import RunLock, prepare_run_dir, schema
+from ..runs import lock_run_dir, release_run_dir, schema
 from ..runs.preference_log import PreferenceRunLog
+from ..runs.step_row import layer_rows, pair_columns, step_row
 from .stepper import StepResult
 
 GRADIENT_COLUMNS = schema.GRADIENT_COLUMNS
 # Same order as `gradlens record`, so runs from both compare column for column.
 PREFERENCE_COLUMNS = schema.PREFERENCE_STEP_COLUMNS
 GROUPS_COLUMNS = schema.GROUPS_STEP_COLUMNS
-
-
-def gradient_columns(cap: Optional[Capture], pair: tuple[str, str], extra_groups: Sequence[str] = ()) -> dict[str, float]:
-    """The split's columns for ``pair`` = (chosen-like group, rejected-like group); NaN without a capture."""
-    extra = {schema.group_norm_column(g): math.nan for g in extra_groups}
-    if cap is None:
-        return {**{c: math.nan for c in GRADIENT_COLUMNS}, **extra}
-    a, b = pair
-    for name in (a, b, *extra_groups):
-        if name not in cap.groups.names:
-            raise ValueError(f"the batch's row groups are {list(cap.groups.names)}; gradlens logs group {name!r}")
-    gc, gr = cap.norm(a), cap.norm(b)
-    out = {
-        schema.GRAD_NORM: cap.norm(), schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
-        schema.GRAD_DOT: cap.dot(a, b), schema.GRAD_COSINE: cap.cosine(a, b), schema.GRAD_RATIO: cap.ratio(b, a),
-    }  # fmt: skip
-    out.update({schema.group_norm_column(g): cap.norm(g) for g in extra_groups})
-    return out
 
 
 def step_loss(result: StepResult) -> float:
@@ -55,25 +36,12 @@ def step_loss(result: StepResult) -> float:
 
 def preference_metrics(result: StepResult) -> dict[str, float]:
     """Pair-weighted means over the step's micro-batches (notes ``pairs``, ``chosen_logps``, ``rejected_logps``)."""
-    outputs: list[PreferenceLossOutput] = [m.notes["pairs"] for m in result.micro_batches if "pairs" in m.notes]
-    if not outputs:
+    noted = [m.notes for m in result.micro_batches if "pairs" in m.notes]
+    if not noted:
         return {}
-    cat = lambda name: torch.cat([getattr(o, name).reshape(-1).double() for o in outputs])  # noqa: E731
-    chosen, rejected = cat("chosen_rewards"), cat("rejected_rewards")
-    logps_c = torch.cat([m.notes["chosen_logps"].double() for m in result.micro_batches if "pairs" in m.notes])
-    logps_r = torch.cat([m.notes["rejected_logps"].double() for m in result.micro_batches if "pairs" in m.notes])
-    return {
-        schema.REWARDS_CHOSEN: chosen.mean().item(),
-        schema.REWARDS_REJECTED: rejected.mean().item(),
-        schema.REWARDS_MARGINS: (chosen - rejected).mean().item(),
-        schema.REWARDS_ACCURACIES: (chosen > rejected).double().mean().item(),
-        schema.LOGPS_CHOSEN: logps_c.mean().item(),
-        schema.LOGPS_REJECTED: logps_r.mean().item(),
-        schema.LOG_PW_OVER_PL: cat("log_pw_over_pl").mean().item(),
-        schema.SIGMOID_NEG_U: cat("sigmoid_neg_u").mean().item(),
-        schema.WEIGHT_CHOSEN: cat("weight_chosen").mean().item(),
-        schema.WEIGHT_REJECTED: cat("weight_rejected").mean().item(),
-    }
+    chosen_logps = torch.cat([n["chosen_logps"].reshape(-1) for n in noted])
+    rejected_logps = torch.cat([n["rejected_logps"].reshape(-1) for n in noted])
+    return pair_columns([n["pairs"] for n in noted], chosen_logps, rejected_logps)
 
 
 def trainer_logs(row: Mapping[str, Any], *, recorded: bool = True) -> dict[str, float]:
@@ -108,13 +76,13 @@ class RunLog:
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
         resume = resume_at is not None and (os.path.isfile(os.path.join(path, schema.CONFIG)))
-        self._lock = RunLock(path).acquire()  # one writer per run directory; released by close() or the OS
+        # One writer per run directory; released by finish(), close() or the OS.
+        self._lock, self.path = lock_run_dir(path, resume=resume, overwrite=overwrite and not resume)
         try:
-            self.path = prepare_run_dir(path, resume=resume, overwrite=overwrite and not resume)
             columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
             self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
         except BaseException:
-            self._lock.release()
+            release_run_dir(self._lock)
             raise
         self.resumed_from = resume_at if resume else None
         self.pair, self.extra_groups, self.layers_every = pair, tuple(extra_groups), layers_every
@@ -122,15 +90,10 @@ class RunLog:
 
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
         cap = result.capture
-        row: dict[str, Any] = {schema.STEP: result.step, schema.LOSS: step_loss(result), schema.LR: lr, **dict(metrics)}
-        row.update(gradient_columns(cap, self.pair, self.extra_groups))
-        finite = [row[schema.LOSS], *(row[c] for c in GRADIENT_COLUMNS[:3] if cap is not None)]
-        row[schema.NONFINITE] = int(not all(math.isfinite(v) for v in finite))
-        layers = None
-        if cap is not None and result.step % self.layers_every == 0:
-            a, b = self.pair  # layer_table's keys follow the group names; the run log's columns are fixed
-            layers = {layer: {schema.CHOSEN_SQ: v[f"{a}_sq"], schema.REJECTED_SQ: v[f"{b}_sq"], schema.DOT: v["dot"]}
-                      for layer, v in cap.layer_table(a, b).items()}  # fmt: skip
+        row = step_row(
+            result.step, loss=step_loss(result), lr=lr, pairs=dict(metrics), capture=cap, pair=self.pair, extra_groups=self.extra_groups
+        )  # fmt: skip
+        layers = layer_rows(cap, self.pair) if cap is not None and result.step % self.layers_every == 0 else None
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
     def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:

@@ -2,7 +2,9 @@
 
 `gradlens plot` groups the runs it is given, checks they are all of one kind,
 and hands them to that kind's plotter. A new run kind adds one module that
-calls ``register_plotter``; nothing else changes.
+calls ``register_plotter`` and one entry in ``PLOTTER_MODULES`` below, which maps the
+kind to that module so that `get_plotter` can import it on first use (the plotting
+modules are imported lazily, so only the kinds being plotted are loaded).
 """
 
 from __future__ import annotations

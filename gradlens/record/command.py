@@ -17,16 +17,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import RunLock, is_complete, is_run_dir, prepare_run_dir, run_contents, schema
+from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import (
-    BALANCE_SPACES, DTYPES, ENV_DEFAULTS, ENVS, OPTIMIZERS, OPTION_FIELDS, RecordConfig, load_config_file, loss_names,
-    parse_loss_options, parse_losses, resolve,
+    BALANCE_SPACES, DEFAULT_ENV, DTYPES, OPTIMIZERS, OPTION_FIELDS, RecordConfig, load_config_file, loss_names, parse_loss_options,
+    parse_losses, resolve,
 )
+from .envs.registry import env_names, envs_with, get_env, load_envs, per_env
 
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
-SMALL_ENVS = ("tabular", "tiny-gpt2")
+# TRL's DPOConfig learning rate: made for large models and long runs.
+TRL_DEFAULT_LR = 1e-6
 
 EPILOG = """\
 examples:
@@ -44,24 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     s = argparse.SUPPRESS  # unset flags stay unset, so a --config file can supply them
+    own, lora_envs, fsdp_envs = (" or ".join(envs_with(flag)) for flag in ("model_and_data", "lora", "fsdp"))
     what = parser.add_argument_group("what to train")
-    what.add_argument("--env", choices=ENVS, default=s, help="built-in environment or your own model+data (default tiny-gpt2)")
-    what.add_argument("--model", metavar="DIR", default=s, help="--env user: local Hugging Face model directory (never downloaded)")
+    what.add_argument("--env", choices=env_names(), default=s, help=f"{_env_help()} (default {DEFAULT_ENV})")
+    what.add_argument("--model", metavar="DIR", default=s, help=f"--env {own}: local Hugging Face model directory (never downloaded)")
     what.add_argument(
         "--data", metavar="PATH", default=s,
-        help="--env user: preference pairs: .jsonl/.csv/.parquet or a Dataset.save_to_disk directory; TRL's standard, "
+        help=f"--env {own}: preference pairs: .jsonl/.csv/.parquet or a Dataset.save_to_disk directory; TRL's standard, "
         "conversational or implicit-prompt format",
     )  # fmt: skip
-    what.add_argument("--eval-data", metavar="FILE", default=s, help="--env user: held-out pairs for evaluations (default: the first 64 training pairs)")
-    what.add_argument("--prompt-column", metavar="NAME", default=s, help="--env user: the data's prompt column (default prompt; absent: implicit prompt)")
-    what.add_argument("--chosen-column", metavar="NAME", default=s, help="--env user: the data's chosen column (default chosen)")
-    what.add_argument("--rejected-column", metavar="NAME", default=s, help="--env user: the data's rejected column (default rejected)")
+    what.add_argument("--eval-data", metavar="FILE", default=s, help=f"--env {own}: held-out pairs for evaluations (default: the first 64 training pairs)")
+    what.add_argument("--prompt-column", metavar="NAME", default=s, help=f"--env {own}: the data's prompt column (default prompt; absent: implicit prompt)")
+    what.add_argument("--chosen-column", metavar="NAME", default=s, help=f"--env {own}: the data's chosen column (default chosen)")
+    what.add_argument("--rejected-column", metavar="NAME", default=s, help=f"--env {own}: the data's rejected column (default rejected)")
     what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
     what.add_argument("--loss-option", dest="loss_options", metavar="KEY=VALUE", action="append", default=s, help=f"another option of the loss, repeatable: {_option_help()}")
-    lora = parser.add_argument_group("LoRA (--env user; pip install 'gradlens[peft]')")
+    lora = parser.add_argument_group(f"LoRA (--env {lora_envs}; pip install 'gradlens[peft]')")
     lora.add_argument("--lora-r", type=int, default=s, help="train a LoRA adapter of this rank instead of every weight (default 0: no LoRA)")
     lora.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha (default 2 x rank)")
     lora.add_argument("--lora-target-modules", metavar="NAMES", default=s, help="comma-separated module names, or all-linear (default)")
@@ -69,17 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
         "--lr", type=float, default=s,
-        help="learning rate (default per env: tabular 0.05, tiny-gpt2 1e-3, user 1e-6 = TRL's DPOConfig default, "
+        help=f"learning rate (default per env: {per_env('lr')}; 1e-6 = TRL's DPOConfig default, "
         "made for large models and long runs: it barely moves a small model in a few dozen steps; try 1e-5 to 1e-4 there)",
     )  # fmt: skip
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="default adam (tabular) or adamw")
-    opt.add_argument("--batch-size", type=int, default=s, help="preference pairs per optimizer step (default tabular 32, tiny-gpt2 16, user 8)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help=f"default per env: {per_env('optimizer')}")
+    opt.add_argument("--batch-size", type=int, default=s, help=f"preference pairs per optimizer step (default per env: {per_env('batch_size')})")
     opt.add_argument("--grad-accum", type=int, default=s, help="micro-batches per optimizer step (default 1)")
-    opt.add_argument("--steps", type=int, default=s, help="optimizer steps (default 300 tabular/tiny-gpt2, 100 user)")
+    opt.add_argument("--steps", type=int, default=s, help=f"optimizer steps (default per env: {per_env('steps')})")
     opt.add_argument("--seed", type=int, default=s, help="seed for data, model and order (default 0)")
     opt.add_argument("--max-length", type=int, default=s, help="max prompt+completion tokens; longer pairs are truncated the TRL way (keep_start)")
     opt.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=s, help="take pairs in file order")
-    opt.add_argument("--sft-steps", type=int, default=s, help="tiny-gpt2: SFT warm-start steps (default 300)")
+    opt.add_argument("--sft-steps", type=int, default=s, help=f"SFT warm-start steps before training (default per env: {per_env('sft_steps')})")
     rec = parser.add_argument_group("recording")
     rec.add_argument("--eval-every", type=int, default=s, help="evaluate every N steps (also at the start and the end; 0: only then)")
     rec.add_argument("--checkpoint-every", type=int, default=s, help="checkpoint every N steps (and at the end; 0: only at the end)")
@@ -100,7 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1, mps")
     dev.add_argument("--dtype", choices=DTYPES, default=s, help="model dtype (default float32)")
     dev.add_argument("--fsdp", action="store_true", default=s,
-                     help="--env user under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
+                     help=f"--env {fsdp_envs} under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP replicas")
+
+
+def _env_help() -> str:
+    return "; ".join(f"{name}: {spec.help}" for name, spec in load_envs().items())
 
 
 def _option_help() -> str:
@@ -225,7 +232,7 @@ def _stalled_note(run: P.PlannedRun) -> str:
     losses = steps[schema.LOSS].dropna()
     if len(losses) < 2 or not abs(losses.iloc[-1] - losses.iloc[0]) <= STALLED_LOSS * abs(losses.iloc[0]):
         return ""
-    trl_default = run.cfg.env == "user" and run.cfg.lr == ENV_DEFAULTS["user"]["lr"]
+    trl_default = run.cfg.lr == TRL_DEFAULT_LR == get_env(run.cfg.env).defaults.lr
     default = " (TRL's default, made for large models and long runs)" if trl_default else ""
     return (
         f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
@@ -263,8 +270,8 @@ def _run_plans(job: Job) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    if all(run.cfg.env in SMALL_ENVS for run in job.plans):
-        # The built-in models are tiny: extra threads only add synchronisation, and on a
+    if all(run.cfg.env in envs_with("small") for run in job.plans):
+        # These environments (`small=True` in the registry) have tiny models: extra threads only add synchronisation, and on a
         # busy machine they make each step several times slower.
         torch.set_num_threads(1)
     try:
@@ -299,23 +306,15 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     """One run under the writer lock (rank 0 holds it; other ranks write nothing)."""
     from .loop import record_run
 
-    lock = RunLock(run.path) if job.dist.is_main else None
+    lock = None
+    if job.dist.is_main:
+        lock, _ = lock_run_dir(run.path, resume=run.action == P.RESUME, overwrite=run.action == P.OVERWRITE, recheck=lambda: _recheck(run))
     try:
-        if lock is not None:
-            try:
-                lock.acquire()
-            except OSError as exc:  # a read-only or full file system: nothing was written yet
-                raise ValueError(f"{run.path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
-            _recheck(run)
-            if run.action in (P.NEW, P.OVERWRITE):
-                prepare_run_dir(run.path, overwrite=run.action == P.OVERWRITE)
         job.dist.barrier()
         return record_run(run.cfg, run.path, env, resume=run.resume, progress=not job.quiet, dist=job.dist, tensorboard=job.tensorboard)
     finally:
         if lock is not None:
-            lock.release()
-            if lock.created_dir and not any(run.path.iterdir()):
-                run.path.rmdir()  # refused before the first write: leave no empty directory behind
+            release_run_dir(lock)
 
 
 def _recheck(run: P.PlannedRun) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..losses import BALANCE_SPACE, REWEIGHTINGS, get_reweighting
+from ..losses import BALANCE_SPACE, REWEIGHTINGS, LossSpec, get_reweighting, resolve_loss
+from .envs.registry import envs_with, get_env
 
-ENVS = ("tabular", "tiny-gpt2", "user")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DTYPES = ("float32", "bfloat16", "float16")
 BALANCE_SPACES = BALANCE_SPACE.choices  # the registry's option, offered as --balance-space
@@ -74,13 +75,19 @@ class RecordConfig:
     fsdp: bool = False                 # under torchrun: shard the policy with FSDP2 (fully_shard) instead of DDP
     out: str | None = None
 
+    @cached_property
+    def loss_spec(self) -> LossSpec:
+        """``loss`` with every option resolved (registry defaults, the option fields, then ``loss_options``),
+        once per config: validation resolves it and the training loop passes it down to ``preference_loss``."""
+        declared = {o.name for o in get_reweighting(self.loss).options}
+        given = {name: getattr(self, name) for name in OPTION_FIELDS if name in declared}
+        return resolve_loss(self.loss, {**given, **self.loss_options})
 
-# Per-environment defaults for the fields left None above.
-ENV_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tabular": dict(lr=0.05, optimizer="adam", batch_size=32, steps=300, eval_every=25, checkpoint_every=100, max_length=2, sft_steps=0),
-    "tiny-gpt2": dict(lr=1e-3, optimizer="adamw", batch_size=16, steps=300, eval_every=25, checkpoint_every=100, max_length=32, sft_steps=300),
-    "user": dict(lr=1e-6, optimizer="adamw", batch_size=8, steps=100, eval_every=25, checkpoint_every=50, max_length=1024, sft_steps=0),
-}
+
+# The fields left None above take the environment's defaults (``envs.registry.EnvDefaults``).
+DEFAULT_ENV = RecordConfig.env
+# `--model`/`--data` without `--env` (e.g. a TRL recipe) mean the environment that trains the user's model.
+OWN_MODEL_ENV = "user"
 
 _FIELD_TYPES = {f.name: f.type for f in fields(RecordConfig)}
 COLUMN_FIELDS = ("prompt_column", "chosen_column", "rejected_column")
@@ -248,14 +255,6 @@ def parse_loss_options(items: list[str], *, where: str = "--loss-option") -> dic
     return out
 
 
-def method_options(cfg: RecordConfig) -> dict[str, Any]:
-    """Every option of ``cfg.loss`` resolved: registry defaults, the option fields, then ``loss_options``."""
-    method = get_reweighting(cfg.loss)
-    declared = {o.name for o in method.options}
-    given = {name: getattr(cfg, name) for name in OPTION_FIELDS if name in declared}
-    return method.resolve_options({**given, **cfg.loss_options})
-
-
 def _options_for(loss: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The part of ``options`` that ``loss`` declares (one --loss-option list serves several losses)."""
     declared = {o.name: o for o in get_reweighting(loss).options}
@@ -274,7 +273,7 @@ def _check_options_used(losses: tuple[str, ...], options: Mapping[str, Any]) -> 
 
 def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
     """Fill fields left None with the environment's defaults (and LoRA's alpha with 2 x rank)."""
-    defaults = dict(ENV_DEFAULTS[cfg.env])
+    defaults = get_env(cfg.env).defaults.as_dict()
     if cfg.lora_r and cfg.lora_alpha is None:
         defaults["lora_alpha"] = 2.0 * cfg.lora_r
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
@@ -282,8 +281,7 @@ def with_env_defaults(cfg: RecordConfig) -> RecordConfig:
 
 def validate(cfg: RecordConfig) -> RecordConfig:
     """Range and consistency checks; the messages name the flag."""
-    if cfg.env not in ENVS:
-        raise ValueError(f"--env must be one of {list(ENVS)}, got {cfg.env!r}")
+    spec = get_env(cfg.env)  # an unknown --env lists the registered ones
     if cfg.loss not in loss_names():
         raise ValueError(f"--loss must be one of {list(loss_names())}, got {cfg.loss!r}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -292,7 +290,7 @@ def validate(cfg: RecordConfig) -> RecordConfig:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     if cfg.balance_space not in BALANCE_SPACES:
         raise ValueError(f"--balance-space must be one of {list(BALANCE_SPACES)}, got {cfg.balance_space!r}")
-    method_options(cfg)  # every option known to the method and valid (the message names both)
+    cfg.loss_spec  # every option known to the method and valid (the message names both); resolved once, kept
     for name in ("beta", "lr", "adadpo_cap"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
@@ -310,22 +308,29 @@ def validate(cfg: RecordConfig) -> RecordConfig:
     if cfg.max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {cfg.max_length}")
     _validate_lora(cfg)
-    if cfg.fsdp and cfg.env != "user":
-        raise ValueError(f"--fsdp is for --env user (the {cfg.env} environment's model is too small to shard)")
-    if cfg.env == "user":
+    if cfg.fsdp and not spec.fsdp:
+        raise ValueError(f"--fsdp is for --env {_either('fsdp')} (the {cfg.env} environment's model is too small to shard)")
+    if spec.model_and_data:
         if not cfg.model or not cfg.data:
-            raise ValueError("--env user needs --model DIR (a local Hugging Face model directory) and --data FILE (JSONL, CSV or Parquet)")
+            raise ValueError(f"--env {cfg.env} needs --model DIR (a local Hugging Face model directory) and --data FILE (JSONL, CSV or Parquet)")
     else:
         for name in ("model", "data", "eval_data"):
             if getattr(cfg, name):
-                raise ValueError(f"--{name.replace('_', '-')} is only used with --env user (the {cfg.env} environment builds its own)")
+                raise ValueError(f"--{name.replace('_', '-')} is only used with --env {_either('model_and_data')} (the {cfg.env} environment builds its own)")
         for name in COLUMN_FIELDS:
             if getattr(cfg, name) != _DEFAULTS[name]:
-                raise ValueError(f"--{name.replace('_', '-')} is only used with --env user (the {cfg.env} environment builds its own data)")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} is only used with --env {_either('model_and_data')} (the {cfg.env} environment builds its own data)"
+                )
     columns = [getattr(cfg, name) for name in COLUMN_FIELDS]
     if any(not c.strip() for c in columns) or len(set(columns)) < len(columns):
         raise ValueError(f"--prompt-column, --chosen-column and --rejected-column must be three different non-empty names, got {columns}")
     return cfg
+
+
+def _either(flag: str) -> str:
+    """'user', or 'a or b' when several environments set ``flag`` in the registry."""
+    return " or ".join(envs_with(flag))
 
 
 def _validate_lora(cfg: RecordConfig) -> None:
@@ -336,8 +341,8 @@ def _validate_lora(cfg: RecordConfig) -> None:
         if changed:
             raise ValueError(f"--{changed[0].replace('_', '-')} needs --lora-r RANK (LoRA is off at rank 0)")
         return
-    if cfg.env != "user":
-        raise ValueError(f"--lora-r is only used with --env user (the {cfg.env} environment trains its own small model in full)")
+    if not get_env(cfg.env).lora:
+        raise ValueError(f"--lora-r is only used with --env {_either('lora')} (the {cfg.env} environment trains its own small model in full)")
     if cfg.lora_alpha is not None and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
         raise ValueError(f"--lora-alpha must be a positive number, got {cfg.lora_alpha}")
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -350,7 +355,7 @@ def resolve(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> l
     """Merge file and flags into one validated config per requested loss."""
     merged = {**file_values, **flag_values}
     if "env" not in merged and ("model" in merged or "data" in merged):
-        merged["env"] = "user"  # a model and data of one's own (e.g. from a TRL recipe) mean the user environment
+        merged["env"] = OWN_MODEL_ENV
     losses = merged.pop("loss", DEFAULT_LOSSES)
     options = merged.pop("loss_options", {})
     _check_options_used(losses, options)

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from ..gradients.recorder import GradientRecorder
-from ..losses import PreferenceLossOutput, get_reweighting, preference_loss
-from ..pairs import CHOSEN, REJECTED, pair_groups, row_sides, split_pairs
+from ..losses import PreferenceLossOutput, preference_loss
+from ..pairs import pair_groups, row_sides, split_pairs
 from ..runs import schema
 from ..runs.preference_log import PreferenceRunLog
+from ..runs.step_row import layer_rows, pair_columns, step_row
 from . import checkpoint as ckpt
 from . import resume as R
-from .config import RecordConfig, method_options, to_dict
+from .config import RecordConfig, to_dict
 from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
@@ -234,7 +235,7 @@ def check_compatible(cfg: RecordConfig, env: PreferenceEnv, ctx: DistContext = D
         raise ValueError("--fsdp shards the model over torchrun processes: run it as torchrun --nproc_per_node N -m gradlens record ...")
     if ctx.world > 1 and cfg.per_row:
         raise ValueError("--per-row is recorded in single-process runs only (per-row norms are per rank under torchrun)")
-    if ctx.world > 1 and get_reweighting(cfg.loss).rebalance is not None:
+    if ctx.world > 1 and cfg.loss_spec.method.rebalance is not None:
         raise ValueError(f"--loss {cfg.loss} rewrites the gradient from the recorded pieces; it runs in single-process runs only")
 
 
@@ -365,8 +366,9 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
     chunks = micro_batches(indices, cfg.grad_accum)
     optimizer.zero_grad(set_to_none=True)
     outputs, chosen_logps, rejected_logps = [], [], []
-    method, options = get_reweighting(cfg.loss), method_options(cfg)
-    keep = method.rebalance is not None  # the parameter-space step rewrites p.grad from the recorded pieces
+    spec = cfg.loss_spec  # the method and its options, resolved once when the config was validated
+    rebalance = spec.method.rebalance
+    keep = rebalance is not None  # the parameter-space step rewrites p.grad from the recorded pieces
     with ctx.recorder.capture(
         groups=pair_groups(len(chunks[0])), per_row=cfg.per_row, accumulate=len(chunks) > 1, keep_pieces=keep
     ) as cap:
@@ -378,7 +380,7 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
                 (chosen, rejected), (len_c, len_r) = split_pairs(logps.float()), split_pairs(lengths)
                 ref_chosen, ref_rejected = ctx.reference_logps.get(chunk)
                 result = preference_loss(
-                    chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, method=cfg.loss, options=options,
+                    chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, method=spec,
                     chosen_lengths=len_c, rejected_lengths=len_r,
                 )  # fmt: skip
                 # b·N/B: DDP averages over N ranks, so p.grad is the full-batch mean gradient.
@@ -387,27 +389,20 @@ def _train_step(ctx: StepContext, step: int) -> StepOutput:
             chosen_logps.append(chosen.detach())
             rejected_logps.append(rejected.detach())
     merged = merge_outputs(gather_outputs(outputs, dist))
-    g, gc, gr = cap.norm(), cap.norm(CHOSEN), cap.norm(REJECTED)
-    row = {schema.STEP: step, **merged.metrics()}
     chosen_all, rejected_all = dist.gather([torch.cat(chosen_logps), torch.cat(rejected_logps)])
-    row[schema.LOGPS_CHOSEN] = chosen_all.double().mean().item()
-    row[schema.LOGPS_REJECTED] = rejected_all.double().mean().item()
-    row[schema.LR] = optimizer.param_groups[0]["lr"]
-    row.update({
-        schema.GRAD_NORM: g, schema.GRAD_NORM_CHOSEN: gc, schema.GRAD_NORM_REJECTED: gr,
-        schema.GRAD_DOT: cap.dot(CHOSEN, REJECTED), schema.GRAD_COSINE: cap.cosine(CHOSEN, REJECTED),
-        schema.GRAD_RATIO: cap.ratio(REJECTED, CHOSEN),
-    })  # fmt: skip
-    nonfinite = merged.nonfinite or not all(math.isfinite(v) for v in (g, gc, gr))
-    row[schema.NONFINITE] = int(nonfinite)
+    row = step_row(
+        step, loss=merged.dpo_loss.item(), lr=optimizer.param_groups[0]["lr"], pairs=pair_columns([merged], chosen_all, rejected_all),
+        capture=cap, nonfinite=merged.nonfinite,
+    )  # fmt: skip
     row = {name: row[name] for name in STEP_COLUMNS}
-    layers = cap.layer_table() if step % cfg.layers_every == 0 else None
+    nonfinite = bool(row[schema.NONFINITE])
+    layers = layer_rows(cap) if step % cfg.layers_every == 0 else None
     rows = _per_row_table(step, chunks, cap.per_row_norms().detach().double().cpu()) if cfg.per_row else None
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)  # never apply a non-finite update
     else:
-        if method.rebalance is not None:  # the logged norms above are DPO's pieces; the update is rebalanced
-            method.rebalance(cap, dict(ctx.recorder.model.named_parameters()), **options)
+        if rebalance is not None:  # the logged norms above are DPO's pieces; the update is rebalanced
+            rebalance(cap, dict(ctx.recorder.model.named_parameters()), **spec.options)
         optimizer.step()
     return StepOutput(row, layers, rows, dict(cap.unattributed))
 

@@ -20,13 +20,12 @@ duplicates. All of it lives here, in the order it happens:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..runs import schema, write_json_atomic
-from ..runs.run_dir import read_json
+from ..runs import schema
+from ..runs.run_dir import RunWriter, read_json
 from ..runs.tables import table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
@@ -121,15 +120,8 @@ def check_weights_fit(point: ResumePoint, model) -> None:
 
 def begin(run_dir: Path, point: ResumePoint, config: dict) -> None:
     """The first write of a resumed run (the caller holds the writer lock)."""
-    from ..runs.run_dir import environment_versions
-
-    run_dir = Path(run_dir)
-    path = run_dir / schema.CONFIG
-    header = json.loads(path.read_text(encoding="utf-8"))
-    header["config"] = config  # current settings (e.g. a new --steps)
-    header.setdefault("resumes", []).append({"from_step": point.start, "versions": environment_versions()})
-    write_json_atomic(path, header)
-    ckpt.prune_checkpoints(run_dir)
+    RunWriter.note_resume(run_dir, config, from_step=point.start)
+    ckpt.prune_checkpoints(Path(run_dir))
 
 
 def restore(point: ResumePoint, model, optimizer, device) -> tuple[int, dict]:

@@ -6,8 +6,8 @@ This package imports nothing from training, analysis or plotting code.
 from . import schema
 from .lock import RunLock, RunLockedError
 from .run_dir import (
-    Run, RunContents, RunWriter, check_overwritable, find_runs, is_complete, is_run_dir, load_run, prepare_run_dir,
-    run_contents, run_status, write_json_atomic,
+    Run, RunContents, RunWriter, check_overwritable, find_runs, is_complete, is_run_dir, load_run, lock_run_dir, prepare_run_dir,
+    release_run_dir, run_contents, run_status, write_json_atomic,
 )
 from .tables import CsvTable, RunFormatError, TruncatedRowWarning, read_table
 
@@ -28,7 +28,9 @@ __all__ = [
     "find_runs",
     "is_run_dir",
     "load_run",
+    "lock_run_dir",
     "prepare_run_dir",
     "read_table",
+    "release_run_dir",
     "write_json_atomic",
 ]

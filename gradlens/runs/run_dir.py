@@ -16,11 +16,12 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
 from . import schema
+from .lock import RunLock
 from .tables import CsvTable, RunFormatError, read_table
 
 
@@ -212,6 +213,41 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     return path
 
 
+def lock_run_dir(
+    path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, recheck: Callable[[], None] | None = None
+) -> tuple[RunLock, Path]:
+    """Take ``path``'s writer lock, then check it (``recheck``) and prepare it (``prepare_run_dir``).
+
+    Every writer of a run directory starts here, in this order: with the lock held,
+    no other writer can change the directory between the checks and the first
+    write. On any refusal the lock is released (``release_run_dir``) and nothing
+    was written. The caller releases the lock when it is done.
+    """
+    lock = RunLock(path)
+    try:
+        lock.acquire()
+    except OSError as exc:  # a read-only or full file system: nothing was written yet
+        release_run_dir(lock)
+        raise ValueError(f"{path}: cannot create or lock the run directory: {exc.strerror or exc}") from None
+    except BaseException:  # another writer holds it
+        release_run_dir(lock)
+        raise
+    try:
+        if recheck is not None:
+            recheck()
+        return lock, prepare_run_dir(path, resume=resume, overwrite=overwrite)
+    except BaseException:
+        release_run_dir(lock)
+        raise
+
+
+def release_run_dir(lock: RunLock) -> None:
+    """Release the writer lock; a directory the lock created and nothing filled goes again (a refused start leaves none)."""
+    lock.release()
+    if lock.created_dir and lock.run_dir.is_dir() and not any(lock.run_dir.iterdir()):
+        lock.run_dir.rmdir()
+
+
 def _summary(path: Path) -> dict | None:
     try:
         data = json.loads((path / schema.SUMMARY).read_text(encoding="utf-8"))
@@ -259,6 +295,16 @@ class RunWriter:
         self.steps = CsvTable(self.path / schema.STEPS)
         self.layers = CsvTable(self.path / schema.LAYERS)
         self.evals = CsvTable(self.path / schema.EVALS)
+
+    @staticmethod
+    def note_resume(path: str | os.PathLike, config: Mapping[str, Any], *, from_step: int) -> None:
+        """config.json of a run resumed at ``from_step``: the current settings (e.g. a new --steps) and one more
+        ``resumes`` entry (the step and the versions it continued with); the rest of the header is kept."""
+        file = Path(path) / schema.CONFIG
+        header = read_json(file)
+        header["config"] = dict(config)
+        header.setdefault("resumes", []).append({"from_step": from_step, "versions": environment_versions()})
+        write_json_atomic(file, header)
 
     def log_step(self, row: Mapping[str, Any]) -> None:
         self.steps.append(row)

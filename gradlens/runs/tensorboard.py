@@ -121,7 +121,7 @@ class TensorBoardLogger:
         # purge_step makes TensorBoard hide events a resumed run logs again.
         self.writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
         self.layout, self.optional = list(layout), list(optional_layout)
-        # A resumed run keeps the dashboard its first session wrote (one layout per run).
+        # A resumed run keeps the dashboard its first launch wrote (one layout per run).
         self._layout_pending = purge_step is None and bool(self.layout or self.optional)
         self._optional_regexes = [r for _, charts in self.optional for _, regexes in charts for r in regexes]
         if self._layout_pending and not self.optional:

@@ -1,29 +1,25 @@
-"""Built-in training environments (described in docs/recording.md), one module each, and their factory."""
+"""Training environments (described in docs/recording.md), one module each, and their factory.
+
+Each environment module registers itself with ``registry.register_env``; this
+package finds them on first use, so a new environment is one new module here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import RecordConfig
 from .base import PreferenceEnv
+from .registry import get_env
+
+if TYPE_CHECKING:  # config imports this package's registry, so only for the annotations
+    from ..config import RecordConfig
 
 
 def build_env(cfg: RecordConfig, *, reference_weights: Path | None = None, log=print, progress: bool = False) -> PreferenceEnv:
     """The environment ``cfg.env``; ``reference_weights`` replaces a warm-start on resume;
     ``progress`` shows a bar for slow set-up work (tiny-gpt2's SFT warm-start)."""
-    if cfg.env == "tabular":
-        from .tabular import TabularEnv
-
-        return TabularEnv(cfg)
-    if cfg.env == "tiny-gpt2":
-        from .tiny_gpt2 import TinyGPT2Env
-
-        return TinyGPT2Env(cfg, reference_weights=reference_weights, log=log, progress=progress)
-    if cfg.env == "user":
-        from .user import UserEnv
-
-        return UserEnv(cfg, log=log)
-    raise ValueError(f"unknown environment {cfg.env!r}")
+    return get_env(cfg.env).cls(cfg, reference_weights=reference_weights, log=log, progress=progress)
 
 
 # Config fields that decide what an environment builds; runs that agree on them share one.

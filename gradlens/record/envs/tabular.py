@@ -24,6 +24,7 @@ from torch import nn
 from ...runs import schema
 from ..config import RecordConfig
 from .base import PreferenceEnv, pair_margins
+from .registry import EnvDefaults, register_env
 
 NUM_PROMPTS = 8
 NUM_RESPONSES = 16
@@ -63,11 +64,16 @@ def _sample_pairs(theta: torch.Tensor, reward: torch.Tensor, per_prompt: int, ge
     return torch.tensor(rows, dtype=torch.long)
 
 
+@register_env(
+    "tabular", help="softmax logits over discrete prompts and responses, with a known optimum",
+    defaults=EnvDefaults(lr=0.05, optimizer="adam", batch_size=32, steps=300, eval_every=25, checkpoint_every=100, max_length=2),
+    small=True,
+)  # fmt: skip
 class TabularEnv(PreferenceEnv):
-    name = "tabular"
     save_reference = False  # rebuilt exactly from the seed
 
-    def __init__(self, cfg: RecordConfig):
+    def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print, progress: bool = False):
+        """Everything comes from ``cfg.seed``; the keywords are the registry's and unused here."""
         gen = torch.Generator().manual_seed(cfg.seed)
         self.theta_ref = REFERENCE_SCALE * torch.randn(NUM_PROMPTS, NUM_RESPONSES, generator=gen, dtype=torch.float64)
         self.reward = torch.randn(NUM_PROMPTS, NUM_RESPONSES, generator=gen, dtype=torch.float64)

@@ -39,6 +39,7 @@ from ..config import RecordConfig
 from ..logps import sequence_logps
 from ..tokenization import TokenPair, collate_pairs, collate_sequences, truncate_pair
 from .base import TokenPairsEnv, pair_margins
+from .registry import EnvDefaults, register_env
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_WORD, NUM_WORDS = 4, 32
@@ -140,8 +141,12 @@ def sft_warm_start(model: nn.Module, language: SyntheticLanguage, steps: int, se
     return loss_value
 
 
+@register_env(
+    "tiny-gpt2", help="a 2-layer GPT-2 on a synthetic language with a programmatic reward",
+    defaults=EnvDefaults(lr=1e-3, optimizer="adamw", batch_size=16, steps=300, eval_every=25, checkpoint_every=100, max_length=32, sft_steps=300),
+    small=True,
+)  # fmt: skip
 class TinyGPT2Env(TokenPairsEnv):
-    name = "tiny-gpt2"
     save_reference = True  # the SFT result depends on float arithmetic: keep it
 
     def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print, progress: bool = False):

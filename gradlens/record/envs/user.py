@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ENV_DEFAULTS, RecordConfig
+from ..config import RecordConfig
 from ..data import Columns, load_preferences
 from ..tokenization import collate_pairs, tokenize_preferences
 from ...runs.schema import EVAL_PREF_ACCURACY, EVAL_TRAIN_PAIR_ACCURACY
 from .base import TokenPairsEnv, pair_margins
+from .registry import EnvDefaults, register_env
 
 EVAL_SUBSET = 64
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,11 +87,16 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+# lr 1e-6 is TRL's DPOConfig default, made for large models and long runs.
+DEFAULTS = EnvDefaults(lr=1e-6, optimizer="adamw", batch_size=8, steps=100, eval_every=25, checkpoint_every=50, max_length=1024)
+
+
+@register_env("user", help="your own --model DIR trained on --data PATH", defaults=DEFAULTS, model_and_data=True, lora=True, fsdp=True)
 class UserEnv(TokenPairsEnv):
-    name = "user"
     save_reference = False  # the reference is the model directory itself
 
-    def __init__(self, cfg: RecordConfig, *, log=print):
+    def __init__(self, cfg: RecordConfig, *, reference_weights=None, log=print, progress: bool = False):
+        """``reference_weights`` and ``progress`` are the registry's keywords: the model directory is the reference."""
         model_dir = check_model_dir(cfg.model)
         columns = Columns(cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
         data = load_preferences(cfg.data, columns)
@@ -106,7 +112,7 @@ class UserEnv(TokenPairsEnv):
         self.max_length = cfg.max_length
         limit = max_positions(self.policy)
         if limit is not None and limit < self.max_length:
-            if cfg.max_length != ENV_DEFAULTS["user"]["max_length"]:  # only warn when the user chose the value
+            if cfg.max_length != DEFAULTS.max_length:  # only warn when the user chose the value
                 warnings.warn(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; using {limit}", UserWarning, stacklevel=2)
             self.max_length = limit
         tokenized = tokenize_preferences(self.tokenizer, data, self.max_length)
