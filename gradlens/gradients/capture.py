@@ -56,8 +56,8 @@ class Sharding(Protocol):
     def params(self) -> list[torch.nn.Parameter]: ...
     def scatter(self, p: torch.nn.Parameter, piece) -> torch.Tensor: ...
     def set_totals(self, states: list[ParamState]) -> None: ...
-    def check_probes(self, states: list[ParamState], index: ParamIndex) -> None: ...
-    def sum_over_ranks(self, states: list[ParamState], names: tuple[str, ...]) -> None: ...
+    def local_vectors(self, p: torch.nn.Parameter, index: ParamIndex) -> tuple[torch.Tensor, ...]: ...
+    def reduce(self, states: list[ParamState], probes: list[Probe], names: tuple[str, ...]) -> None: ...
 
 
 class Capture:
@@ -351,12 +351,11 @@ class Capture:
         sharded = self.sharded
         states = [self._state(p) for p in sharded.params()]  # every parameter, the same order on every rank
         sharded.set_totals(states)
-        sharded.check_probes(states, self.index)
-        for st in states:
+        probes = []
+        for st in states:  # norms and the total's probe, on this rank's shard, in one pass
             total, st.total = st.total, None
-            take_norms(st, total, self.layout)
-        read_norms(states, self.groups.names)
-        sharded.sum_over_ranks(states, self.groups.names)  # the norms were sums over this rank's rows
+            probes += take_norms(st, total, self.layout, [total], sharded.local_vectors(st.param, self.index))
+        sharded.reduce(states, probes, self.groups.names)  # one all-reduce; then the probe check
         return states
 
     def _decide_attribution(self, states: list[ParamState]) -> None:

@@ -16,9 +16,9 @@ What happens here instead:
   take about 1/world_size of the unsharded memory (plus one full-size
   temporary for the use being split) and no full-size gradient is all-reduced;
 - the total is FSDP's own sharded ``.grad`` (minus its value when the capture
-  began), the probe check runs on shards with its partial sums added over
-  ranks, and the squared norms and dots are partial sums over rows, added
-  over ranks: a few scalars per parameter.
+  began); the norms and the probe of each parameter are taken on this rank's
+  shard in one pass, and their partial sums over rows are added over ranks in
+  one all-reduce per capture: a few scalars per parameter.
 
 Collectives run inside backward, in the order autograd reaches the modules,
 which is the same on every rank; they use a process group of their own so they
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .rules import IndexedRows, probe_dense
-from .state import LOW_PRECISION_RTOL, PROBE_RTOL, ParamState, Probe, norms_row, pair_names, probe_agrees, set_norms
+from .rules import IndexedRows
+from .state import LOW_PRECISION_RTOL, PROBE_RTOL, ParamState, Probe, pair_names, probe_agrees, set_norms
 
 
 class UnsupportedShardingError(ValueError):
@@ -175,36 +175,35 @@ class ShardedParams:
         self.piece_bytes = sum(t.numel() * t.element_size() for st in states for t in st.groups.values())
         self._start = {}
 
-    def check_probes(self, states: list[ParamState], index) -> None:
-        """The probe of the global total (partial over rows, summed) against the mean of every rank's hooked probes."""
+    def local_vectors(self, p: nn.Parameter, index) -> tuple[torch.Tensor, ...]:
+        """``p``'s probe vectors restricted to this rank's rows (the row vector is the one sliced)."""
+        vectors = index.probe_vectors(p)
+        start, stop = self._rows(p)
+        return (vectors[0][start:stop],) + tuple(vectors[1:])
+
+    def reduce(self, states: list[ParamState], probes: list[Probe], names: tuple[str, ...]) -> None:
+        """One all-reduce for the whole capture: every parameter's probe sums (of its total, partial
+        over rows, and of the hooks' uses) and its squared norms and dots (partial over rows).
+        Then the probe check (the total's probe against the mean of every rank's hooked probes)."""
+        width = 6 + 1 + len(names) + len(pair_names(names))
         rows = []
-        for st in states:
-            vectors = index.probe_vectors(st.param)
-            start, stop = self._rows(st.param)
-            local = (vectors[0][start:stop],) + tuple(vectors[1:])
-            total = st.total
-            value, scale = probe_dense(total, local) if total.numel() else (torch.zeros(()), torch.zeros(()))
-            hooks, hook_scale = (st.probe[0], st.probe[1]) if st.probe is not None else (0.0, 0.0)
-            rows.append(torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in
-                                     (value, scale, hooks, hook_scale, float(st.uses), float(st.low_precision))]))
-        table = (torch.stack(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)).to(self.device)
+        for st, probe in zip(states, probes):
+            hooks = st.probe[:2] if st.probe is not None else torch.zeros(2)
+            flags = torch.tensor([float(st.uses), float(st.low_precision)])
+            parts = [torch.stack([probe.value, probe.scale]), hooks, flags, st.stats]
+            rows.append(torch.cat([t.to(self.device, torch.float64).reshape(-1) for t in parts]))
+            st.stats = None
+        table = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.float64, device=self.device)
         dist.all_reduce(table, group=self.group)
-        for st, (value, scale, hooks, hook_scale, uses, low) in zip(states, table.tolist()):
+        for st, row in zip(states, table.tolist()):
+            value, scale, hooks, hook_scale, uses, low = row[:6]
             hooks, hook_scale = hooks / self.world, hook_scale / self.world
             if uses == 0 and math.isfinite(value):
                 st.unattributed = value != 0.0 or scale != 0.0
             else:
                 rtol = LOW_PRECISION_RTOL if low else PROBE_RTOL[st.dtype]
                 st.unattributed = not probe_agrees(rtol, Probe(hooks, hook_scale), Probe(value, scale))
-
-    def sum_over_ranks(self, states: list[ParamState], names: tuple[str, ...]) -> None:
-        """Squared norms and dots were sums over this rank's rows: add them over ranks."""
-        values = [norms_row(st, names) for st in states]
-        width = 1 + len(names) + len(pair_names(names))
-        table = torch.tensor(values, dtype=torch.float64, device=self.device).reshape(len(states), width)
-        dist.all_reduce(table, group=self.group)
-        for st, row in zip(states, table.tolist()):
-            set_norms(st, row, names)
+            set_norms(st, row[6:], names)
 
     # ---- helpers -------------------------------------------------------------------------------
 

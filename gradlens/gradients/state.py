@@ -149,8 +149,3 @@ def set_norms(st: ParamState, row: Sequence[float], names: Sequence[str]) -> Non
     st.total_sq = row[0]
     st.sq = dict(zip(names, row[1 : 1 + len(names)]))
     st.dots = dict(zip(pair_names(names), row[1 + len(names) :]))
-
-
-def norms_row(st: ParamState, names: Sequence[str]) -> list[float]:
-    """The inverse of ``set_norms``: a parameter's norms as one row."""
-    return [st.total_sq] + [st.sq.get(g, 0.0) for g in names] + [st.dots.get(k, 0.0) for k in pair_names(names)]
