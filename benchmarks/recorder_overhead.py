@@ -469,6 +469,9 @@ def fsdp_child(config_key: str, out: str, variants: str, args) -> None:
     dist.all_gather_object(peaks, peak)
     if rank == 0:
         Path(out).write_text(json.dumps({"median": {k: statistics.median(v) for k, v in times.items()}, "peak_bytes": max(peaks)}))
+    if recorder is not None:
+        recorder.close()
+    dist.barrier()  # no rank tears down its groups while another still uses them
     dist.destroy_process_group()
 
 
