@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import threading
+import warnings
 
 SUBCOMMANDS = {
     "record": ("gradlens.record.command", "train DPO / Balanced-DPO / AdaDPO and record chosen vs rejected gradients"),
@@ -43,7 +45,30 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, ar
     return parser, parsers
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """One line per warning: what happened, never the Python file and source line that reported it."""
+    what = "warning" if issubclass(category, UserWarning) else f"warning ({category.__name__})"
+    return f"gradlens: {what}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; warnings print as one line each while it runs."""
+    original, thread_hook = warnings.formatwarning, threading.excepthook
+    warnings.formatwarning = _format_warning
+    threading.excepthook = _thread_error
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning, threading.excepthook = original, thread_hook
+
+
+def _thread_error(args) -> None:
+    """An error in a background writer (TensorBoard's) is one line; the command then reports it, naming the file."""
+    where = f"{args.exc_value.filename}: " if isinstance(args.exc_value, OSError) and args.exc_value.filename else ""
+    print(f"gradlens: error in a background writer: {where}{args.exc_value}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser(argv)
     if not argv:

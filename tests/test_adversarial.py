@@ -7,7 +7,6 @@ recorded run to a fraction of a second.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,39 +23,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adversarial_helpers import JOB, record, refused, tree
 from gradlens.cli import main
 from gradlens.record.data import load_preferences
 from gradlens.runs import RunLock, load_run, read_table, schema
-
-JOB = ["--env", "tabular", "--loss", "dpo", "--quiet"]
-
-
-def tree(root) -> dict:
-    """Every file's SHA-256 and every directory under ``root`` (``root`` included)."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        out[key] = "dir" if path.is_dir() and not path.is_symlink() else (
-            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "other")
-    return out
-
-
-def refused(capsys, root, argv, code, *needles):
-    """Run ``gradlens argv``; assert the exit code, the message parts and an unchanged tree."""
-    before = tree(root)
-    capsys.readouterr()
-    assert main(argv) == code
-    err = capsys.readouterr().err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    assert "Traceback" not in err
-    assert tree(root) == before
-    return err
-
-
-def record(out, *extra, steps=3):
-    assert main(["record", *JOB, "--steps", str(steps), "--out", str(out), *extra]) == 0
-
 
 # ---------------------------------------------------------------- data loss and silent mixing
 
@@ -560,6 +530,7 @@ def test_plot_warns_about_a_cut_line_in_the_middle(tmp_path, capsys):
     assert steps[schema.STEP].tolist() == [0, 2]
 
 
+@pytest.mark.filterwarnings("ignore:.*rows are not in step order")  # the copy follows the last step
 def test_plot_warns_about_duplicate_steps(tmp_path, capsys):
     def edit(r):
         data = (r / schema.STEPS).read_bytes()

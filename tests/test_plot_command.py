@@ -182,14 +182,15 @@ def test_run_without_step_rows(tmp_path, capsys):
     assert "no complete step rows yet" in capsys.readouterr().err
 
 
-def test_mixed_kinds_are_refused(tmp_path, capsys):
+def test_mixed_kinds_are_plotted_kind_by_kind(tmp_path, capsys):
     write_run(tmp_path / "pref", steps=3, layers=False, evals=False)
     write_run(tmp_path / "lang", steps=3, layers=False, evals=False, kind=schema.KIND_LANGEVIN)
-    assert plot(tmp_path, "--out", tmp_path / "fig") != 0
-    err = capsys.readouterr().err
-    assert "runs of different kinds cannot be plotted together" in err
-    assert "langevin:" in err and "preference:" in err
-    assert not (tmp_path / "fig").exists()
+    assert plot(tmp_path, "--out", tmp_path / "fig") == 0  # the preference run is plotted
+    captured = capsys.readouterr()
+    assert "each kind is plotted in its own folder" in captured.out
+    assert (tmp_path / "fig" / "preference" / "report.html").is_file()
+    assert "no run has config key 'label'" in captured.err  # this fake Langevin run cannot be grouped
+    assert not (tmp_path / "fig" / "langevin").exists()  # and leaves no folder behind
 
 
 def test_unknown_kind_group_key_and_format(tmp_path, capsys):

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from gradlens.analysis import group_runs
+from gradlens.analysis.compare import NOTE_NO_SPREAD
 from gradlens.plot import preference
 from gradlens.plot.command import default_smooth
 from gradlens.plot.registry import KindPlotter, PlotOptions, register_plotter
@@ -72,7 +73,10 @@ def test_few_seeds_are_rough_paired_and_holm_adjusted(tmp_path, capsys):
     assert plot(tmp_path, "--out", tmp_path / "out", "--ci", "t") == 0
     out = capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "comparison.csv")
-    assert (table["ci_note"] == "rough: fewer than 5 seeds").all() and table["paired"].all()
+    # Metrics identical in every seed (e.g. a step count) have no spread: no interval, marked so.
+    spread = table["ci_note"] == "rough: fewer than 5 seeds"
+    assert spread.any() and table["paired"].all()
+    assert (table.loc[~spread, "ci_note"] == NOTE_NO_SPREAD).all() and table.loc[~spread, "ci_low"].isna().all()
     assert (table["ci"] == "t").all() and "p_holm" in table.columns
     assert "t interval" in out and "balanced vs dpo: paired by seed" in out and "p_holm" in out
 

@@ -16,8 +16,9 @@ initialisation as seed s of the other, so the per-seed difference removes
 that shared noise.
 
 What an interval cannot say, the table says: with fewer than two values on a
-side (or two pairs) there is no spread to estimate, so the interval is NaN and
-``ci_note`` gives the reason; with fewer than ``ROUGH_BELOW`` it is marked
+side (or two pairs), or values without any spread (every seed the same), there
+is no spread to estimate, so the interval and p are NaN and ``ci_note`` gives
+the reason; a bootstrap p-value is never below 1/(B+1); with fewer than ``ROUGH_BELOW`` it is marked
 rough (both intervals under-cover with so few seeds).
 """
 
@@ -36,6 +37,12 @@ CI_METHODS = ("bootstrap", "t")
 ROUGH_BELOW = 5
 NOTE_TOO_FEW = "no interval: fewer than 2 seeds"
 NOTE_ROUGH = f"rough: fewer than {ROUGH_BELOW} seeds"
+NOTE_NO_SPREAD = "no interval: the seeds show no spread (identical values), so it is undefined"
+
+
+def _no_spread(a: np.ndarray, b: np.ndarray | None) -> bool:
+    """Every value (every paired difference) the same: the spread, and so the interval, is undefined."""
+    return bool(np.ptp(a) == 0 and (b is None or np.ptp(b) == 0))
 
 
 def _bootstrap_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,9 +51,13 @@ def _bootstrap_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np
 
 def _bootstrap_p(boot: np.ndarray) -> float:
     """Two-sided p-value of "difference = 0" read off the bootstrap distribution
-    (the smallest 1 - level whose percentile interval excludes 0)."""
-    below, above = float(np.mean(boot <= 0.0)), float(np.mean(boot >= 0.0))
-    return min(1.0, 2.0 * min(below, above))
+    (the smallest 1 - level whose percentile interval excludes 0).
+
+    Counted as (1 + count) / (B + 1), so it is never below 1/(B+1): B resamples
+    cannot show a p-value smaller than that, and 0 would claim certainty."""
+    n = boot.size
+    below, above = int(np.sum(boot <= 0.0)), int(np.sum(boot >= 0.0))
+    return min(1.0, 2.0 * (1 + min(below, above)) / (n + 1))
 
 
 def _bootstrap(a: np.ndarray, b: np.ndarray | None, n_boot: int, level: float, seed: int) -> tuple[float, float, float]:
@@ -70,9 +81,8 @@ def _t(a: np.ndarray, b: np.ndarray | None, level: float) -> tuple[float, float,
         va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
         diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
         df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1)) if va + vb > 0 else a.size + b.size - 2.0
-    if se == 0.0:
-        # No spread at all: the interval is the point, and a non-zero difference is certain.
-        return float(diff), float(diff), 1.0 if diff == 0 else 0.0
+    if not se > 0.0:  # spread lost to rounding: as undefined as no spread
+        return math.nan, math.nan, math.nan
     q = stats.t.ppf(0.5 + level / 2.0, df)
     p = 2.0 * stats.t.sf(abs(diff) / se, df)
     return float(diff - q * se), float(diff + q * se), float(p)
@@ -127,6 +137,8 @@ def diff_interval(
     if n < 2:
         note = NOTE_TOO_FEW if n == 1 else "no interval: no finite values"
         return DiffInterval(diff, math.nan, math.nan, math.nan, n_a, n_b, paired, note)
+    if _no_spread(a, b):
+        return DiffInterval(diff, math.nan, math.nan, math.nan, n_a, n_b, paired, NOTE_NO_SPREAD)
     low, high, p = _bootstrap(a, b, n_boot, level, seed) if ci == "bootstrap" else _t(a, b, level)
     return DiffInterval(diff, low, high, p, n_a, n_b, paired, NOTE_ROUGH if n < ROUGH_BELOW else "")
 

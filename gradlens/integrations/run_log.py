@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..pairs import CHOSEN, REJECTED
-from ..runs import lock_run_dir, release_run_dir, schema
+from ..runs import check_continuable_by, lock_run_dir, release_run_dir, schema
 from ..runs.preference_log import PreferenceRunLog
 from ..runs.step_row import layer_rows, pair_columns, step_row
 from .stepper import StepResult
@@ -76,6 +76,8 @@ class RunLog:
         if layers_every < 1:
             raise ValueError(f"layers_every must be >= 1, got {layers_every}")
         resume = resume_at is not None and (os.path.isfile(os.path.join(path, schema.CONFIG)))
+        if resume:  # before the lock, and before any row is cut: only this integration's own runs
+            check_continuable_by(path, env=config.get("env"), loss=config.get("loss"))
         # One writer per run directory; released by finish(), close() or the OS.
         self._lock, self.path = lock_run_dir(path, resume=resume, overwrite=overwrite and not resume)
         try:

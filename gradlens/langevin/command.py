@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..runs import RunLock, check_overwritable, run_contents, schema
+from ..runs import (
+    RunLock, check_name_lengths, check_not_inside_a_run, check_overwritable, restore_replaced, run_contents, schema,
+)
 from ..runs.run_dir import clear_run_files
 from .targets import POTENTIALS_1D
 
@@ -79,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     o.add_argument("--label", default=None, help="group label for `gradlens plot` (default: from the settings)")
     o.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard event files")
-    o.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (same names as the flags); flags override it")
+    o.add_argument("--config", metavar="FILE", help="TOML, JSON or YAML file of settings (same names as the flags); flags override it")
     o.add_argument("--quiet", action="store_true", help="no progress messages (errors are still printed)")
 
 
@@ -97,7 +99,7 @@ def apply_config_file(args: argparse.Namespace) -> None:
     Names and values are checked like flags (type and choices); the file's
     problems are reported with its path.
     """
-    from ..settings_file import read_settings_file
+    from ..settings_file import read_settings_file, shown
 
     path = args.config
     defaults, actions = _option_defaults()
@@ -106,10 +108,10 @@ def apply_config_file(args: argparse.Namespace) -> None:
         action = actions.get(key)
         if action is None or key in ("config", "help"):
             known = ", ".join(sorted(k for k in actions if k not in ("config", "help")))
-            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {known}")
+            raise ValueError(f"{path}: unknown setting {shown(key)}; known settings: {known}")
         if action.nargs == 0:  # a switch such as --overwrite
             if not isinstance(value, bool):
-                raise ValueError(f"{path}: {key!r} must be true or false, got {value!r}")
+                raise ValueError(f"{path}: {key!r} must be true or false, got {shown(value)}")
         elif action.type is not None:
             wrong = isinstance(value, bool) or (action.type is int and not isinstance(value, int))
             try:
@@ -117,14 +119,14 @@ def apply_config_file(args: argparse.Namespace) -> None:
             except (TypeError, ValueError):
                 wrong = True
             if wrong:
-                raise ValueError(f"{path}: {key!r} must be a {action.type.__name__}, got {value!r}")
+                raise ValueError(f"{path}: {key!r} must be a {action.type.__name__}, got {shown(value)}")
             value = converted
         elif isinstance(value, list):
             value = ",".join(str(v) for v in value)  # --eps / --dims lists
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{path}: {key!r} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+            raise ValueError(f"{path}: {key!r} must be one of {', '.join(map(str, action.choices))}, got {shown(value)}")
         if getattr(args, key) == defaults[key]:
             setattr(args, key, value)
 
@@ -203,6 +205,9 @@ def _check_flags(args: argparse.Namespace) -> None:
             if not (MIN_EPS <= eps < math.inf):
                 raise ValueError(f"--eps {eps:g}: must be a KL target from {MIN_EPS:g} up (below it the iteration counts overflow)")
     check_memory(args)
+    if args.action == "run" and args.step is None and args.eps is None:
+        raise ValueError("pass --step H (the ULA step size) or --eps EPS (Theorem 1 then chooses h and the steps), "
+                         "e.g. gradlens langevin --target gaussian --dim 10 --eps 0.1")
 
 
 def _write_guarded(out: Path, overwrite: bool, write) -> None:
@@ -215,11 +220,16 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
+    check_not_inside_a_run(out)
+    check_name_lengths(out)
+    if not overwrite:
+        restore_replaced(out)  # a run an interrupted --overwrite set aside goes back first
     started = out.is_dir() and run_contents(out).started
     if started and not overwrite:
         raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")
     if started:
         check_overwritable(out)
+    made = _missing_folders(out)
     lock = RunLock(out)
     try:
         lock.acquire()
@@ -234,11 +244,23 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         contents = run_contents(out)
         if not contents.foreign:
             clear_run_files(out, contents)
+        lock.release()
+        restore_replaced(out)  # the run an --overwrite set aside comes back: the new one logged nothing
         raise
     finally:
         lock.release()
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in made:  # deepest first; only folders this call created, and only when empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first (e.g. runs/langevin/NAME)."""
+    missing, folder = [], Path(os.path.abspath(out))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _run(args: argparse.Namespace) -> None:

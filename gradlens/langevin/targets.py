@@ -269,6 +269,11 @@ class ProductTarget:
 # User potential `module:function`
 
 
+# User code may also raise SystemExit (sys.exit) or KeyboardInterrupt itself: reported like
+# any other error (a Ctrl-C during the call stops the run the same way, with a message).
+_USER_CODE_ERRORS = (Exception, KeyboardInterrupt, SystemExit)
+
+
 def load_potential(spec: str) -> Callable:
     """Import ``module:function`` (or ``path/to/file.py:function``).
 
@@ -297,7 +302,7 @@ def load_potential(spec: str) -> Callable:
             finally:
                 if added:
                     sys.path.remove(cwd)
-    except Exception as exc:  # any failure while importing user code is the user's input error
+    except _USER_CODE_ERRORS as exc:  # any failure while importing user code is the user's input error
         raise ValueError(
             f"potential {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -336,8 +341,8 @@ class UserTarget:
             raise ValueError(
                 f"potential {self.spec}: must return (U, grad U) for a batch; calling it failed: {exc}"
             ) from exc
-        except Exception as exc:  # noqa: BLE001 - whatever the user's code raises is a problem with the input
-            raise ValueError(f"potential {self.spec}: raised {type(exc).__name__}: {exc}") from exc
+        except _USER_CODE_ERRORS as exc:  # whatever the user's code raises is a problem with the input
+            raise ValueError(f"potential {self.spec}: raised {type(exc).__name__}{f': {exc}' if str(exc) else ''}") from exc
         U = np.asarray(U, dtype=np.float64).reshape(-1)
         grad = np.asarray(grad, dtype=np.float64)
         n = x.shape[0]

@@ -1,7 +1,8 @@
 """``gradlens plot``: summary tables and figures from one or many run directories.
 
-Finds the runs, checks they are all of one kind, groups them by a config key
-(the loss by default), and hands them to that kind's plotter (``registry.py``).
+Finds the runs, groups them by a config key (the loss by default), and hands
+them to their kind's plotter (``registry.py``); runs of several kinds (preference
+and Langevin) are plotted kind by kind, each in its own folder ``OUT/KIND/``.
 Runs of one group that differ in a setting other than the seed are not pooled:
 they are split into groups named by those settings, and the differences are
 printed (``--group-by`` forces a grouping, and still names the differences).
@@ -20,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from ..analysis.compare import CI_METHODS
-from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run
+from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run, run_status, schema
 from .registry import PlotOptions, get_plotter
 
 FORMATS = ("png", "svg", "pdf")
@@ -120,6 +121,13 @@ def collect_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
                 continue
             seen.add(key)
             try:
+                str(run_path).encode("utf-8")
+            except UnicodeEncodeError:  # bytes of another encoding: every table, figure and report names the run
+                shown = os.fsencode(run_path).decode("utf-8", errors="backslashreplace")
+                problems.append(f"{shown}: the run's path is not valid UTF-8, so it cannot be named in tables and the report; "
+                                "rename it (e.g. mv with a UTF-8 name) to plot it")
+                continue
+            try:
                 runs.append(load_run(run_path))
             except RunFormatError as exc:
                 problems.append(str(exc))
@@ -147,6 +155,7 @@ def _load_tables(run: Run) -> str | None:
         steps = run.steps
         run.layers
         run.evals
+        run.summary  # read now: whether a run has ended decides whether it is compared
     except RunFormatError as exc:
         return str(exc)
     if steps.empty:
@@ -154,12 +163,28 @@ def _load_tables(run: Run) -> str | None:
     return None
 
 
-def _mixed_kinds_message(runs: list[Run]) -> str:
-    by_kind: dict[str, list[str]] = {}
-    for run in runs:
-        by_kind.setdefault(run.kind, []).append(str(run.path))
-    parts = [f"{kind}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for kind, paths in sorted(by_kind.items())]
-    return "runs of different kinds cannot be plotted together (" + "; ".join(parts) + "); plot each kind in its own call"
+def _leave_out_unfinished(runs: list[Run]) -> list[Run]:
+    """Runs still going or killed (no summary.json) are left out when other runs have ended:
+    their last values are from fewer steps, and pooled with finished runs they would be
+    averaged as if they were comparable. Without any finished run, all are kept, and said so."""
+    unfinished = [run for run in runs if run_status(run.path) is None]
+    if not unfinished:
+        return runs
+    described = "; ".join(f"{run.path} ({_steps_logged(run)})" for run in unfinished[:5]) + (" ..." if len(unfinished) > 5 else "")
+    if len(unfinished) == len(runs):
+        _warn(f"no run here has finished (no summary.json: still running, or killed): {described}; each is summarised "
+              "at its last logged step, so compare them with care")
+        return runs
+    _warn(f"left out {len(unfinished)} run(s) that have not finished (no summary.json: still running, or killed), "
+          f"so that only finished runs are compared: {described}; plot them on their own to see them")
+    return [run for run in runs if run not in unfinished]
+
+
+def _steps_logged(run: Run) -> str:
+    steps = run.steps
+    last = int(steps[schema.STEP].iloc[-1]) if schema.STEP in steps.columns and len(steps) else None
+    asked = run.config.get("steps")
+    return f"{len(steps)} step rows" + (f", last step {last}" if last is not None else "") + (f", of {asked} asked for" if isinstance(asked, int) else "")
 
 
 def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -176,8 +201,11 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run."""
-    absolute = Path(os.path.abspath(out))
+    """``--out`` never is, contains or lies inside a run directory: plot never writes into a run.
+
+    The path is resolved first (``realpath``): a link to a run, or a path through one, is a run too.
+    """
+    absolute = Path(os.path.realpath(out))
     for place in (absolute, *absolute.parents):
         if is_run_dir(place):
             where = "is" if place == absolute else f"lies inside the run {place}, which"
@@ -219,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
 def _group(readable: list[Run], plotter, args: argparse.Namespace):
     """(groups, group_by, Grouping): the plotter's default key split on differing
     settings, or the --group-by key pooled as asked; differences are always printed."""
-    from ..analysis.groups import Grouping, describe_differences, group_runs, split_by_settings
+    from ..analysis.groups import Grouping, describe_differences, group_runs, one_run_per_seed, split_by_settings
 
     group_by = args.group_by or plotter.default_group_by
     groups = group_runs(readable, group_by)
@@ -233,6 +261,11 @@ def _group(readable: list[Run], plotter, args: argparse.Namespace):
         for line in describe_differences(grouping.differing):
             _warn(f"runs of group {line.split(':', 1)[0]!r} differ in settings other than the seed, so they are "
                   f"plotted as separate groups (pass --group-by {group_by} to pool them):{line.split(':', 1)[1]}")
+    grouping.groups, repeated = one_run_per_seed(grouping.groups)
+    for label, pairs in repeated.items():
+        for kept, left_out in pairs:
+            _warn(f"group {label!r}: {left_out.path} repeats seed {kept.config.get('seed')!r} of {kept.path}; copies of one "
+                  "seed are not independent seeds, so each seed is counted once and the repeat is left out")
     return grouping.groups, group_by, grouping
 
 
@@ -256,33 +289,68 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     if not readable:
         _error("nothing to plot")
         return EXIT_NOTHING_PLOTTED
-    kinds = {run.kind for run in readable}
-    if len(kinds) > 1:
-        _error(_mixed_kinds_message(readable))
-        return EXIT_NOTHING_PLOTTED
-    kind = kinds.pop()
+    by_kind: dict[str, list[Run]] = {}
+    for run in readable:
+        by_kind.setdefault(run.kind, []).append(run)
+    if len(by_kind) == 1:
+        kind, runs_of_kind = by_kind.popitem()
+        return _plot_kind(kind, runs_of_kind, formats, out, args)
+    # Runs of different kinds share no figure or metric: each kind gets its own folder and report.
+    print(f"runs of {len(by_kind)} kinds ({', '.join(sorted(by_kind))}): each kind is plotted in its own folder of {out}/")
+    codes = []
+    for kind, runs_of_kind in sorted(by_kind.items()):
+        print(f"\n=== {kind}: {out / kind}/")
+        codes.append(_plot_kind(kind, runs_of_kind, formats, out / kind, args))
+    return 0 if 0 in codes else EXIT_NOTHING_PLOTTED
+
+
+def _plot_kind(kind: str, readable: list[Run], formats: list[str], out: Path, args: argparse.Namespace) -> int:
+    """Summary, tables, figures and report.html of runs of one kind, in ``out``."""
+    readable = _leave_out_unfinished(readable)
     try:
         plotter = get_plotter(kind)
     except (ValueError, ImportError) as exc:
         _error(f"cannot plot runs of kind {kind!r}: {exc}")
         return EXIT_NOTHING_PLOTTED
-
-    from .html import ReportContent, write_report
-    from .report import terminal_table, write_table
-
     try:
         groups, group_by, grouping = _group(readable, plotter, args)
     except ValueError as exc:
         _error(str(exc))
         return EXIT_NOTHING_PLOTTED
+    smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
+    options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
+    made = _missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _error(f"--out {out}: cannot create it: {exc.strerror or exc}")
         return EXIT_USAGE
-    smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
-    options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
+    code = EXIT_NOTHING_PLOTTED
+    try:
+        code = _write_outputs(kind, plotter, grouping, options)
+        return code
+    finally:
+        if code != 0:  # nothing plotted: the folders this call created go again, if still empty
+            for folder in made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first."""
+    missing, folder = [], Path(os.path.abspath(out))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _write_outputs(kind: str, plotter, grouping, options: PlotOptions) -> int:
+    """The summary, tables, figures and report.html of ``grouping.groups`` in ``options.out``; the exit status."""
+    from .html import ReportContent, write_report
+    from .report import terminal_table, write_table
+
+    groups, group_by, out = grouping.groups, options.group_by, options.out
     try:
         summary = plotter.summarize(groups, options)
     except ValueError as exc:
@@ -292,13 +360,13 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     extra = summary.attrs.pop("tables", {})
     shown_columns = summary.attrs.pop("terminal_columns", None) or list(summary.columns)
     written = write_table(summary, out, "summary")
-    print(f"{len(readable)} {kind} run(s) in {len(groups)} group(s), grouped by {group_by!r}\n")
+    print(f"{sum(len(runs) for runs in groups.values())} {kind} run(s) in {len(groups)} group(s), grouped by {group_by!r}\n")
     if not summary.empty:
         print(terminal_table(summary[shown_columns], shown_columns[0]))
         print(f"(all columns: {out / 'summary.csv'})")
     comparison = extra.get("comparison")
     if comparison is not None and not comparison.empty:
-        _print_comparison(comparison, args.ci)
+        _print_comparison(comparison, options.ci)
     for name, table in extra.items():
         if table is not None and not table.empty:
             written += write_table(table, out, name)
@@ -306,7 +374,7 @@ def _plot(paths: list[str], formats: list[str], out: Path, args: argparse.Namesp
     figures = plotter.figures(groups, options)
     content = ReportContent(
         kind=kind, group_by=group_by, groups=groups, grouping=grouping, summary=summary, tables=extra,
-        figures=figures, warnings=list(_WARNINGS), smooth=smooth, ci=args.ci,
+        figures=figures, warnings=list(_WARNINGS), smooth=options.smooth, ci=options.ci,
     )  # fmt: skip
     report = write_report(content, out)
     print(f"\nwrote {len(figures)} figure file(s), {len(written)} table file(s) and the report to {out}/")

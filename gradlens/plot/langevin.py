@@ -150,16 +150,27 @@ def _iteration_axis(ax, steps: list[np.ndarray]) -> bool:
     """A log x axis (symlog, so k = 0 stays) when the runs span two or more decades of
     iterations, else a linear one; returns whether it is logarithmic."""
     positive = np.concatenate([s[s > 0] for s in steps]) if steps else np.array([])
+    last = float(positive.max()) if positive.size else 1.0
     if positive.size and positive.max() / max(positive.min(), 1.0) >= 100:
-        ax.set_xscale("symlog", linthresh=1.0, linscale=0.2)
+        # linscale 1: the linear stretch 0..1 is as wide as a decade, so "0" and "1" never overlap.
+        ax.set_xscale("symlog", linthresh=1.0, linscale=1.0)
+        ax.set_xlim(0.0, last * 1.3)  # iterations start at 0: no negative margin
         ax.set_xlabel("iteration k (log scale; linear between 0 and 1)")
         return True
+    ax.set_xlim(0.0, last * 1.02)
     ax.set_xlabel("iteration k")
     return False
 
 
 def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
+    fig = kl_figure(groups)
+    return _save(fig, options, "langevin_kl") if fig is not None else []
+
+
+def kl_figure(groups: RunGroups):
+    """The KL figure (see the module docstring), or None when no run has a KL to draw."""
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
+    knn = False
     drawn = False
     colors = group_colors(list(groups))
     iterations = []
@@ -189,16 +200,18 @@ def fig_kl(groups: RunGroups, options: PlotOptions) -> list[Path]:
                 ax.errorbar(est[C.STEP], est[C.KL_ESTIMATE], yerr=[lo, hi], fmt="o", ms=3.5, color=color, alpha=0.8,
                             capsize=2, label=f"{label}: k-NN ESTIMATE (bootstrap interval)" if first else None)
                 drawn = drawn or len(est) > 0
+                knn = True
     if not drawn:
         plt.close(fig)
-        return []
+        return None
     ax.set_yscale("log")
     _iteration_axis(ax, iterations)
     ax.set_ylabel("KL(p_k || p*)")
     ax.set_title("ULA: KL to the target, Vempala–Wibisono bound (α = m) and stationary bias")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.text(0.01, -0.02, "k-NN estimates <= 0 cannot be shown on a log axis and are omitted", fontsize=8)
-    return _save(fig, options, "langevin_kl")
+    if knn:  # the note is about k-NN points: only where there are some
+        fig.text(0.01, -0.02, "k-NN estimates <= 0 cannot be shown on a log axis and are omitted", fontsize=8)
+    return fig
 
 
 def fig_dissipation(groups: RunGroups, options: PlotOptions) -> list[Path]:

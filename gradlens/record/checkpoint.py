@@ -25,11 +25,12 @@ finds checkpoints by this name.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from ..runs import schema
-from ..runs import write_json_atomic
+from ..runs import own_checkpoint_files, write_json_atomic
+from ..runs.tables import named_os_error, open_nofollow
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -99,14 +101,25 @@ def save_checkpoint(
     from safetensors.torch import save_model
 
     root = checkpoints_dir(run_dir)
+    if root.is_symlink():  # writing (and later pruning) through it would touch a folder outside the run
+        raise OSError(errno.ELOOP, "is a link; gradlens writes checkpoints only inside the run directory", str(root))
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _remove_own(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    try:
+        save_model(model, str(tmp / MODEL_FILE))  # handles tied weights
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a failed write (EFBIG, ENOSPC) in its own types
+        raise named_os_error(exc, tmp / MODEL_FILE) if isinstance(exc, OSError) else OSError(
+            errno.EIO, f"could not be written ({type(exc).__name__}: {exc})", str(tmp / MODEL_FILE)) from None
+    buffer = io.BytesIO()  # serialised in memory, so that a failed write is an OSError naming the file
+    torch.save(optimizer.state_dict(), buffer)
+    try:
+        with open_nofollow(tmp / OPTIMIZER_FILE, "wb") as f:
+            f.write(buffer.getvalue())
+    except OSError as exc:
+        raise named_os_error(exc, tmp / OPTIMIZER_FILE) from None
     write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
     if hasattr(model, "peft_config"):
         # LoRA: model.safetensors holds peft's names (for --resume), which from_pretrained would not
@@ -116,8 +129,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp / ADAPTER_DIR)
     else:
         save_hf_files(model, tmp, tokenizer)
-    if final.exists():  # re-saving the same step after a resume
-        shutil.rmtree(final)
+    if final.exists() or final.is_symlink():  # re-saving the same step after a resume
+        _remove_own(final)
     os.replace(tmp, final)
     prune_checkpoints(run_dir)
     return final
@@ -130,14 +143,37 @@ def prune_checkpoints(run_dir: Path) -> None:
     prune, which ``list_checkpoints`` no longer sees as checkpoints.
     """
     root = checkpoints_dir(run_dir)
+    if root.is_symlink():
+        return
     keep = {c.path.name for c in list_checkpoints(run_dir)[-KEEP_LAST:]}
     if not keep:
         return
     newest = max(int(_STEP_DIR.match(name).group(1)) for name in keep)
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and child.name not in keep and int(match.group(1)) < newest and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
+        if match and child.name not in keep and int(match.group(1)) < newest:
+            _remove_own(child, strict=False)
+
+
+def _remove_own(directory: Path, *, strict: bool = True) -> None:
+    """Delete checkpoint directory ``directory`` only when it holds nothing but gradlens's files
+    (``own_checkpoint_files``); otherwise leave it whole.
+
+    ``strict``: raise, naming it, instead of leaving it; pruning is not strict, since an old
+    checkpoint directory left in place harms nothing.
+    """
+    if not directory.exists() and not directory.is_symlink():
+        return
+    files = own_checkpoint_files(directory)
+    if files is None:
+        if strict:
+            raise OSError(errno.EEXIST, "holds files gradlens did not write (or is a link); it was left as it is", str(directory))
+        return
+    for file in files:
+        file.unlink()
+    if (directory / ADAPTER_DIR).is_dir():
+        (directory / ADAPTER_DIR).rmdir()
+    directory.rmdir()
 
 
 class CheckpointError(ValueError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, run_contents, schema
+from ..runs import is_complete, is_run_dir, lock_run_dir, release_run_dir, restore_replaced, run_contents, schema
 from . import plan as P
 from . import resume as R
 from .config import (
@@ -315,6 +315,8 @@ def _record_one(job: Job, run: P.PlannedRun, env):
     finally:
         if lock is not None:
             release_run_dir(lock)
+            if run.action == P.OVERWRITE:
+                restore_replaced(run.path)  # stopped before the new run's first row: the old run comes back
 
 
 def _recheck(run: P.PlannedRun) -> None:

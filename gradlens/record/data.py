@@ -253,7 +253,10 @@ def _check_value(name: str, value: Any) -> tuple[Text | None, str | None, str | 
         if not any(m["content"].strip() for m in value):
             return None, None, f"'{name}' messages have only empty content"
         return [{"role": m["role"], "content": m["content"]} for m in value], "conversational", None
-    kind = "null" if _is_missing(value) else type(value).__name__
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's non-standard NaN / Infinity: a number, not a null
+        kind = f"the number {value!r} ({'NaN' if math.isnan(value) else 'Infinity'} in the file)"
+    else:
+        kind = "null" if value is None else type(value).__name__
     return None, None, (
         f"'{name}' has the wrong type ({kind}); expected a string (standard format) "
         "or a list of {'role', 'content'} messages (conversational format)"
@@ -335,6 +338,42 @@ def _reader(path: Path):
         raise ValueError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; use one of {list(SUFFIXES)} or a saved dataset directory")
     # JSON null is a value of the wrong type; CSV/Parquet have no other way to say "missing".
     return _READERS[suffix], suffix != ".jsonl"
+
+
+# config.json: the SHA-256 of each data file a run read ({"data": hex, "eval_data": hex}), so that
+# --resume can refuse a file edited in place (same path, other pairs).
+FINGERPRINT_KEY = "data_sha256"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """SHA-256 of a data file, or of a saved dataset folder (its files' relative names and bytes, in order)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode("utf-8", "surrogateescape") + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprints(files: dict[str, str | None]) -> dict[str, str]:
+    """``{setting: sha256}`` for the data files that are set (e.g. ``{"data": cfg.data, "eval_data": cfg.eval_data}``)."""
+    return {name: file_fingerprint(path) for name, path in files.items() if path and Path(path).exists()}
+
+
+def changed_data(saved: dict[str, str], files: dict[str, str | None]) -> list[str]:
+    """One line per data file whose contents differ from the fingerprint a run saved (files it saved none for are skipped)."""
+    now = data_fingerprints({name: path for name, path in files.items() if name in saved})
+    return [
+        f"{files[name]}: its contents changed since the run was recorded (sha256 {saved[name][:12]}... then, "
+        f"{now.get(name, 'missing')[:12]}... now)"
+        for name in saved if now.get(name) != saved[name]
+    ]
 
 
 def load_preferences(path: str | Path, columns: Columns = Columns()) -> PreferenceData:

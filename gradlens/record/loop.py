@@ -38,6 +38,7 @@ from ..runs.step_row import layer_rows, pair_columns, step_row
 from . import checkpoint as ckpt
 from . import resume as R
 from .config import RecordConfig, to_dict
+from .data import FINGERPRINT_KEY, data_fingerprints
 from .distributed import DistContext, ShardedCheckpoints
 from .envs import PreferenceEnv
 from .progress import Progress
@@ -69,6 +70,12 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device meta holds no data, so nothing can be trained on it; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:  # mps, xpu, hpu, lazy ... construct as devices on any machine: only a tensor shows they work
+        torch.empty(1, device=device)
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError, AssertionError, ModuleNotFoundError, RuntimeError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"--device {name}: not usable on this machine ({reason}); use --device cpu"
+                         + (" or cuda" if torch.cuda.is_available() else "")) from None
     return device
 
 
@@ -280,7 +287,8 @@ def record_run(
         start, state = checkpoints.restore(point, policy, optimizer)
     else:
         start, state = R.restore(point, policy, optimizer, device) if resume else (0, {})
-    config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world}
+    config = {**to_dict(cfg), "env_info": env.info(), "world_size": dist.world,
+              FINGERPRINT_KEY: data_fingerprints({"data": cfg.data, "eval_data": cfg.eval_data})}
     main = dist.is_main
     if main:
         if resume:

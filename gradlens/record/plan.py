@@ -10,6 +10,9 @@
 * An explicit directory that exists is never modified without ``--resume`` or
   ``--overwrite``; the check covers every run of the job before the first starts.
   ``--overwrite`` replaces only gradlens runs (``runs.check_overwritable``).
+* ``--overwrite`` sets the old run aside (``.NAME.gradlens-replaced``) and deletes it
+  once the new run has logged a row; the next job on NAME puts back a run that an
+  interrupted ``--overwrite`` left aside.
 * A directory is "started" once it holds more than a writer leaves in its first
   instant (the lock, ``config.json.tmp``): one that is not is treated as new, and
   ``--resume`` of a job starts the runs that never started once any run of the
@@ -22,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runs import check_overwritable, is_run_dir, run_contents, schema
+from ..runs import (
+    check_name_lengths, check_no_links, check_not_inside_a_run, check_overwritable, is_run_dir, restore_replaced, run_contents, schema,
+)
 from .config import RecordConfig
 
 if TYPE_CHECKING:
@@ -55,6 +60,7 @@ def _check_creatable(path: Path) -> None:
     """``path`` is a directory, or could be made one: its nearest existing ancestor is a directory."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
+    check_name_lengths(path)
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -93,8 +99,12 @@ def plan_runs(configs: list[RecordConfig], *, resume: bool, overwrite: bool) -> 
     job_started = any(is_run_dir(p) for p in paths)
     for cfg, path in zip(configs, paths):
         _check_creatable(path)
+        check_not_inside_a_run(path)
+        if not overwrite:
+            restore_replaced(path)  # a run an interrupted --overwrite set aside goes back first
         if resume:
             if is_run_dir(path):
+                check_no_links(path)
                 plans.append(PlannedRun(cfg, path, RESUME))
             elif (out is None or job_started or _begun(path)) and not _occupied(path):
                 plans.append(PlannedRun(cfg, path, NEW, f"{path}: not started before; starting it"))

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..runs import schema
-from ..runs.run_dir import RunWriter, read_json
-from ..runs.tables import table_steps
+from ..runs.run_dir import RunWriter, check_continuable_by, read_json, run_status
+from ..runs.tables import check_header, table_steps
 from . import checkpoint as ckpt
 from .config import RecordConfig, config_from_saved, validate
 
@@ -53,6 +53,7 @@ class ResumePoint:
 def saved_config(run_dir: Path) -> RecordConfig:
     """The config a run was recorded with, from its config.json (errors name the file)."""
     path = Path(run_dir) / schema.CONFIG
+    check_continuable_by(run_dir, env=None)  # a trainer integration's run is not continued here
     header = read_json(path)
     saved = header.get("config") if isinstance(header, dict) else None
     if not isinstance(saved, dict) or header.get("kind") != schema.KIND_PREFERENCE:
@@ -81,8 +82,21 @@ def resumed_config(run_dir: Path, requested: Mapping[str, Any]) -> RecordConfig:
     return apply_resume_overrides(saved_config(run_dir), requested, str(run_dir))
 
 
-def _first_checkpoint(cfg: RecordConfig) -> int:
-    return cfg.checkpoint_every or cfg.steps
+def _first_checkpoint(cfg: RecordConfig, run_dir: Path) -> int:
+    """The earliest step at which this run wrote a checkpoint, from its history.
+
+    Its settings save one every ``checkpoint_every`` steps and one at the end, so the
+    first is at min(checkpoint_every, steps); ``--checkpoint-every`` may have changed on an
+    earlier resume, but a resume from step s > 0 (config.json's ``resumes``) shows that a
+    checkpoint existed at s.
+    """
+    first = min(cfg.checkpoint_every or cfg.steps, cfg.steps)
+    header = read_json(run_dir / schema.CONFIG)
+    for entry in header.get("resumes", []) if isinstance(header, dict) and isinstance(header.get("resumes"), list) else []:
+        step = entry.get("from_step") if isinstance(entry, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > 0:
+            first = min(first, step)
+    return first
 
 
 def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> ResumePoint:
@@ -94,22 +108,43 @@ def plan_resume(run_dir: Path, cfg: RecordConfig, saved: RecordConfig) -> Resume
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.step > cfg.steps:
         raise ValueError(f"{run_dir}: --steps {cfg.steps} is below the last checkpoint (step {last.step}); a run cannot be shortened")
+    for name, columns in ((schema.STEPS, schema.PREFERENCE_STEP_COLUMNS), (schema.LAYERS, schema.LAYER_COLUMNS),
+                          (schema.ROWS, schema.ROW_COLUMNS)):
+        check_header(run_dir / name, columns)  # a table of an older gradlens: refused before anything is cut
     logged = {name: table_steps(run_dir / name) for name in (schema.STEPS, schema.LAYERS, schema.EVALS, schema.ROWS) if (run_dir / name).exists()}
     rows = logged.get(schema.STEPS, [])
     # Step s's row is logged only after checkpoint step_s (if any) was in place: rows past
     # the first checkpoint with no checkpoint left mean the checkpoints were lost.
-    if last is None and rows and max(rows) >= _first_checkpoint(saved):
+    first = _first_checkpoint(saved, run_dir)
+    finished = run_status(run_dir) == schema.STATUS_COMPLETE  # a complete run wrote its last checkpoint
+    if last is None and rows and (max(rows) >= first or finished):
+        past = f"past the first checkpoint (step {first})" if max(rows) >= first else "of a finished run, which ends with a checkpoint"
         raise ValueError(
-            f"{run_dir}: {schema.STEPS} holds {len(rows)} logged steps (up to step {max(rows)}), past the first checkpoint "
-            f"(step {_first_checkpoint(saved)}), but {root} has no checkpoint to continue from; resuming would discard "
-            "every logged row, so nothing was changed. Restore the checkpoints, or pass --overwrite to record the run again"
+            f"{run_dir}: {schema.STEPS} holds {len(rows)} logged steps (up to step {max(rows)}), {past}, but {root} has no "
+            "checkpoint to continue from; resuming would discard every logged row, so nothing was changed. Restore the "
+            "checkpoints, or pass --overwrite to record the run again"
         )
+    _check_same_data(run_dir, cfg)
     reference = ckpt.reference_path(run_dir)
     if reference.exists():
         ckpt.check_weights_file(reference)
     if last is None:
         return ResumePoint(cfg, None)
     return ResumePoint(cfg, last, ckpt.read_state(last), ckpt.read_optimizer_state(last))
+
+
+def _check_same_data(run_dir: Path, cfg: RecordConfig) -> None:
+    """The data files hold what they held when the run was recorded (config.json's fingerprints)."""
+    from .data import FINGERPRINT_KEY, changed_data
+
+    header = read_json(run_dir / schema.CONFIG)
+    saved = (header.get("config") or {}).get(FINGERPRINT_KEY) if isinstance(header, dict) else None
+    if not isinstance(saved, dict):  # recorded before fingerprints were kept: nothing to compare
+        return
+    changed = changed_data({k: v for k, v in saved.items() if isinstance(v, str)}, {"data": cfg.data, "eval_data": cfg.eval_data})
+    if changed:
+        raise ValueError(f"{changed[0]}; resuming would continue the run on other pairs, so nothing was changed. Restore "
+                         f"the file, or record a new run (--overwrite, or a new --out)")
 
 
 def check_weights_fit(point: ResumePoint, model) -> None:

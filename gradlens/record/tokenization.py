@@ -56,9 +56,19 @@ class TokenizedData:
     identical_after_truncation: int
 
 
+def _apply_template(tokenizer: Any, messages: list, record: PreferenceRecord, source: str, **options) -> str:
+    """The chat template's text; a template that refuses the messages (its ``raise_exception``,
+    e.g. for a role it does not know) or fails is a problem with that pair, named by its line."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as exc:  # noqa: BLE001 - jinja2's TemplateError and whatever else the template raises
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{source}: {record.where}: the model's chat template refused these messages: {reason}") from None
+
+
 def _render_conversation(tokenizer: Any, record: PreferenceRecord, completion: list, source: str) -> tuple[str, str]:
-    prompt_text = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(record.prompt + completion, tokenize=False)
+    prompt_text = _apply_template(tokenizer, record.prompt, record, source, add_generation_prompt=True)
+    full_text = _apply_template(tokenizer, record.prompt + completion, record, source)
     if not full_text.startswith(prompt_text):
         # Some templates render the generation prompt differently from a finished turn:
         # the completion starts where the two renderings diverge (as in TRL).

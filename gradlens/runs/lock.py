@@ -38,6 +38,16 @@ def _holder(path: Path) -> str:
     return f"PID {text}" if text.isdigit() else "an unknown PID"
 
 
+# Locks this process holds, by run directory: --overwrite moves a run aside while its lock is held
+# (``run_dir.set_aside``) and moves the lock to the fresh directory with ``relock``.
+_HELD: dict[str, "RunLock"] = {}
+
+
+def held_lock(run_dir: str | os.PathLike) -> "RunLock | None":
+    """The lock this process holds on ``run_dir``, if any."""
+    return _HELD.get(os.path.abspath(run_dir))
+
+
 class RunLock:
     """An exclusive writer lock on one run directory; a context manager.
 
@@ -59,7 +69,13 @@ class RunLock:
         if fcntl is None:  # pragma: no cover - Windows
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link planted as the lock would make us write its target
+                    raise RunLockedError(f"{self.path}: is a link; gradlens follows no link in a run directory, "
+                                         "so it changed nothing: remove the link") from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -80,11 +96,31 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd = fd
+        _HELD[os.path.abspath(self.run_dir)] = self
         return self
+
+    def relock(self, moved: Path) -> None:
+        """The run directory was renamed away (its lock file now at ``moved``) and a fresh one made
+        at ``run_dir``: lock the fresh one, then drop the old file and its lock."""
+        if self._fd is None or fcntl is None:
+            return
+        old = self._fd
+        self._fd = None
+        try:
+            self.acquire()
+        finally:
+            try:
+                if os.fstat(old).st_ino == os.stat(moved).st_ino:
+                    os.unlink(moved)
+            except OSError:
+                pass
+            os.close(old)
 
     def release(self) -> None:
         if self._fd is None:
             return
+        if _HELD.get(os.path.abspath(self.run_dir)) is self:
+            del _HELD[os.path.abspath(self.run_dir)]
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import schema
 from .run_dir import RunWriter
-from .tables import CsvTable, read_table
+from .tables import CsvTable, check_header, read_table
 from .tensorboard import EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
 
 
@@ -48,6 +48,9 @@ class PreferenceRunLog:
         self.path = Path(path)
         resume = resume_at is not None
         self.columns = tuple(columns)
+        if resume:  # before the first write: tables of an older gradlens cannot be continued
+            check_header(self.path / schema.STEPS, self.columns)
+            check_header(self.path / schema.LAYERS, schema.LAYER_COLUMNS)
         self.writer = RunWriter(self.path, config, kind=schema.KIND_PREFERENCE, resume=resume)
         self.rows = CsvTable(self.path / schema.ROWS, schema.ROW_COLUMNS) if per_row else None
         self.steps_logged = self.nonfinite_steps = 0

@@ -7,11 +7,13 @@ anything is written (``prepare_run_dir``) are defined here, once.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import platform
 import re
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -21,8 +23,8 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from . import schema
-from .lock import RunLock
-from .tables import CsvTable, RunFormatError, read_table
+from .lock import RunLock, held_lock
+from .tables import CsvTable, RunFormatError, check_cells, named_os_error, open_nofollow, read_table
 
 
 def _jsonable(value):
@@ -44,11 +46,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file and rename it, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open_nofollow(tmp, "wb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # EFBIG, ENOSPC: name the file
+        raise named_os_error(exc, tmp) from None
     os.replace(tmp, path)
 
 
@@ -88,6 +93,9 @@ _CHECKPOINT_FILES = re.compile(
     r"|^(config|generation_config)\.json$"
     r"|^(tokenizer|special_tokens_map|added_tokens|vocab|merges|chat_template|spiece|sentencepiece)([._-].*)?$"
 )
+# A LoRA checkpoint's adapter/: what peft's save_pretrained writes, and the tokenizer.
+_ADAPTER_DIR = "adapter"
+_ADAPTER_FILES = re.compile(r"^adapter_(model\.safetensors|config\.json)$|^README\.md$|" + _CHECKPOINT_FILES.pattern)
 # Present in a directory that was never started: a writer killed before config.json was in place.
 _NOT_STARTED = {schema.LOCK, schema.CONFIG + ".tmp"}
 
@@ -120,11 +128,33 @@ def run_contents(path: str | os.PathLike) -> RunContents:
                     foreign.append(sub)
                     continue
                 for item in sorted(sub.iterdir()):
+                    if item.name == _ADAPTER_DIR and item.is_dir() and not item.is_symlink():
+                        for file in sorted(item.iterdir()):
+                            ok = file.is_file() and not file.is_symlink() and _ADAPTER_FILES.match(file.name)
+                            (ours if ok else foreign).append(file)
+                        continue
                     ok = item.is_file() and not item.is_symlink() and _CHECKPOINT_FILES.match(item.name)
                     (ours if ok else foreign).append(item)
         else:
             foreign.append(child)
     return RunContents(ours, foreign)
+
+
+def own_checkpoint_files(path: str | os.PathLike) -> list[Path] | None:
+    """The files of checkpoint directory ``path`` (its ``adapter/`` included) when it holds only
+    what gradlens writes there, else None: a link, or anything else inside, makes it not gradlens's."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not _CHECKPOINT_DIRS.match(path.name):
+        return None
+    files = []
+    for item in path.iterdir():
+        inside = list(item.iterdir()) if item.name == _ADAPTER_DIR and item.is_dir() and not item.is_symlink() else [item]
+        for file in inside:
+            pattern = _ADAPTER_FILES if file.parent.name == _ADAPTER_DIR and file.parent != path else _CHECKPOINT_FILES
+            if file.is_symlink() or not file.is_file() or not pattern.match(file.name):
+                return None
+            files.append(file)
+    return files
 
 
 def _listing(paths: list[Path], limit: int = 5) -> str:
@@ -151,6 +181,11 @@ def check_overwritable(path: str | os.PathLike) -> RunContents:
             f"{path}: --overwrite refused: the directory holds files that are not part of a gradlens run: "
             f"{_listing(contents.foreign)}; nothing was deleted. Move them away, or choose another --out"
         )
+    here, run = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(path))
+    if here == run or run in here.parents:
+        # --overwrite renames the old run aside; the current directory would move with it.
+        raise ValueError(f"{path}: --overwrite refused: it is (or holds) the current directory; run the command from "
+                         "outside it. Nothing was deleted")
     return contents
 
 
@@ -172,8 +207,168 @@ def clear_run_files(path: str | os.PathLike, contents: RunContents | None = None
     checkpoints = path / schema.CHECKPOINTS
     if checkpoints.is_dir():
         for sub in checkpoints.iterdir():
+            if (sub / _ADAPTER_DIR).is_dir():
+                (sub / _ADAPTER_DIR).rmdir()
             sub.rmdir()  # empty now: check_overwritable refused anything foreign
         checkpoints.rmdir()
+
+
+def check_no_links(path: str | os.PathLike) -> None:
+    """ValueError naming the first link among the entries gradlens writes in run ``path``
+    (its files, ``checkpoints/`` and each checkpoint's files): writing or pruning through a
+    link would change files outside the run. gradlens follows no link out of a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    entries = list(path.iterdir())
+    checkpoints = path / schema.CHECKPOINTS
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        for sub in checkpoints.iterdir():
+            entries.append(sub)
+            if sub.is_dir() and not sub.is_symlink():
+                entries.extend(sub.iterdir())
+    for entry in sorted(entries):
+        if entry.is_symlink():
+            raise ValueError(f"{entry}: is a link (to {os.readlink(entry)}); gradlens follows no link in a run directory, "
+                             "so it changed nothing: replace the link by the file, or remove it")
+
+
+def check_continuable_by(path: str | os.PathLike, env: str | None, loss: Any = None) -> None:
+    """ValueError unless the preference run at ``path`` may be continued by its own kind of writer:
+    ``gradlens record`` (``env`` None) continues only runs it recorded, a trainer integration
+    (``env`` "transformers" or "trl") only runs of that integration, and with the same ``loss``.
+    Called before anything is cut back or deleted."""
+    path = Path(path)
+    header = read_json(path / schema.CONFIG)
+    config = header.get("config") if isinstance(header, dict) else None
+    if not isinstance(config, dict) or header.get("kind") != schema.KIND_PREFERENCE:
+        raise ValueError(f"{path / schema.CONFIG}: not a preference run recorded by gradlens (kind "
+                         f"{header.get('kind') if isinstance(header, dict) else None!r}); it was left unchanged")
+    saved_env = config.get("env")
+    writer = f"the {saved_env} trainer integration" if saved_env in schema.TRAINER_ENVS else "gradlens record"
+    if env is None and saved_env in schema.TRAINER_ENVS:
+        raise ValueError(f"{path}: recorded by {writer} (env {saved_env!r}), not by `gradlens record`, so --resume cannot "
+                         "continue it; resume the trainer from its checkpoint instead (its run log continues this directory)")
+    if env is not None and saved_env != env:
+        raise ValueError(f"{path}: recorded by {writer} (env {saved_env!r}); a {env} trainer's run log continues only its own "
+                         "runs, so nothing was cut or deleted: give the trainer another output directory")
+    if env is not None and loss is not None and config.get("loss") != loss:
+        raise ValueError(f"{path}: recorded with loss {config.get('loss')!r}, but this trainer logs {loss!r}; nothing was cut "
+                         "or deleted: give the trainer another output directory")
+
+
+def check_name_lengths(path: str | os.PathLike) -> None:
+    """ValueError when a name in ``path`` is longer than its file system allows (255 bytes on most):
+    found before anything is created, so a run that cannot start is refused, not begun."""
+    absolute = Path(os.path.abspath(path))
+    existing = next((p for p in (absolute, *absolute.parents) if p.exists()), Path("/"))
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no pathconf (Windows)
+        limit = 255
+    for part in absolute.relative_to(existing).parts if absolute != existing else ():
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise ValueError(f"{path}: the name {part[:40]!r}... is {size} bytes long, more than the {limit} this file system "
+                             "allows; choose a shorter --out (nothing was created)")
+
+
+def check_not_inside_a_run(path: str | os.PathLike) -> None:
+    """ValueError when ``path`` lies inside another gradlens run (e.g. RUN/checkpoints/step_5): that
+    run's --overwrite and checkpoint pruning would treat the new run's files as its own.
+    Links are resolved first."""
+    absolute = Path(os.path.realpath(path))
+    for place in absolute.parents:
+        if _is_gradlens_config(place / schema.CONFIG):
+            raise ValueError(f"{path}: lies inside the gradlens run {place}; a run directory may not be placed in another run "
+                             "(choose an --out outside it)")
+
+
+# ---------------------------------------------------------------- --overwrite without a moment of loss
+# The run being replaced is renamed aside (one rename: it is whole at either name) and deleted only
+# once the new run has logged its first row. A kill in between leaves the old run whole beside the
+# new one, and the next `gradlens record`/`langevin` on that directory puts it back.
+
+
+def replaced_path(path: str | os.PathLike) -> Path:
+    """Where --overwrite keeps the run it replaces until the new run has a row: ``.NAME.gradlens-replaced``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.gradlens-replaced")
+
+
+def has_rows(path: str | os.PathLike) -> bool:
+    """steps.csv holds at least one complete row."""
+    steps = Path(path) / schema.STEPS
+    try:
+        return steps.is_file() and not steps.is_symlink() and steps.read_bytes().count(b"\n") >= 2
+    except OSError:
+        return False
+
+
+def _fresh_directory(path: Path) -> None:
+    path.mkdir()
+
+
+def set_aside(path: Path, contents: RunContents) -> None:
+    """Move the run at ``path`` aside and leave an empty directory (still locked) in its place."""
+    aside = replaced_path(path)
+    if aside.exists() or aside.is_symlink():
+        if not has_rows(path):
+            # An earlier --overwrite was cut short: the run aside holds the data, the one here none yet.
+            check_overwritable(aside)
+            clear_run_files(path, contents)
+            return
+        discard_replaced(path)  # the new run got its rows: what is aside is the stale old one
+    os.rename(path, aside)
+    try:
+        _fresh_directory(path)
+    except OSError:
+        os.rename(aside, path)
+        raise
+    lock = held_lock(path)
+    if lock is not None:
+        lock.relock(aside / schema.LOCK)
+
+
+def discard_replaced(path: str | os.PathLike) -> None:
+    """Delete the run --overwrite set aside for ``path`` (its run files only; anything else keeps it)."""
+    aside = replaced_path(path)
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    try:
+        contents = check_overwritable(aside)
+    except ValueError:
+        return  # not only gradlens files: left alone
+    clear_run_files(aside, contents)
+    (aside / schema.LOCK).unlink(missing_ok=True)  # nobody holds it: the lock moved with relock
+    if not any(aside.iterdir()):
+        aside.rmdir()
+
+
+def restore_replaced(path: str | os.PathLike) -> bool:
+    """Put back a run that an interrupted --overwrite set aside, when its replacement has no row yet
+    (and no writer holds it). True when it was restored."""
+    path = Path(path)
+    aside = replaced_path(path)
+    if not aside.is_dir() or aside.is_symlink() or has_rows(path):
+        return False
+    if path.exists():
+        try:
+            contents = check_overwritable(path)
+        except ValueError:
+            return False
+        try:
+            with RunLock(path):
+                clear_run_files(path, contents)
+        except ValueError:  # a writer holds it: its --overwrite is under way
+            return False
+        if any(path.iterdir()):
+            return False
+        path.rmdir()
+    os.rename(aside, path)
+    warnings.warn(f"{path}: an interrupted --overwrite had set this run aside (as {aside.name}) before the new run logged a "
+                  "row; it was put back", UserWarning, stacklevel=2)
+    return True
 
 
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -182,17 +377,20 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
     * a missing or never-started directory (empty, or left by a writer killed
       before its config.json existed) is used as is;
     * an existing run is continued only with ``resume``, replaced only with
-      ``overwrite`` -- which deletes the run format's files and refuses when the
-      directory is not a gradlens run or holds anything else.
+      ``overwrite`` -- which refuses when the directory is not a gradlens run or
+      holds anything else, and sets the old run aside (``set_aside``) until the
+      new run has logged its first row.
     """
     path = Path(path)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    check_not_inside_a_run(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     if resume:
         if not (path / schema.CONFIG).exists():
             raise ValueError(f"{path}: nothing to resume (no {schema.CONFIG}); drop --resume to start a new run")
+        check_no_links(path)
         return path
     contents = run_contents(path) if path.is_dir() else None
     if contents is not None and contents.started:
@@ -201,7 +399,7 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite:
                 f"{path}: run directory already exists and is not empty; "
                 "pass --resume to continue it or --overwrite to replace it (it was left unchanged)"
             )
-        clear_run_files(path, check_overwritable(path))
+        set_aside(path, check_overwritable(path))
     elif contents is not None:
         for leftover in contents.ours:  # config.json.tmp of a run killed at its very start
             if leftover.name != schema.LOCK:
@@ -250,8 +448,8 @@ def release_run_dir(lock: RunLock) -> None:
 
 def _summary(path: Path) -> dict | None:
     try:
-        data = json.loads((path / schema.SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(run_file(path, schema.SUMMARY))
+    except (OSError, ValueError, RecursionError):  # RunFormatError included: unreadable is "not ended"
         return None
     return data if isinstance(data, dict) else None
 
@@ -292,6 +490,7 @@ class RunWriter:
         if not resume:
             header = {"schema_version": schema.SCHEMA_VERSION, "kind": kind, "config": dict(config), "versions": environment_versions()}
             write_json_atomic(self.path / schema.CONFIG, header)
+        self._first_row_logged = False
         self.steps = CsvTable(self.path / schema.STEPS)
         self.layers = CsvTable(self.path / schema.LAYERS)
         self.evals = CsvTable(self.path / schema.EVALS)
@@ -308,6 +507,9 @@ class RunWriter:
 
     def log_step(self, row: Mapping[str, Any]) -> None:
         self.steps.append(row)
+        if not self._first_row_logged:  # the new run is real now: the run it replaces can go
+            self._first_row_logged = True
+            discard_replaced(self.path)
 
     def log_layers(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         self.layers.append_many({schema.STEP: step, schema.LAYER: name, **values} for name, values in layers.items())
@@ -343,8 +545,14 @@ class Run:
         return self.path.name
 
     def _table(self, filename: str) -> pd.DataFrame:
+        """A table checked cell by cell (``check_cells``) and in step order."""
         if filename not in self._cache:
-            self._cache[filename] = read_table(self.path / filename)
+            path = run_file(self.path, filename)
+            frame = read_table(path)
+            if not frame.empty:
+                check_cells(frame, path, text_columns=_TEXT_COLUMNS, flag_columns=_FLAG_COLUMNS)
+                frame = _in_step_order(frame, path)
+            self._cache[filename] = frame
         return self._cache[filename]
 
     @property
@@ -377,8 +585,8 @@ class Run:
 
     @property
     def summary(self) -> dict | None:
-        path = self.path / schema.SUMMARY
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        path = run_file(self.path, schema.SUMMARY)
+        return read_json(path) if path.exists() else None
 
     @property
     def complete(self) -> bool:
@@ -388,11 +596,50 @@ class Run:
 def read_json(path: Path) -> Any:
     """A JSON file's value; RunFormatError naming the file (and the line) when it cannot be read."""
     try:
+        if not path.is_dir() and path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise RunFormatError(f"{path}: not a regular file (a FIFO, socket or device); gradlens reads only files")
         return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise RunFormatError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except (UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise RunFormatError(f"{path}: not a readable JSON file: {exc}") from None
+        raise RunFormatError(f"{path}: not a readable JSON file: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    except ValueError as exc:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise RunFormatError(f"{path}: not usable JSON: {str(exc)[:100]}") from None
+
+
+# Table columns that hold names, not numbers, and columns that hold 0 or 1.
+_TEXT_COLUMNS = frozenset({schema.LAYER, schema.ROW_SIDE})
+_FLAG_COLUMNS = frozenset({schema.NONFINITE, "bound_holds"})
+
+
+def run_file(run: str | os.PathLike, name: str) -> Path:
+    """``run/name``, refused (RunFormatError) when it is a link leading out of the run.
+
+    A run's files are read only from the run itself: a ``steps.csv`` that links to
+    ``/etc/passwd`` is never opened, so nothing outside the run can be shown or copied
+    into a report. The run directory itself may be reached through links.
+    """
+    path = Path(run) / name
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        home = Path(os.path.realpath(run))
+        if home != target and home not in target.parents:
+            raise RunFormatError(f"{path}: is a link to a file outside the run ({os.readlink(path)}); refused: "
+                                 "gradlens follows no link out of a run directory")
+    return path
+
+
+def _in_step_order(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Rows sorted by step (stable: repeated steps keep their file order), with a warning when
+    the file had them out of order: "the last row" must mean the last step."""
+    if schema.STEP not in frame.columns:
+        return frame
+    steps = frame[schema.STEP].to_numpy()
+    if len(steps) < 2 or (steps[1:] >= steps[:-1]).all():
+        return frame
+    warnings.warn(f"{path}: rows are not in step order (a damaged or edited file); they are used sorted by step",
+                  UserWarning, stacklevel=3)
+    return frame.sort_values(schema.STEP, kind="stable").reset_index(drop=True)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -406,7 +653,7 @@ def load_run(path: str | os.PathLike) -> Run:
         raise RunFormatError(f"{path}: no such run directory")
     if not path.is_dir():
         raise RunFormatError(f"{path}: not a directory")
-    config_path = path / schema.CONFIG
+    config_path = run_file(path, schema.CONFIG)
     if not config_path.is_file():
         raise RunFormatError(f"{path}: not a gradlens run (no {schema.CONFIG}); record one with `gradlens record`")
     header = read_json(config_path)

@@ -33,6 +33,10 @@ LOCK = ".gradlens.lock"    # the writer lock (runs/lock.py); present only while 
 STATUS_COMPLETE = "complete"
 STATUS_NONFINITE = "nonfinite"   # stopped at a non-finite loss or gradient
 
+# config.json "env" of the runs the trainer integrations write (gradlens.integrations): their run
+# directories are continued by resuming the trainer, never by `gradlens record --resume`.
+TRAINER_ENVS = ("transformers", "trl")
+
 KIND_PREFERENCE = "preference"
 KIND_LANGEVIN = "langevin"
 
@@ -121,3 +125,4 @@ LAYER = "layer"
 CHOSEN_SQ = "chosen_sq"      # ||g_chosen restricted to the layer||^2
 REJECTED_SQ = "rejected_sq"
 DOT = "dot"
+LAYER_COLUMNS = (STEP, LAYER, CHOSEN_SQ, REJECTED_SQ, DOT)  # layers.csv, in this order

@@ -18,12 +18,14 @@ in one section, instead of single-value histograms that render as spikes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 from typing import Mapping, Sequence
 
 from . import schema
+from .tables import named_os_error
 
 Layout = list[tuple[str, list[tuple[str, list[str]]]]]
 LAYER_PREFIX = "layer_ln_ratio"
@@ -133,7 +135,23 @@ class TensorBoardLogger:
             self.writer.add_custom_scalars({category: {title: ["Multiline", regexes] for title, regexes in charts} for category, charts in full})
         self._layout_pending = False
 
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        """A failed write (EFBIG, ENOSPC) names the event file: TensorBoard's own error names none."""
+        try:
+            yield
+        except OSError as exc:
+            try:
+                name = self.writer._get_file_writer().event_writer._file_name
+            except Exception:  # noqa: BLE001 - a private attribute of tensorboard's writer; the folder will do
+                name = self.writer.log_dir
+            raise named_os_error(exc, name) from None
+
     def scalars(self, step: int, values: Mapping[str, object]) -> None:
+        with self._naming_the_file():
+            self._scalars(step, values)
+
+    def _scalars(self, step: int, values: Mapping[str, object]) -> None:
         tags = set()
         for tag, value in values.items():
             if tag == schema.STEP or value is None or isinstance(value, str):
@@ -145,13 +163,16 @@ class TensorBoardLogger:
 
     def layer_ratios(self, step: int, layers: Mapping[str, Mapping[str, float]]) -> None:
         """Per-layer ln rho as scalars, one chart per layer under ``layer_ln_ratio/``."""
-        for tag, value in layer_ln_ratios(layers).items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        with self._naming_the_file():
+            for tag, value in layer_ln_ratios(layers).items():
+                self.writer.add_scalar(tag, value, global_step=step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._naming_the_file():
+            self.writer.flush()
 
     def close(self) -> None:
-        if self._layout_pending:
-            self._write_layout(set())
-        self.writer.close()
+        with self._naming_the_file():
+            if self._layout_pending:
+                self._write_layout(set())
+            self.writer.close()
