@@ -154,7 +154,8 @@ class Capture:
                 st.add_probe(fold_dense_use(st, pieces, full[local], rows, self.layout, vectors), real=False)
                 continue
             for g in self.layout.stored:
-                st.add(g, sharded.scatter(params[local], explicit[g][local]) if sharded else explicit[g][local])
+                piece = explicit[g][local]
+                st.add(g, sharded.scatter(params[local], _widen(piece, st.dtype)) if sharded else piece)
             if full is not None and sharded:  # no parameter hook fires under FSDP2: probe now
                 st.add_probe(Probe(*probe_dense(full[local], self.index.probe_vectors(params[local]))), real=False)
             elif full is not None:
@@ -487,14 +488,15 @@ _ACCUMULATE_MESSAGE = (
 
 
 def _sum_parts(parts: dict[str, dict[str, torch.Tensor]], names) -> dict[str, torch.Tensor]:
-    """The groups' pieces added in group order: the full gradient of a use."""
+    """The groups' pieces added in group order, in float32 at least: the full gradient of a use."""
     out = {}
     for local in parts[names[0]]:
-        total = _dense(parts[names[0]][local]).clone()
+        first = _dense(parts[names[0]][local])
+        total = first.to(torch.promote_types(first.dtype, torch.float32), copy=True)
         for g in names[1:]:
             piece = parts[g][local]
             if isinstance(piece, IndexedRows):
-                total.index_add_(0, piece.index, piece.values)
+                total.index_add_(0, piece.index, piece.values.to(total.dtype))
             else:
                 total += piece
         out[local] = total
@@ -503,6 +505,13 @@ def _sum_parts(parts: dict[str, dict[str, torch.Tensor]], names) -> dict[str, to
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def _widen(piece, dtype: torch.dtype):
+    """A piece in the accumulation dtype (pieces of bf16 products are bf16), sparse or dense."""
+    if isinstance(piece, IndexedRows):
+        return piece if piece.values.dtype == dtype else IndexedRows(piece.index, piece.values.to(dtype), piece.shape)
+    return piece.to(dtype)
 
 
 def _dense(t) -> torch.Tensor:

@@ -161,9 +161,10 @@ def stats_pass(
       the rounding tolerance times ‖t‖.
 
     ``keep_rows`` (0/1 per row of the stats, not of the probes) leaves rows out of the stats.
-    No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
+    No gradient-sized temporary is made. Accumulates in float32 (float64 when any input is).
     """
-    dtype = next((e.dtype for e in explicit if e is not None), torch.float64 if total.dtype == torch.float64 else torch.float32)
+    wide = total.dtype == torch.float64 or any(e is not None and e.dtype == torch.float64 for e in explicit)
+    dtype = torch.float64 if wide else torch.float32  # bf16/fp16 pieces and totals are widened block by block
     rows = total.shape[0] if total.dim() >= 1 else 1
     cols = total.numel() // max(rows, 1)
     view = lambda t: _dense(t).reshape(rows, cols)  # noqa: E731
@@ -178,7 +179,7 @@ def stats_pass(
     step = max(1, CHUNK // max(cols, 1))
     for r0 in range(0, rows, step):
         tc = t2[r0 : r0 + step].to(dtype)
-        blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step] for f in flats]
+        blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step].to(dtype) for f in flats]
         if keep_rows is not None:
             keep = keep_rows[r0 : r0 + step].to(dtype).unsqueeze(1)
             tc, blocks = tc * keep, [b * keep for b in blocks]

@@ -18,8 +18,10 @@ Rules are functions of the use. A ``Use`` is immutable, except ``use.memo``:
 intermediate results of that one use (LayerNorm's g ⊙ x̂, a re-run forward)
 that every group's contribution shares, so they are computed once per use.
 The tensors a rule sees are the module's own (bf16 under autocast or with bf16
-weights); rules cast them to ``use.dtype`` (float32, or float64 for float64
-parameters) before reducing over rows, so sums are float32 at least.
+weights). Most rules cast them to ``use.dtype`` (float32, or float64 for float64
+parameters) before reducing over rows; the linear rules instead replay autograd's own
+product (same operand dtypes, float32 accumulation inside the kernel) and return it in
+that product's dtype. The capture keeps every piece in ``use.dtype``.
 """
 
 from __future__ import annotations

@@ -35,25 +35,27 @@ def _grad_and_input(use: Use, rows: RowSelector, transposed: bool) -> tuple[torc
 def contribution(use: Use, rows: RowSelector, transposed: bool) -> dict[str, torch.Tensor]:
     """The group's Gᵀ A (and Σ G), the very product autograd computes over all rows, restricted
     to the group: same operand dtypes, same accumulation (bf16 products accumulate in float32
-    inside the kernel and round once), returned in the accumulation dtype."""
+    inside the kernel and round once). Returned in that product's dtype, as autograd's is:
+    the capture widens what it keeps to float32, so no conversion is made twice."""
     g, a = _grad_and_input(use, rows, transposed)
     out = {}
     if "weight" in use.wanted:
-        out["weight"] = (a.T @ g if transposed else g.T @ a).to(use.dtype)
+        out["weight"] = a.T @ g if transposed else g.T @ a
     if "bias" in use.wanted:
-        out["bias"] = g.sum(0).to(use.dtype)
+        out["bias"] = g.sum(0)
     return out
 
 
 def add_contribution(use: Use, rows: RowSelector, base: dict, transposed: bool) -> dict[str, torch.Tensor]:
-    """``base`` plus the group's contribution, as one ``addmm`` (no temporary for the group)."""
+    """``base`` (the other groups' sum, from ``contribution``) plus the group's contribution,
+    as one ``addmm`` (no temporary for the group), in the product's dtype."""
     g, a = _grad_and_input(use, rows, transposed)
     out = {}
     if "weight" in use.wanted:
-        w = base["weight"].to(g.dtype)
-        out["weight"] = (torch.addmm(w, a.T, g) if transposed else torch.addmm(w, g.T, a)).to(use.dtype)
+        w = base["weight"]
+        out["weight"] = torch.addmm(w, a.T, g) if transposed else torch.addmm(w, g.T, a)
     if "bias" in use.wanted:
-        out["bias"] = (base["bias"].to(g.dtype) + g.sum(0)).to(use.dtype)
+        out["bias"] = base["bias"] + g.sum(0)
     return out
 
 
