@@ -32,6 +32,10 @@ def test_every_schema_name_is_documented():
     expected = {
         "steps.csv column": schema.PREFERENCE_STEP_COLUMNS,
         "trainer steps.csv column": schema.GROUPS_STEP_COLUMNS,
+        "GRPO/RLOO steps.csv column": (*schema.ADVANTAGE_STEP_COLUMNS, schema.group_norm_column(schema.ZERO)),
+        "KTO steps.csv column": schema.KTO_STEP_COLUMNS,
+        "reward-model steps.csv column": schema.REWARD_MODEL_STEP_COLUMNS,
+        "config.json key": [schema.CONFIG_GROUPS],
         "layers.csv column": layer_columns,
         "rows.csv column": schema.ROW_COLUMNS,
         "evals.csv column": evals,

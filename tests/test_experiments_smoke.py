@@ -32,7 +32,7 @@ def declared_outputs(script: str) -> list[str]:
 
 
 def test_every_experiment_is_found():
-    assert SCRIPTS == ["e1_tabular.py", "e2_tiny_gpt2.py", "e3_langevin.py", "e4_balancing.py"]
+    assert SCRIPTS == ["e1_tabular.py", "e2_tiny_gpt2.py", "e3_langevin.py", "e4_balancing.py", "e6_grpo.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

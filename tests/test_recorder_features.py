@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 
 import gradlens
 from gradlens.gradients import UnattributedGradientWarning
-from models import MODELS, VOCAB, sequence_logps
+from models import MODELS, VOCAB, reference_pieces, sequence_logps
 
 B, T, PROMPT = 3, 8, 3
 
@@ -170,7 +170,7 @@ def test_nan_gradients_are_reported_not_dropped():
         ({"a": slice(0, 3), "b": slice(2, 5)}, None, "overlap"),
         ({"a": slice(0, 3), "b": slice(3, 9)}, 6, "out of range"),
         ({"a": torch.tensor([0, -1])}, None, "negative"),
-        ({"a": slice(0, 3), "b": slice(3, 3)}, None, "empty"),
+        ({"a": slice(3, 3), "b": torch.tensor([], dtype=torch.long)}, None, "every row group is empty"),
         ({"a": torch.tensor([[0, 1]])}, None, "1-D"),
         ({}, None, "at least one"),
     ],
@@ -203,3 +203,33 @@ def test_queries_before_the_block_ends_and_closed_recorder():
     with pytest.raises(RuntimeError, match="closed"):
         with rec.capture(groups={"a": slice(0, 1)}):
             pass
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "custom"])
+def test_an_empty_group_records_zero_and_the_others_stay_exact(family):
+    """A micro-batch may hold no row of a group (no negative-advantage completion): that group's piece
+    is zero, the others equal separate autograd passes. (An empty *last* group of a partition is taken as
+    the total minus the others: float rounding, not zero; the run logs report it as zero from the row counts.)"""
+    model = MODELS[family]()
+    if family != "custom":
+        model.eval()
+    ids, w = batch(), torch.randn(6)
+    empty = torch.tensor([], dtype=torch.long)
+    for groups in ({"p": torch.tensor([0, 2, 4]), "n": empty, "z": torch.tensor([1, 3, 5])},
+                   {"p": empty, "z": torch.tensor([0, 1, 2]), "n": torch.tensor([3, 4, 5])}):  # fmt: skip
+        rec = gradlens.GradientRecorder(model)
+        torch.manual_seed(1)
+        with rec.capture(groups=groups, keep_pieces=True) as cap:
+            (sequence_logps(model, ids, PROMPT) * w).sum().backward()
+        rec.close()
+        torch.manual_seed(1)
+        ref = reference_pieces(model, sequence_logps(model, ids, PROMPT), w, groups)
+        model.zero_grad()
+        for g, rows in groups.items():
+            scale = math.sqrt(sum(float(t.pow(2).sum()) for t in ref[g].values()))
+            if len(rows) == 0:
+                assert scale == 0 and cap.norm(g) == 0
+                continue
+            pieces = cap.pieces(g)
+            err = math.sqrt(sum(float((pieces[n] - t).pow(2).sum()) for n, t in ref[g].items() if n in pieces))
+            assert scale > 0 and err <= 1e-5 * scale and abs(cap.norm(g) - scale) <= 1e-5 * scale

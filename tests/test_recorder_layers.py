@@ -99,3 +99,25 @@ def test_layer_table_keys_follow_the_group_names():
     for layer, entry in table.items():
         assert set(entry) == {"good_sq", "bad_sq", "dot"}
         assert abs(entry["bad_sq"] - want[layer]["rejected_sq"]) <= 1e-10 * (want[layer]["chosen_sq"] + want[layer]["rejected_sq"])
+
+
+def test_layer_norm_bias_whose_row_gradients_cancel_is_attributed():
+    """A reward model's Bradley-Terry loss sends opposite gradients through a pair's two rows; with a
+    bias-free score head after GPT-2's final LayerNorm, that LayerNorm's bias gets a total gradient of
+    (nearly exactly) 0 while each side's piece is not. The probe check must compare against the
+    magnitudes summed, not against the cancelled sum (which would flag the bias as unattributed)."""
+    import gradlens
+    from trl_tiny import build_model
+
+    model = build_model("gpt2", num_labels=1).train()
+    ids = torch.tensor([[4, 5, 6, 7, 13, 14, 15, 0], [8, 9, 0, 0, 0, 0, 0, 0], [17, 2, 2, 0, 0, 0, 0, 0], [2, 3, 4, 5, 6, 0, 0, 0],
+                        [4, 5, 6, 7, 16, 0, 0, 0], [8, 10, 11, 0, 0, 0, 0, 0], [17, 3, 0, 0, 0, 0, 0, 0], [2, 3, 4, 7, 8, 9, 0, 0]])  # fmt: skip
+    with gradlens.GradientRecorder(model) as rec:
+        with rec.capture(groups={"chosen": slice(0, 4), "rejected": slice(4, 8)}) as cap:
+            scores = model(input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+            (-torch.nn.functional.logsigmoid(scores[:4] - scores[4:])).mean().backward()
+    bias = model.transformer.ln_f.bias
+    assert bias.grad.abs().max() <= 1e-6  # the total cancels
+    assert not cap.unattributed
+    table = cap.per_layer().set_index("name")
+    assert table.loc["transformer.ln_f.bias", "sq_norm/chosen"] > 1e-8

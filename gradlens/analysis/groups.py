@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ..runs import Run
+from ..runs import Run, schema
 
 MISSING = object()
 
@@ -197,3 +197,30 @@ def describe_differences(differing: Mapping[str, Mapping[str, list[Any]]]) -> li
         f"{label}: " + "; ".join(f"{k} " + " | ".join(_show(v) for v in values) for k, values in diff.items())
         for label, diff in differing.items()
     ]
+
+
+def split_pair(run: Run) -> tuple[str, str]:
+    """The run's two split groups, (first, second): config ``groups``, else (chosen, rejected).
+    ``grad/ratio`` is ||g_second|| / ||g_first||, and layers.csv's two columns are theirs."""
+    value = run.config.get(schema.CONFIG_GROUPS)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return (value[0], value[1])
+    return schema.DEFAULT_GROUPS
+
+
+def keep_pairs_apart(groups: Mapping[str, list[Run]]) -> tuple[dict[str, list[Run]], list[str]]:
+    """Groups whose runs split different pairs of groups (a DPO run's chosen/rejected, a GRPO run's
+    positive/negative) are split by pair, even when pooling was asked for: their ratios measure
+    different things. Returns the groups and the labels that had to be split."""
+    out: dict[str, list[Run]] = {}
+    split = []
+    for label, runs in groups.items():
+        pairs = list(dict.fromkeys(split_pair(run) for run in runs))
+        if len(pairs) == 1:
+            out[label] = list(runs)
+            continue
+        split.append(label)
+        for run in runs:
+            first, second = split_pair(run)
+            out.setdefault(f"{label} [{first}/{second}]", []).append(run)
+    return out, split

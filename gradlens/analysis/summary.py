@@ -18,6 +18,7 @@ from ..runs import Run
 from ..runs import schema
 from .convergence import accuracy_stats, kl_to_optimum_stats, reward_kl_stats
 from .finite import column, finite_median, last_finite
+from .groups import split_pair
 from .imbalance import cosine_stats, onset_step, ratio_stats
 from .layers import LayerArrays, imbalance_carriers, layer_arrays, layer_attribution
 from .likelihood import likelihood_displacement, pw_pl_stats
@@ -183,12 +184,22 @@ def summarize_groups(
     if not layers.empty:
         top = layers[layers["carrier"]].groupby("group", sort=False)["layer"].apply(lambda s: ", ".join(s.head(3)))
         summary["imbalance_layers"] = summary["group"].map(top).fillna("")
+    # Which ratio each group's rho is (second group / first group): a DPO group's rejected/chosen
+    # and a GRPO group's negative/positive are different quantities and are never compared.
+    pairs = {group: split_pair(runs[0]) for group, runs in groups.items() if runs}
+    ratio_of = lambda g: "{1}/{0}".format(*pairs.get(g, schema.DEFAULT_GROUPS))  # noqa: E731
+    if not summary.empty:
+        summary.insert(1, "ratio_of", summary["group"].map(ratio_of))
+    if not layers.empty:  # chosen_share / rejected_share are the first / the second group's
+        layers.insert(1, "ratio_of", layers["group"].map(ratio_of))
     names = list(groups)
     if baseline is None:
         baseline = "dpo" if "dpo" in names else (names[0] if names else None)
+    comparable = [g for g in names if pairs.get(g) == pairs.get(baseline)]
     comparison = pd.DataFrame()
-    if len(names) > 1:
-        comparison = compare_groups(per_run, [m for m in COMPARED_METRICS if m in per_run.columns], baseline=baseline, ci=ci)
+    if len(comparable) > 1:
+        compared = per_run[per_run["group"].isin(comparable)]
+        comparison = compare_groups(compared, [m for m in COMPARED_METRICS if m in per_run.columns], baseline=baseline, ci=ci)
     return GroupSummary(summary=summary, per_run=per_run, layers=layers, comparison=comparison)
 
 

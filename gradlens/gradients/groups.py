@@ -76,10 +76,11 @@ def _validate(groups: Mapping[str, GroupSpec], num_rows: int | None) -> RowGroup
     if not groups:
         raise ValueError("capture needs at least one row group, e.g. {'chosen': slice(0, B), 'rejected': slice(B, 2 * B)}")
     indices = {str(name): _indices(str(name), spec) for name, spec in groups.items()}
-    for name, idx in indices.items():
-        if idx.numel() == 0:
-            raise ValueError(f"group {name!r} is empty")
-    largest = max(int(idx.max()) for idx in indices.values())
+    # A group may be empty in one micro-batch (no negative-advantage completion in it): its
+    # gradient piece is zero there. A capture with no rows at all is a mistake.
+    if all(idx.numel() == 0 for idx in indices.values()):
+        raise ValueError(f"every row group is empty ({', '.join(map(repr, indices))})")
+    largest = max(int(idx.max()) for idx in indices.values() if idx.numel())
     if num_rows is None:
         num_rows = largest + 1
     elif largest >= num_rows:
@@ -93,6 +94,9 @@ def _validate(groups: Mapping[str, GroupSpec], num_rows: int | None) -> RowGroup
         owner[idx] = k
     rows: dict[str, Union[slice, torch.Tensor]] = {}
     for name, idx in indices.items():
+        if idx.numel() == 0:
+            rows[name] = slice(0, 0)
+            continue
         contiguous = bool((idx[1:] - idx[:-1] == 1).all()) if idx.numel() > 1 else True
         rows[name] = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
     partition = bool((owner >= 0).all()) and len(indices) > 1

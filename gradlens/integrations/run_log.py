@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..advantages import advantage_metrics
 from ..pairs import CHOSEN, REJECTED
 from ..runs import check_continuable_by, lock_run_dir, release_run_dir, schema
 from ..runs.preference_log import PreferenceRunLog
@@ -42,6 +43,33 @@ def preference_metrics(result: StepResult) -> dict[str, float]:
     chosen_logps = torch.cat([n["chosen_logps"].reshape(-1) for n in noted])
     rejected_logps = torch.cat([n["rejected_logps"].reshape(-1) for n in noted])
     return pair_columns([n["pairs"] for n in noted], chosen_logps, rejected_logps)
+
+
+def advantage_step_metrics(result: StepResult) -> dict[str, float]:
+    """Counts and mean advantage per sign over the step's micro-batches (notes ``advantages``, ``prompt_ids``)."""
+    notes = [m.notes for m in result.micro_batches if "advantages" in m.notes]
+    prompts = [n["prompt_ids"] for n in notes if "prompt_ids" in n]
+    return advantage_metrics([n["advantages"] for n in notes], prompts if len(prompts) == len(notes) else [])
+
+
+def score_metrics(result: StepResult) -> dict[str, float]:
+    """A reward model's scores of the chosen and rejected sides (notes ``scores_chosen``, ``scores_rejected``)."""
+    notes = [m.notes for m in result.micro_batches if "scores_chosen" in m.notes]
+    if not notes:
+        return {}
+    chosen = torch.cat([n["scores_chosen"].double().reshape(-1) for n in notes])
+    rejected = torch.cat([n["scores_rejected"].double().reshape(-1) for n in notes])
+    return {
+        schema.REWARDS_CHOSEN: chosen.mean().item(),
+        schema.REWARDS_REJECTED: rejected.mean().item(),
+        schema.REWARDS_MARGINS: (chosen - rejected).mean().item(),
+        schema.REWARDS_ACCURACIES: (chosen > rejected).double().mean().item(),
+    }
+
+
+def step_metrics(result: StepResult) -> dict[str, float]:
+    """The step row's metrics from what its micro-batches noted: preference pairs, advantages, scores."""
+    return {**preference_metrics(result), **advantage_step_metrics(result), **score_metrics(result)}
 
 
 def trainer_logs(row: Mapping[str, Any], *, recorded: bool = True) -> dict[str, float]:
@@ -92,10 +120,14 @@ class RunLog:
 
     def write_step(self, result: StepResult, *, lr: float, metrics: Mapping[str, float] = ()) -> dict[str, Any]:
         cap = result.capture
+        # Rows of each group in the step (this process's), then the trainer's metrics (gathered where it gathers).
+        counts = {schema.group_count_column(g): float(n) for g, n in result.group_rows.items()}
+        empty = [g for g, n in result.group_rows.items() if n == 0]  # exactly zero gradient, whatever the rounding
         row = step_row(
-            result.step, loss=step_loss(result), lr=lr, pairs=dict(metrics), capture=cap, pair=self.pair, extra_groups=self.extra_groups
+            result.step, loss=step_loss(result), lr=lr, pairs={**counts, **metrics}, capture=cap, pair=self.pair,
+            extra_groups=self.extra_groups, empty=empty,
         )  # fmt: skip
-        layers = layer_rows(cap, self.pair) if cap is not None and result.step % self.layers_every == 0 else None
+        layers = layer_rows(cap, self.pair, empty=empty) if cap is not None and result.step % self.layers_every == 0 else None
         return self.out.log_step(row, layers=layers, unattributed=cap.unattributed if cap is not None else ())
 
     def finish(self, *, status: str = schema.STATUS_COMPLETE, steps: int | None = None, message: str = "") -> None:

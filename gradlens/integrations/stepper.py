@@ -36,6 +36,9 @@ class StepResult:
     step: int
     capture: Optional[Capture]
     micro_batches: list[MicroBatch]
+    # rows each group had over the step's micro-batches; a group with none has an exactly zero
+    # gradient (the recorder may still report float rounding for a group taken as the remainder)
+    group_rows: dict[str, int] = field(default_factory=dict)
 
 
 class StepCapture:
@@ -54,6 +57,7 @@ class StepCapture:
         self._step: Optional[int] = None
         self._micro: list[MicroBatch] = []
         self._notes: dict = {}
+        self._group_rows: dict[str, int] = {}
         self._done: Optional[StepResult] = None
 
     def will_record(self, step: int) -> bool:
@@ -72,12 +76,14 @@ class StepCapture:
                 "micro-batch of that step (is `accelerator.sync_gradients` set on the last micro-batch?)"
             )
         if self._step is None:
-            self._step, self._micro, self._done = step, [], None
+            self._step, self._micro, self._done, self._group_rows = step, [], None, {}
             if self.will_record(step):
                 self._stack = contextlib.ExitStack()
                 self._capture = self._stack.enter_context(self.recorder.capture(groups=groups, num_rows=num_rows, **self.capture_options))
         elif self._capture is not None:
             self._capture.set_groups(groups, num_rows=num_rows)
+        for name, rows in groups.items():
+            self._group_rows[str(name)] = self._group_rows.get(str(name), 0) + _count(rows)
         self._notes = {}
         self.micro_batches_seen += 1
 
@@ -94,7 +100,7 @@ class StepCapture:
             return None
         if self._stack is not None:
             self._stack.close()  # finishes the capture: reads p.grad before anyone clips it
-        self._done = StepResult(self._step, self._capture, self._micro)
+        self._done = StepResult(self._step, self._capture, self._micro, self._group_rows)
         self._stack, self._capture, self._step, self._micro = None, None, None, []
         return self._done
 
@@ -112,3 +118,10 @@ class StepCapture:
     def close(self) -> None:
         self.abort()
         self.recorder.close()
+
+
+def _count(rows: Any) -> int:
+    """Rows in one group spec (a slice or indices), without validating it (the capture does)."""
+    if isinstance(rows, slice):
+        return max(0, (rows.stop or 0) - (rows.start or 0))
+    return len(rows)

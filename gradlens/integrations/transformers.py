@@ -32,7 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..pairs import CHOSEN, REJECTED, pair_groups
-from .run_log import GROUPS_COLUMNS, RunLog, preference_metrics, trainer_logs
+from .run_log import GROUPS_COLUMNS, RunLog, step_metrics, trainer_logs
 from .stepper import StepCapture
 
 ROW_GROUPS_KEY = "row_groups"
@@ -122,7 +122,7 @@ class GradlensCallback(TrainerCallback):
                 )
             return
         if self.log is not None:
-            row = self.log.write_step(result, lr=self._lr, metrics=preference_metrics(result))
+            row = self.log.write_step(result, lr=self._lr, metrics=step_metrics(result))
             recorded = trainer_logs(row, recorded=result.capture is not None)
             # An unrecorded step keeps the last recorded split (Trainer logs the latest measured values).
             self._trainer_logs = {**self._trainer_logs, **recorded}

@@ -253,4 +253,25 @@ class GradlensDPOTrainer(GradlensDPOMixin, DPOTrainer):
     """``trl.DPOTrainer`` with gradlens recording (``gradlens_dir=``) and ``loss="dpo" | "balanced" | "adadpo"``."""
 
 
-__all__ = ["GradlensDPOMixin", "GradlensDPOTrainer", "GradlensCallback", "SUPPORTED_TRL", "check_trl_version"]
+# The other TRL trainers live in their own modules; imported when first named, so that each of
+# those modules can import this one (the TRL version check) first.
+_ELSEWHERE = {
+    "GradlensAdvantageMixin": "trl_grpo",
+    "GradlensGRPOTrainer": "trl_grpo",
+    "GradlensRLOOTrainer": "trl_grpo",
+    "GradlensKTOMixin": "trl_kto",
+    "GradlensKTOTrainer": "trl_kto",
+    "GradlensRewardMixin": "trl_reward",
+    "GradlensRewardTrainer": "trl_reward",
+}
+
+
+def __getattr__(name: str):
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_ELSEWHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["GradlensDPOMixin", "GradlensDPOTrainer", "GradlensCallback", "SUPPORTED_TRL", "check_trl_version", *_ELSEWHERE]

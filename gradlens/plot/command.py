@@ -247,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
 def _group(readable: list[Run], plotter, args: argparse.Namespace):
     """(groups, group_by, Grouping): the plotter's default key split on differing
     settings, or the --group-by key pooled as asked; differences are always printed."""
-    from ..analysis.groups import Grouping, describe_differences, group_runs, one_run_per_seed, split_by_settings
+    from ..analysis.groups import Grouping, describe_differences, group_runs, keep_pairs_apart, one_run_per_seed, split_by_settings
 
     group_by = args.group_by or plotter.default_group_by
     groups = group_runs(readable, group_by)
@@ -261,6 +261,10 @@ def _group(readable: list[Run], plotter, args: argparse.Namespace):
         for line in describe_differences(grouping.differing):
             _warn(f"runs of group {line.split(':', 1)[0]!r} differ in settings other than the seed, so they are "
                   f"plotted as separate groups (pass --group-by {group_by} to pool them):{line.split(':', 1)[1]}")
+    grouping.groups, apart = keep_pairs_apart(grouping.groups)
+    for label in apart:
+        _warn(f"runs of group {label!r} split different pairs of groups (e.g. chosen/rejected and positive/negative); "
+              "they are never pooled, and are plotted as separate groups")
     grouping.groups, repeated = one_run_per_seed(grouping.groups)
     for label, pairs in repeated.items():
         for kept, left_out in pairs:

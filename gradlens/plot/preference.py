@@ -1,10 +1,14 @@
-"""Figures and the summary table for preference runs (DPO, Balanced-DPO, AdaDPO).
+"""Figures and the summary table for preference runs (DPO, Balanced-DPO, AdaDPO) and for the
+other runs split into two named groups (GRPO's positive/negative advantage, KTO's
+desirable/undesirable).
 
 Registers the plotter for run kind "preference". Every figure shows one line
 per group (the median over its seeds) in that group's colour (the same in every
 figure), with the interquartile band and the seeds as faint lines when the group
-has two or more seeds; chosen is solid and rejected dashed; each caption says
-what is drawn. A figure whose columns no run has is skipped with a note.
+has two or more seeds; the first of a run's two split groups (chosen) is solid and the
+second (rejected) dashed, and the labels name the runs' own groups
+(``analysis.groups.split_pair``); each caption says what is drawn. A figure whose
+columns no run has is skipped with a note.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.convergence import KL_TO_OPTIMUM, KL_TO_REF, OOD_MASS, TRUE_REWARD
+from ..analysis.groups import split_pair
 from ..analysis.imbalance import ratio_series
 from ..analysis.layers import LayerArrays, binned_log_ratio
 from ..analysis.seeds import row_quantiles, seed_matrix
@@ -81,6 +86,27 @@ def _require(groups: RunGroups, *columns: str, table: str = "steps") -> None:
         raise SkipFigure(f"no run has column(s) {', '.join(missing)} in {file}")
 
 
+def _pair(runs: list[Run]) -> tuple[str, str]:
+    """The split groups of one plotted group's runs (never mixed: ``keep_pairs_apart``)."""
+    return split_pair(runs[0]) if runs else schema.DEFAULT_GROUPS
+
+
+def _names(groups: RunGroups) -> tuple[str, str, bool]:
+    """(first, second, shared): the split groups' names when every plotted group has the same pair,
+    else the generic "first" and "second" (the legend then names each group's pair)."""
+    pairs = list(dict.fromkeys(_pair(runs) for runs in groups.values()))
+    return (*pairs[0], True) if len(pairs) == 1 else ("first", "second", False)
+
+
+def _pair_label(label: str, runs: list[Run], shared: bool) -> str:
+    """A legend label; when the figure mixes pairs, it says which ratio this group's line is."""
+    text = legend_label(label, len(runs))
+    if shared:
+        return text
+    first, second = _pair(runs)
+    return f"{text}: {second} / {first}"
+
+
 def _colors(groups: RunGroups) -> dict[str, str]:
     return group_colors(list(groups))
 
@@ -94,15 +120,18 @@ def _caption(groups: RunGroups, options: PlotOptions, table: str = "steps") -> s
 # -------------------------------------------------------------------- figures
 
 
-def _one_column_per_group(groups: RunGroups, options: PlotOptions, column: str, *, log: bool = False):
+def _one_column_per_group(
+    groups: RunGroups, options: PlotOptions, column: str, *, log: bool = False, label: Callable[[str, list[Run]], str] | None = None
+):
     """A single axis with one median line + band per group for the steps column ``column``."""
     _require(groups, column)
     fig, ax = single_axis()
     colors = _colors(groups)
     drawn = False
-    for label, runs in groups.items():
+    name = label or (lambda group, runs: legend_label(group, len(runs)))
+    for group, runs in groups.items():
         drawn |= draw_seeds(
-            ax, _frames(runs), column, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=log
+            ax, _frames(runs), column, color=colors[group], label=name(group, runs), smooth=options.smooth, positive=log
         )
     _skip_if_empty(fig, drawn, column)
     if log:
@@ -111,38 +140,52 @@ def _one_column_per_group(groups: RunGroups, options: PlotOptions, column: str, 
     return fig, ax
 
 
-def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, chosen: str, rejected: str, *, log: bool, what: str):
-    """One panel per group with the chosen and the rejected series of that group."""
-    _require(groups, chosen, rejected)
+def _chosen_rejected_panels(groups: RunGroups, options: PlotOptions, columns: Callable[[list[Run]], tuple[str, str]], *, log: bool, what: str):
+    """One panel per group with its two series: ``columns(runs)`` = (first group's, second group's) column."""
+    _require_any(groups, columns)
     fig, axes = panel_grid(len(groups))
     colors = _colors(groups)
     drawn = False
     for ax, (label, runs) in zip(axes, groups.items()):
         frames, name = _frames(runs), legend_label(label, len(runs))
-        # The group's colour; chosen solid, rejected dashed (the same convention in every figure).
-        for column, part in ((chosen, "chosen"), (rejected, "rejected")):
+        # The group's colour; the first group solid, the second dashed (the same convention in every figure).
+        for column, part, side in zip(columns(runs), _pair(runs), ("chosen", "rejected")):
             drawn |= draw_seeds(
                 ax, frames, column, color=colors[label], label=f"{part} {what}", smooth=options.smooth, positive=log,
-                linestyle=SIDE_LINESTYLES[part],
+                linestyle=SIDE_LINESTYLES[side],
             )  # fmt: skip
         if log:
             ratio_axis(ax)  # plain tick labels (0.5, 1, 2), never 6×10⁻¹
         ax.set_title(name)
         step_axis(ax)
         add_legend(ax)
-    _skip_if_empty(fig, drawn, f"{chosen} / {rejected}")
+    _skip_if_empty(fig, drawn, " / ".join(columns(next(iter(groups.values())))) if groups else "columns")
     return fig, axes
 
 
+def _require_any(groups: RunGroups, columns: Callable[[list[Run]], tuple[str, str]]) -> None:
+    """Skip the figure unless some group's runs have both of that group's columns."""
+    if not any(all(_has_column({label: runs}, c) for c in columns(runs)) for label, runs in groups.items()):
+        wanted = sorted({c for runs in groups.values() for c in columns(runs)})
+        raise SkipFigure(f"no run has column(s) {', '.join(wanted)} in {schema.STEPS}")
+
+
+def _norm_columns(runs: list[Run]) -> tuple[str, str]:
+    first, second = _pair(runs)
+    return schema.group_norm_column(first), schema.group_norm_column(second)
+
+
 def fig_norms(groups: RunGroups, options: PlotOptions):
-    fig, axes = _chosen_rejected_panels(groups, options, schema.GRAD_NORM_CHOSEN, schema.GRAD_NORM_REJECTED, log=True, what="‖g‖")
+    fig, axes = _chosen_rejected_panels(groups, options, _norm_columns, log=True, what="‖g‖")
     axes[0].set_ylabel("gradient norm (log scale)")
-    finish(fig, "Gradient norms of the chosen (solid) and rejected (dashed) terms", _caption(groups, options))
+    first, second, shared = _names(groups)
+    whose = "" if shared else " of each run's split"
+    finish(fig, f"Gradient norms of the {first} (solid) and {second} (dashed) rows{whose}", _caption(groups, options))
     return fig
 
 
 def _ratio_frame(steps: pd.DataFrame) -> pd.DataFrame:
-    """``step`` and rho: logged, or derived from the two norms for runs that lack the column."""
+    """``step`` and rho: logged, or derived from the two norms for (chosen/rejected) runs that lack the column."""
     if schema.GRAD_RATIO in steps.columns or steps.empty:
         return steps
     if schema.GRAD_NORM_CHOSEN not in steps.columns or schema.GRAD_NORM_REJECTED not in steps.columns:
@@ -153,34 +196,37 @@ def _ratio_frame(steps: pd.DataFrame) -> pd.DataFrame:
 def fig_ratio(groups: RunGroups, options: PlotOptions):
     if not (_has_column(groups, schema.GRAD_RATIO) or _has_column(groups, schema.GRAD_NORM_CHOSEN)):
         raise SkipFigure(f"no run has column {schema.GRAD_RATIO} in {schema.STEPS}")
+    first, second, shared = _names(groups)
     fig, ax = single_axis()
     colors = _colors(groups)
     drawn = False
     for label, runs in groups.items():
         frames = [_ratio_frame(f) for f in _frames(runs)]
-        drawn |= draw_seeds(ax, frames, schema.GRAD_RATIO, color=colors[label], label=legend_label(label, len(runs)), smooth=options.smooth, positive=True)
+        drawn |= draw_seeds(ax, frames, schema.GRAD_RATIO, color=colors[label], label=_pair_label(label, runs, shared), smooth=options.smooth, positive=True)
     _skip_if_empty(fig, drawn, schema.GRAD_RATIO)
     ratio_axis(ax)
     step_axis(ax)
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="ρ = 1 (equal norms)")
-    ax.set_ylabel("ρ = ‖g_rejected‖ / ‖g_chosen‖ (log scale)")
+    ax.set_ylabel(f"ρ = ‖g_{second}‖ / ‖g_{first}‖ (log scale)")
     add_legend(ax)
-    finish(fig, "Gradient ratio ρ (above 1: the rejected term dominates)", _caption(groups, options))
+    title = f"Gradient ratio ρ (above 1: the {second} term dominates)" if shared else "Gradient ratio ρ of each run's two groups (legend: second / first)"
+    finish(fig, title, _caption(groups, options))
     return fig
 
 
 def fig_cosine(groups: RunGroups, options: PlotOptions):
-    fig, ax = _one_column_per_group(groups, options, schema.GRAD_COSINE)
+    first, second, shared = _names(groups)
+    fig, ax = _one_column_per_group(groups, options, schema.GRAD_COSINE, label=lambda label, runs: _pair_label(label, runs, shared))
     ax.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("cos(g_chosen, g_rejected)")
+    ax.set_ylabel(f"cos(g_{first}, g_{second})")
     add_legend(ax)
-    finish(fig, "Cosine between the chosen and rejected gradients", _caption(groups, options))
+    finish(fig, f"Cosine between the {first} and {second} gradients", _caption(groups, options))
     return fig
 
 
 def fig_logps(groups: RunGroups, options: PlotOptions):
-    fig, axes = _chosen_rejected_panels(groups, options, schema.LOGPS_CHOSEN, schema.LOGPS_REJECTED, log=False, what="log p")
+    fig, axes = _chosen_rejected_panels(groups, options, lambda runs: (schema.LOGPS_CHOSEN, schema.LOGPS_REJECTED), log=False, what="log p")
     axes[0].set_ylabel("sequence log-probability (nats)")
     finish(fig, "Log-probabilities of chosen (solid) and rejected (dashed) responses", _caption(groups, options))
     return fig
@@ -326,7 +372,8 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
     axes[0].set_yticks(range(0, len(names), every), [names[i] for i in range(0, len(names), every)], fontsize=7 if len(names) > 15 else 9)
     axes[0].set_ylabel("layer (module path)")
     bar = fig.colorbar(image, ax=axes, shrink=0.9)
-    bar.set_label("ln ρ  (natural log; > 0: rejected dominates)")
+    low, high, _ = _names(groups)
+    bar.set_label(f"ln ρ = ln(‖g_{high}‖ / ‖g_{low}‖)  (> 0: {high} dominates)")
     several = any(len(group) > 1 for group in arrays.values())
     what = "median over seeds of each bin's mean ln ρ" if several else "each bin's mean ln ρ (one run per group)"
     finish(fig, "Per-layer gradient ratio ln ρ", f"{what} · grey: no finite value · colour scale clipped at the 99th percentile of |ln ρ|")
@@ -335,7 +382,7 @@ def fig_layer_heatmap(groups: RunGroups, options: PlotOptions):
 
 # The summary columns printed to the terminal; the CSV and Markdown files have all.
 TERMINAL_COLUMNS = [
-    "group", "n_seeds", "steps", "nonfinite_steps", "ratio_nonfinite",
+    "group", "ratio_of", "n_seeds", "steps", "nonfinite_steps", "ratio_nonfinite",
     "ratio_median", "ratio_iqr", "ratio_final", "mean_log_ratio", "dominated_frac", "onset_step", "onset_runs",
     "cosine_median", "log_pw_over_pl_final", "chosen_logp_fall_frac", "chosen_logp_change", "rejected_logp_change",
     "loss_final", "loss_final_seed_sd", "loss_spikes", "grad_norm_spikes",

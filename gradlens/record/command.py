@@ -26,6 +26,8 @@ from .config import (
 )
 from .envs.registry import env_names, envs_with, get_env, load_envs, per_env
 
+from .grpo_command import ENV as GRPO_ENV
+
 _CONFIG_FIELDS = set(RecordConfig.__dataclass_fields__)
 # TRL's DPOConfig learning rate: made for large models and long runs.
 TRL_DEFAULT_LR = 1e-6
@@ -39,6 +41,7 @@ examples:
   gradlens record --config job.toml --lr 1e-5      # flags override the file
   torchrun --nproc_per_node 4 -m gradlens record --env user --model ./my-model --data prefs.jsonl --fsdp
   gradlens record --config trl_recipe.yaml --data ./saved_dataset --chosen-column good --rejected-column bad
+  gradlens record --loss grpo --steps 200 --loss-option num_generations=8   # GRPO on the toy task (seconds)
 """
 
 
@@ -48,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # unset flags stay unset, so a --config file can supply them
     own, lora_envs, fsdp_envs = (" or ".join(envs_with(flag)) for flag in ("model_and_data", "lora", "fsdp"))
     what = parser.add_argument_group("what to train")
-    what.add_argument("--env", choices=env_names(), default=s, help=f"{_env_help()} (default {DEFAULT_ENV})")
+    what.add_argument("--env", choices=(*env_names(), GRPO_ENV), default=s,
+                      help=f"{_env_help()}; {GRPO_ENV}: the GRPO toy task, with --loss grpo (default {DEFAULT_ENV})")
     what.add_argument("--model", metavar="DIR", default=s, help=f"--env {own}: local Hugging Face model directory (never downloaded)")
     what.add_argument(
         "--data", metavar="PATH", default=s,
@@ -59,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt-column", metavar="NAME", default=s, help=f"--env {own}: the data's prompt column (default prompt; absent: implicit prompt)")
     what.add_argument("--chosen-column", metavar="NAME", default=s, help=f"--env {own}: the data's chosen column (default chosen)")
     what.add_argument("--rejected-column", metavar="NAME", default=s, help=f"--env {own}: the data's rejected column (default rejected)")
-    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced)")
+    what.add_argument("--loss", metavar="LOSS[,LOSS]", default=s, help=f"one of {', '.join(loss_names())} (the reweighting registry); a comma list records one run per loss (default dpo,balanced); or grpo: GRPO on --env {GRPO_ENV}, its options from --loss-option num_generations=, epsilon=, kl=, iterations=")
     what.add_argument("--beta", type=float, default=s, help="DPO beta (default 0.1)")
     what.add_argument("--balance-space", choices=BALANCE_SPACES, default=s, help="Balanced-DPO weights from sequence log-probs or per-token means (default sequence)")
     what.add_argument("--adadpo-cap", type=float, default=s, help="AdaDPO cap C on p_w/p_l (default 2)")
@@ -253,7 +257,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from . import grpo_command
     from .distributed import setup, teardown
+
+    if grpo_command.wants_grpo(args):  # sampled completions, not preference pairs: its own loop
+        return grpo_command.main(args)
+    if getattr(args, "env", None) == GRPO_ENV:
+        raise ValueError(f"--env {GRPO_ENV} is the GRPO toy task: use it with --loss grpo")
 
     t0 = time.perf_counter()
     dist = setup(getattr(args, "device", None) or "auto")

@@ -22,7 +22,7 @@ import numpy as np
 from . import schema
 from .run_dir import RunWriter
 from .tables import CsvTable, check_header, read_table
-from .tensorboard import EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger
+from .tensorboard import ADVANTAGE_LAYOUT, EVAL_LAYOUT, PREFERENCE_LAYOUT, REWEIGHTING_LAYOUT, TensorBoardLogger, split_layout
 
 
 class PreferenceRunLog:
@@ -60,12 +60,15 @@ class PreferenceRunLog:
                 self.rows.keep_steps_upto(resume_at - 1)
             (self.path / schema.SUMMARY).unlink(missing_ok=True)
             self._count_kept_rows()
-        # The evaluation charts appear for the metrics the first evaluation row holds.
-        self.tb = (
-            TensorBoardLogger(self.path, PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT, purge_step=resume_at, optional_layout=EVAL_LAYOUT if evals else ())
-            if tensorboard
-            else None
-        )
+        # The evaluation charts appear for the metrics the first evaluation row holds; runs of other
+        # groups than chosen/rejected get charts titled with their groups, shown for the tags they log.
+        groups = tuple(config.get(schema.CONFIG_GROUPS) or schema.DEFAULT_GROUPS)
+        if groups == schema.DEFAULT_GROUPS:
+            layout = PREFERENCE_LAYOUT + REWEIGHTING_LAYOUT
+        else:
+            layout = split_layout(*groups) + (ADVANTAGE_LAYOUT if groups == schema.ADVANTAGE_GROUPS else [])
+        optional = EVAL_LAYOUT if evals else []
+        self.tb = TensorBoardLogger(self.path, layout, purge_step=resume_at, optional_layout=optional) if tensorboard else None
         self.unattributed: set[str] = set()
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}

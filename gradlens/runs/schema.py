@@ -77,6 +77,61 @@ def group_norm_column(group: str) -> str:
 # The split's own columns: what a trainer's log stream gains on logging steps.
 GRADIENT_COLUMNS = (GRAD_NORM, GRAD_NORM_CHOSEN, GRAD_NORM_REJECTED, GRAD_DOT, GRAD_COSINE, GRAD_RATIO)
 
+
+def split_columns(pair: tuple[str, str]) -> tuple[str, ...]:
+    """The split's columns for a run whose two groups are ``pair`` = (first, second): ``grad_norm``,
+    ``grad_norm/<first>``, ``grad_norm/<second>``, ``grad/dot``, ``grad/cosine`` and ``grad/ratio``
+    (= ||g_second|| / ||g_first||). ``GRADIENT_COLUMNS`` for (chosen, rejected)."""
+    first, second = pair
+    return (GRAD_NORM, group_norm_column(first), group_norm_column(second), GRAD_DOT, GRAD_COSINE, GRAD_RATIO)
+
+
+# config.json: the run's two groups, [first, second] (["chosen", "rejected"] when absent). layers.csv's
+# CHOSEN_SQ / REJECTED_SQ columns and grad/ratio = ||g_second|| / ||g_first|| refer to these groups.
+CONFIG_GROUPS = "groups"
+DEFAULT_GROUPS = ("chosen", "rejected")
+
+def group_count_column(group: str) -> str:
+    """``counts/<group>``: rows of one group over the step's micro-batches (all processes where gathered)."""
+    return f"counts/{group}"
+
+
+# KTO: unpaired desirable and undesirable completions.
+DESIRABLE = "desirable"
+UNDESIRABLE = "undesirable"
+KTO_GROUPS = (DESIRABLE, UNDESIRABLE)
+KTO_STEP_COLUMNS = (STEP, LOSS, LR, *split_columns(KTO_GROUPS), *(group_count_column(g) for g in KTO_GROUPS), NONFINITE)
+
+# Reward models: the chosen and the rejected side of each pair ([chosen; rejected] rows, like DPO);
+# rewards/* are the model's scores here, not DPO's implicit rewards.
+REWARD_MODEL_STEP_COLUMNS = (
+    STEP, LOSS, LR, *GRADIENT_COLUMNS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES, NONFINITE,
+)  # fmt: skip
+
+# Runs whose rows are sampled completions scored by an advantage (GRPO, RLOO, `record --loss grpo`):
+# positive-advantage rows vs negative-advantage rows; zero-advantage rows are a third group.
+POSITIVE = "positive"
+NEGATIVE = "negative"
+ZERO = "zero"
+ADVANTAGE_GROUPS = (POSITIVE, NEGATIVE)
+COUNT_POSITIVE = group_count_column(POSITIVE)  # completions with advantage > 0 in the step
+COUNT_NEGATIVE = group_count_column(NEGATIVE)  # advantage < 0
+COUNT_ZERO = group_count_column(ZERO)          # advantage == 0 (only KL / entropy terms reach them)
+ADVANTAGE_POSITIVE_MEAN = "advantages/positive_mean"
+ADVANTAGE_NEGATIVE_MEAN = "advantages/negative_mean"
+PROMPT_GROUPS = "prompt_groups"                # prompts whose completions are in the step
+PROMPT_GROUPS_MIXED = "prompt_groups/mixed"    # ... with both positive and negative completions
+PROMPT_GROUPS_NO_SIGNAL = "prompt_groups/no_signal"  # ... whose completions all have advantage 0
+POSITIVE_PER_PROMPT = "counts/positive_per_prompt"   # mean over the step's prompt groups
+NEGATIVE_PER_PROMPT = "counts/negative_per_prompt"
+REWARD_MEAN = "reward"                         # mean verifier / reward-function score of the step's completions
+ADVANTAGE_METRIC_COLUMNS = (
+    COUNT_POSITIVE, COUNT_NEGATIVE, COUNT_ZERO, ADVANTAGE_POSITIVE_MEAN, ADVANTAGE_NEGATIVE_MEAN,
+    PROMPT_GROUPS, PROMPT_GROUPS_MIXED, PROMPT_GROUPS_NO_SIGNAL, POSITIVE_PER_PROMPT, NEGATIVE_PER_PROMPT,
+)  # fmt: skip
+# steps.csv column order of advantage runs (then grad_norm/zero, added as an extra group).
+ADVANTAGE_STEP_COLUMNS = (STEP, LOSS, REWARD_MEAN, LR, *split_columns(ADVANTAGE_GROUPS), *ADVANTAGE_METRIC_COLUMNS, NONFINITE)
+
 # steps.csv columns of a plain transformers.Trainer run (no preference pairs known).
 GROUPS_STEP_COLUMNS = (STEP, LOSS, LR, *GRADIENT_COLUMNS, NONFINITE)
 

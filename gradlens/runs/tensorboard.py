@@ -83,6 +83,45 @@ EVAL_LAYOUT: Layout = [
     )
 ]
 
+def split_layout(first: str, second: str) -> Layout:
+    """The split's charts for a run whose two groups are not chosen/rejected (desirable/undesirable,
+    positive/negative advantage): ``PREFERENCE_LAYOUT``'s gradient charts titled with the run's own
+    group names, and the rows of each group per step."""
+    g1, g2 = schema.group_norm_column(first), schema.group_norm_column(second)
+    return [
+        (
+            f"gradlens: {first} vs {second}",
+            [
+                (f"|g_{first}| ({first} gradient norm)", [f"^{g1}$"]),
+                (f"|g_{second}| ({second} gradient norm)", [f"^{g2}$"]),
+                (f"rho = |g_{second}| / |g_{first}| (> 1: {second} dominates)", [f"^{schema.GRAD_RATIO}$"]),
+                (f"cosine(g_{first}, g_{second})", [f"^{schema.GRAD_COSINE}$"]),
+                (f"dot(g_{first}, g_{second})", [f"^{schema.GRAD_DOT}$"]),
+                ("|g| (whole gradient)", ["^grad_norm$"]),
+                ("loss", ["^loss$"]),
+                (f"{first} rows per step", [f"^{schema.group_count_column(first)}$"]),
+                (f"{second} rows per step", [f"^{schema.group_count_column(second)}$"]),
+            ],
+        )
+    ]
+
+
+# Runs split by the sign of an advantage (GRPO, RLOO): what else their steps.csv holds.
+ADVANTAGE_LAYOUT: Layout = [
+    (
+        "gradlens: advantages",
+        [
+            ("zero-advantage rows per step", [f"^{schema.COUNT_ZERO}$"]),
+            ("|g_zero| (KL or entropy terms only)", [f"^{schema.group_norm_column(schema.ZERO)}$"]),
+            ("mean advantage of the positive rows", [f"^{schema.ADVANTAGE_POSITIVE_MEAN}$"]),
+            ("mean advantage of the negative rows", [f"^{schema.ADVANTAGE_NEGATIVE_MEAN}$"]),
+            ("prompt groups with both signs", [f"^{schema.PROMPT_GROUPS_MIXED}$"]),
+            ("prompt groups with no learning signal (all advantages 0)", [f"^{schema.PROMPT_GROUPS_NO_SIGNAL}$"]),
+        ],
+    )
+]
+
+
 def filter_layout(layout: Layout, tags: set[str]) -> Layout:
     """``layout`` with only the charts that match at least one of ``tags``; empty categories dropped."""
     kept = []

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Probes, ProbeResult, Rule, RowSelector, Use, dot_with_scale
+from .base import Probes, ProbeResult, Rule, RowSelector, Use
 from .registry import register_rule
 
 Terms = Callable[[Use], dict[str, torch.Tensor]]  # use -> {param: (N, tokens, width) terms}
@@ -26,7 +26,14 @@ def row_sum_rule(name: str, terms: Terms) -> Rule:
         return {p: rows(t).sum((0, 1)).reshape(getattr(use.module, p).shape) for p, t in terms(use).items()}
 
     def probe(use: Use, probes: Probes) -> ProbeResult:
-        return {p: dot_with_scale(t.sum((0, 1)), probes[p][0]) for p, t in terms(use).items()}
+        # The scale sums magnitudes before the row sum: rows whose gradients cancel exactly (a reward
+        # model's chosen and rejected scores: Σ dL/dr = 0 reaches the final LayerNorm's bias) must
+        # not shrink the rounding tolerance to the size of the cancelled sum.
+        out = {}
+        for p, t in terms(use).items():
+            v = probes[p][0]
+            out[p] = (t.sum((0, 1)) @ v, t.abs().sum((0, 1)) @ v.abs())
+        return out
 
     def per_row_sq(use: Use) -> dict[str, torch.Tensor]:
         return {p: t.sum(1).pow(2).sum(1) for p, t in terms(use).items()}
