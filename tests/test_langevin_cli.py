@@ -132,3 +132,23 @@ def test_vw_curve_written_only_where_it_is_a_bound(tmp_path):
     steps = load_run(tmp_path / "valid").steps
     assert steps[C.BOUND_VW].notna().all() and (steps[C.BOUND_VW] >= steps[C.KL]).all()
     assert np.array_equal(steps[C.BOUND_THEOREM1].to_numpy(), steps[C.BOUND_VW].to_numpy())
+
+
+def test_config_file_in_yaml_toml_or_json(tmp_path):
+    """`langevin --config` reads YAML like `record --config`; the three formats give the same run."""
+    import json
+
+    settings = {"target": "gaussian", "dim": 3, "cond": 4, "step": 0.05, "steps": 30, "eps": [0.05], "particles": 50}
+    files = {
+        "yaml": "target: gaussian\ndim: 3\ncond: 4\nstep: 0.05\nsteps: 30\neps: [0.05]\nparticles: 50\n",
+        "toml": 'target = "gaussian"\ndim = 3\ncond = 4\nstep = 0.05\nsteps = 30\neps = [0.05]\nparticles = 50\n',
+        "json": json.dumps(settings),
+    }
+    configs = {}
+    for suffix, text in files.items():
+        path = tmp_path / f"job.{suffix}"
+        path.write_text(text, encoding="utf-8")
+        assert cli(["langevin", "--config", str(path), "--out", str(tmp_path / suffix), "--quiet", "--no-tensorboard"]) == 0
+        configs[suffix] = {k: v for k, v in load_run(tmp_path / suffix).config.items() if k not in ("out", "config")}
+    assert configs["yaml"] == configs["toml"] == configs["json"]
+    assert configs["yaml"]["steps"] == 30 and configs["yaml"]["dim"] == 3

@@ -52,7 +52,7 @@ def test_json_config_and_loss_list(tmp_path):
         ('env = \n', ".toml", "not valid TOML"),
         ("steps = 3", ".ini", "config files must end in .toml, .json, .yaml or .yml"),
         ("steps: [3\n", ".yaml", "line 2: not valid YAML"),
-        ("batch_size: 4\nper_device_train_batch_size: 2\n", ".yml", "set either batch_size"),
+        ("batch_size: 4\nper_device_train_batch_size: 2\n", ".yml", "line 1: 'batch_size' is not available for a TRL recipe"),
     ],
 )
 def test_bad_config_file(tmp_path, capsys, text, suffix, expected):

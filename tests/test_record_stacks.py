@@ -93,15 +93,13 @@ def test_dtype_bfloat16_end_to_end(model_dir, tmp_path):
 
 
 def test_trl_recipe_lora_keys(tmp_path):
-    """A TRL recipe's use_peft and lora_* keys: on with TRL's defaults, off when use_peft is false."""
-    from gradlens.record.config import load_config_file
+    """A TRL recipe's use_peft and lora_* keys go to TRL's own get_peft_config: on with TRL's defaults, off without use_peft."""
+    trl = pytest.importorskip("trl")
+    from gradlens.record.trl_recipe import parse_recipe
 
-    on = tmp_path / "on.yaml"
-    on.write_text("use_peft: true\nlora_r: 8\nlora_target_modules: [q_proj, v_proj]\n")
-    values = load_config_file(on)
-    assert (values["lora_r"], values["lora_alpha"], values["lora_dropout"], values["lora_target_modules"]) == (8, 32.0, 0.05, "q_proj,v_proj")
-    off = tmp_path / "off.yaml"
-    off.write_text("use_peft: false\nlora_r: 8\nlora_alpha: 16\n")
-    with pytest.warns(UserWarning, match="use_peft"):
-        values = load_config_file(off)
-    assert not any(k.startswith("lora_") for k in values)
+    where = {"model_name_or_path": "m", "dataset_name": "d.jsonl"}
+    on = parse_recipe(tmp_path / "on.yaml", {**where, "use_peft": True, "lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"]}, {})
+    peft = trl.get_peft_config(trl.ModelConfig(**on.model))
+    assert (peft.r, peft.lora_alpha, peft.lora_dropout, sorted(peft.target_modules)) == (8, 32, 0.05, ["q_proj", "v_proj"])
+    off = parse_recipe(tmp_path / "off.yaml", {**where, "use_peft": False, "lora_r": 8, "lora_alpha": 16}, {})
+    assert trl.get_peft_config(trl.ModelConfig(**off.model)) is None  # as in TRL: the lora_* keys do nothing

@@ -280,25 +280,28 @@ def test_column_flags_name_the_missing_column(model_dir, tmp_path, capsys):
     assert f"{data}: line 1 (header): missing column(s) ['good']" in capsys.readouterr().err
 
 
-def test_trl_recipe_yaml_loads_as_it_is(model_dir, tmp_path, reference_run):
-    """A TRL DPO recipe's YAML (TRL's names; TRL-only settings are named in a warning, not refused)."""
+def test_trl_recipe_yaml_loads_as_it_is(model_dir, tmp_path):
+    """A TRL DPO recipe's YAML (TRL's names) is trained by TRL's own DPOTrainer, recorded by gradlens."""
+    import warnings
+
     data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text(
         f"# TRL recipe\nmodel_name_or_path: {model_dir}\ndataset_name: {data}\nlearning_rate: 1.0e-3\n"
         "per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nmax_steps: 2\nbeta: 0.1\n"
-        "num_train_epochs: 1\nbf16: false\ngradient_checkpointing: true\nlogging_steps: 1\n"
-        f"output_dir: {tmp_path / 'run'}\nloss: dpo\n",
+        "num_train_epochs: 1\nbf16: false\ngradient_checkpointing: true\nlogging_steps: 1\nreport_to: none\n"
+        f"output_dir: {tmp_path / 'trl-out'}\nloss: dpo\n",
         encoding="utf-8",
     )
-    with pytest.warns(UserWarning, match="ignored: num_train_epochs, bf16, gradient_checkpointing, logging_steps"):
-        rc = main(["record", "--config", str(recipe), "--quiet", "--eval-every", "0", "--no-shuffle", "--device", "cpu"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # every key is honoured: nothing is warned about
+        rc = main(["record", "--config", str(recipe), "--quiet", "--device", "cpu"])
     assert rc == 0
-    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
-    assert (config["env"], config["lr"], config["batch_size"], config["grad_accum"]) == ("user", 1e-3, 4, 2)
-    steps = _steps(tmp_path / "run")
-    for column in COMPARED:  # two micro-batches of 2 pairs: the same step as one of 4 (to float rounding)
-        assert steps[column].tolist() == pytest.approx(reference_run[column].tolist(), rel=1e-5, abs=1e-7), column
+    config = json.loads((tmp_path / "trl-out" / "gradlens" / "config.json").read_text())["config"]
+    assert (config["env"], config["learning_rate"], config["gradient_accumulation_steps"]) == ("trl", 1e-3, 2)
+    assert config["recipe_keys"]["gradient_checkpointing"] is True
+    assert list(_steps(tmp_path / "trl-out" / "gradlens").step) == [0, 1]
+    assert (tmp_path / "trl-out" / "model.safetensors").is_file()  # TRL's output_dir keeps its meaning
 
 
 def test_bad_yaml_names_the_line(tmp_path, capsys):
@@ -335,8 +338,43 @@ def test_default_lr_is_explained_when_the_loss_hardly_moves(model_dir, tmp_path,
     assert _record(model_dir, data, tmp_path / "run", "--steps", "2", "--batch-size", "4", "--eval-every", "0") == 0
     out = " ".join(capsys.readouterr().out.split())  # the report wraps long lines
     assert "the loss hardly moved in 2 steps" in out and "--lr 1e-06 (TRL's default" in out
+    assert "try --lr 1e-05 or 0.0001" in out  # larger than the rate that stalled
+    run = tmp_path / "run-1e-4"
+    assert _record(model_dir, data, run, "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--lr", "1e-12") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lr 1e-12 may be too small for this model: try --lr 1e-11 or 1e-10" in out
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert "1e-6 = TRL's DPOConfig default" in " ".join(parser.format_help().split())
+
+
+def test_quiet_shows_no_loading_bar_and_bf16_gets_a_note(model_dir, tmp_path, capfd):
+    data = _write_jsonl(tmp_path / "prefs.jsonl", STANDARD)
+    assert _record(model_dir, data, tmp_path / "quiet", "--steps", "1", "--batch-size", "4", "--eval-every", "0") == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err  # transformers' bars are off under --quiet
+    out = ["record", "--env", "user", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "bf16"),
+           "--loss", "dpo", "--steps", "1", "--batch-size", "4", "--eval-every", "0", "--dtype", "bfloat16"]  # fmt: skip
+    assert main(out) == 0
+    err = " ".join(capfd.readouterr().err.split())
+    assert "note: bfloat16 weights: every activation is rounded to about 3 significant digits" in err
+    assert "the chosen and rejected parts still add up to the gradient this run computed" in err
+
+
+def test_a_warning_is_one_clean_line(model_dir, tmp_path):
+    """As a user sees it (a real process: pytest would record the warning instead of printing it)."""
+    import os
+    import subprocess
+    import sys
+
+    rows = STANDARD[:3] + [{"prompt": "the cat", "chosen": " sat", "rejected": " sat"}] + STANDARD[3:]
+    data = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+    command = [sys.executable, "-m", "gradlens", "record", "--env", "user", "--model", str(model_dir), "--data", str(data),
+               "--out", str(tmp_path / "run"), "--loss", "dpo", "--quiet", "--steps", "1", "--batch-size", "4", "--eval-every", "0"]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONWARNINGS": "default"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [f"gradlens: warning: {data}: skipped 1 pair(s) whose chosen equals rejected (line 4)"]

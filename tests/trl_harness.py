@@ -58,7 +58,7 @@ def spy_training_batches(trainer) -> list[dict]:
 
     def spy(model, inputs, *args, **kwargs):
         if model.training and torch.is_grad_enabled():
-            seen.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)} | {"_checkpointing": trainer.model.is_gradient_checkpointing})
+            seen.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)} | {"_checkpointing": trainer.model.is_activation_checkpointing})
         return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = spy

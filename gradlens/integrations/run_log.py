@@ -110,7 +110,10 @@ class RunLog:
         self._lock, self.path = lock_run_dir(path, resume=resume, overwrite=overwrite and not resume)
         try:
             columns = list(columns) + [schema.group_norm_column(g) for g in extra_groups]
-            self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None, tensorboard=tensorboard)
+            # TensorBoard at the Trainer's global step (updates done: steps.csv's step + 1), so gradlens's
+            # curves line up with the Trainer's own report_to curves in the same TensorBoard.
+            self.out = PreferenceRunLog(self.path, config, columns=columns, resume_at=resume_at if resume else None,
+                                        tensorboard=tensorboard, tensorboard_step_offset=1)  # fmt: skip
         except BaseException:
             release_run_dir(self._lock)
             raise

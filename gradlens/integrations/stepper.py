@@ -44,10 +44,20 @@ class StepResult:
 class StepCapture:
     """Owns a ``GradientRecorder`` and opens one capture per recorded optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, *, record_every: int = 1, capture_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        record_every: int = 1,
+        capture_options: Mapping[str, Any] | None = None,
+        attach_per_step: bool = False,
+    ):
+        """``attach_per_step``: hooks only during recorded steps (a compiled model: unrecorded steps run
+        compiled, and hooks there would break its graph); otherwise attached once, for the whole run."""
         if record_every < 1:
             raise ValueError(f"record_every must be >= 1, got {record_every}")
-        self.recorder = GradientRecorder(model)
+        self.model, self.attach_per_step = model, attach_per_step
+        self.recorder: Optional[GradientRecorder] = None if attach_per_step else GradientRecorder(model)
         self.record_every = record_every
         # extra GradientRecorder.capture() arguments; a step may span several micro-batches
         self.capture_options = {"accumulate": True, **(capture_options or {})}
@@ -79,6 +89,9 @@ class StepCapture:
             self._step, self._micro, self._done, self._group_rows = step, [], None, {}
             if self.will_record(step):
                 self._stack = contextlib.ExitStack()
+                if self.attach_per_step:
+                    self.recorder = GradientRecorder(self.model)
+                    self._stack.callback(self._detach)  # closed after the capture: LIFO
                 self._capture = self._stack.enter_context(self.recorder.capture(groups=groups, num_rows=num_rows, **self.capture_options))
         elif self._capture is not None:
             self._capture.set_groups(groups, num_rows=num_rows)
@@ -115,9 +128,15 @@ class StepCapture:
         done, self._done = self._done, None
         return done
 
+    def _detach(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+
     def close(self) -> None:
         self.abort()
-        self.recorder.close()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 def _count(rows: Any) -> int:

@@ -97,7 +97,10 @@ class GradlensCallback(TrainerCallback):
         if model is None:
             raise ValueError("GradlensCallback: the trainer passed no model to on_train_begin")
         if self.stepper is None:  # hooks go on before the first forward
-            self.stepper = StepCapture(model, record_every=self.record_every, capture_options=self.capture_options)
+            # With torch_compile, recorded steps run the uncompiled module (GradlensTrainerMixin.training_step)
+            # and the hooks come off between them, so unrecorded steps keep the compiled graph.
+            self.stepper = StepCapture(uncompiled(model), record_every=self.record_every, capture_options=self.capture_options,
+                                       attach_per_step=bool(getattr(args, "torch_compile", False)))  # fmt: skip
         if state.is_world_process_zero and self.log is None:
             self.log = RunLog(
                 self.run_dir, self._run_config(args, state), columns=self.columns, pair=self.pair,
@@ -148,7 +151,8 @@ class GradlensCallback(TrainerCallback):
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "max_steps": state.max_steps,
             "world_size": args.world_size,
-            "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+            # transformers 5 calls it activation_checkpointing (the old name is a deprecated alias)
+            "gradient_checkpointing": bool(getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False))),
             "record_every": self.record_every,
             "output_dir": args.output_dir,
             **self.config,
@@ -195,6 +199,8 @@ class GradlensTrainerMixin:
         if stepper is None:
             return super().training_step(model, inputs, num_items_in_batch)
         stepper.begin_micro_batch(self.state.global_step, groups, num_rows=_batch_rows(inputs))
+        if stepper.recording:  # a recorded step runs the uncompiled module the recorder's hooks are on
+            model = uncompiled(model)
         self._gradlens_stepper = stepper
         try:
             self.gradlens_micro_batch_started(stepper)
@@ -220,6 +226,15 @@ class GradlensTrainerMixin:
         if ROW_GROUPS_KEY in inputs:
             inputs.pop(ROW_GROUPS_KEY)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``torch.compile(model)`` (``model`` itself when it is not compiled).
+
+    With ``torch_compile=True`` the Trainer trains a compiled wrapper of the same module; its
+    parameters are the module's, so running the module eagerly updates the same weights.
+    """
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _batch_rows(inputs: Mapping[str, Any]) -> Optional[int]:

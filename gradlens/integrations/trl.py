@@ -2,7 +2,7 @@
 step, and Balanced-DPO / AdaDPO as DPOTrainer losses.
 
 Install with ``pip install 'gradlens[trl]'``. Supported: TRL 1.16.x (tested with
-1.16.0, transformers 5.24); other versions fail at import with a clear message
+1.16.0, transformers 5.25); other versions fail at import with a clear message
 (set ``GRADLENS_ALLOW_UNSUPPORTED_TRL=1`` to try anyway, with a warning).
 
     from gradlens.integrations.trl import GradlensDPOTrainer
@@ -18,7 +18,12 @@ What it relies on in TRL 1.16 (why the version is pinned):
   ``log_probs[:, -seq_len:]`` over positions (``ld_alpha`` reweights the tail);
 - ``DPOConfig`` turns activation (gradient) checkpointing on by default; the
   recorder pairs every forward call with its own gradient, so recomputation is
-  exact (tested with it on).
+  exact (tested with it on);
+- ``torch_compile=True``: the Trainer trains a compiled wrapper; recorded steps
+  run the module inside it (``GradlensTrainerMixin.training_step``) and the hooks
+  are on only during recorded steps, so the others keep the compiled graph;
+- ``padding_free=True`` packs all rows into one sequence: refused, the split
+  needs the chosen and rejected rows along dim 0.
 
 The fused LM head is unfused on recorded steps (``trl_head.py``): exact split of
 ``lm_head.weight`` and of a tied embedding, for about 5 × ``head_chunk_elements``
@@ -115,6 +120,9 @@ class GradlensDPOMixin(GradlensTrainerMixin):
             raise ValueError(f"loss={loss!r} rewrites the gradient from the recorder's pieces; it runs in `gradlens record` only")
         if balance_space not in ("sequence", "token_mean"):
             raise ValueError(f"balance_space must be 'sequence' or 'token_mean', got {balance_space!r}")
+        config = kwargs.get("args")
+        if getattr(config, "padding_free", False):
+            raise ValueError("padding_free=True packs every row into one sequence; gradlens needs the chosen and rejected rows along dim 0")
         super().__init__(*args, gradlens_dir=gradlens_dir, **kwargs)
         self.gradlens_loss, self.balance_space, self.adadpo_cap = loss, balance_space, float(adadpo_cap)
         self.gradlens_unfused_head = unfused_head
@@ -127,8 +135,8 @@ class GradlensDPOMixin(GradlensTrainerMixin):
         self._gradlens_head = RecordingHead(
             policy, self._gradlens_unfuse_now, outputs=outputs, chunk_elements=head_chunk_elements, log=self._gradlens_forwards
         )
-        if self.ref_model is not None:
-            tap_forward(self.accelerator.unwrap_model(self.ref_model), self._gradlens_forwards)
+        if self.ref_model is not None:  # with torch_compile, the ref model is compiled here: tap the module inside
+            tap_forward(self.accelerator.unwrap_model(self.ref_model, keep_torch_compile=False), self._gradlens_forwards)
 
     def _check_loss_replaceable(self) -> None:
         problems = []

@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     out.add_argument(
         "--config", metavar="FILE",
-        help="TOML, JSON or YAML file of settings (the flags' names, or TRL's: learning_rate, model_name_or_path, ...); flags override it",
+        help="TOML, JSON or YAML file of settings (the flags' names); a TRL DPO recipe (TRL's names: learning_rate, "
+        "model_name_or_path, ...) is trained by TRL's own DPOTrainer; flags override the file",
     )  # fmt: skip
     out.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip the TensorBoard event files (the CSV tables are always written)")
@@ -131,6 +132,22 @@ def _requested(args: argparse.Namespace) -> tuple[dict, dict]:
     if "loss_options" in flags:
         flags["loss_options"] = parse_loss_options(flags["loss_options"])
     return file_values, flags
+
+
+def _trl_recipe(args: argparse.Namespace):
+    """The --config file as a TRL recipe (trl_recipe.Recipe), or None when it uses gradlens's names only."""
+    from ..settings_file import read_settings_file
+    from .trl_recipe import looks_like_recipe, parse_recipe
+
+    if not getattr(args, "config", None):
+        return None
+    data = read_settings_file(args.config)
+    if not looks_like_recipe(data, _CONFIG_FIELDS):
+        return None
+    if args.resume:
+        raise ValueError(f"{args.config}: --resume: a TRL recipe's run cannot be resumed by gradlens record; start a new run")
+    flags = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
+    return parse_recipe(Path(args.config), data, flags)
 
 
 def _plan(args: argparse.Namespace) -> list[P.PlannedRun]:
@@ -240,7 +257,7 @@ def _stalled_note(run: P.PlannedRun) -> str:
     default = " (TRL's default, made for large models and long runs)" if trl_default else ""
     return (
         f"note: {run.path}: the loss hardly moved in {len(steps)} steps ({losses.iloc[0]:.4g} -> {losses.iloc[-1]:.4g}); "
-        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr 1e-5 or 1e-4"
+        f"--lr {run.cfg.lr:g}{default} may be too small for this model: try --lr {10 * run.cfg.lr:g} or {100 * run.cfg.lr:g}"
     )
 
 
@@ -257,6 +274,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .progress import quiet_libraries
+
+    with quiet_libraries(getattr(args, "quiet", False)):  # --quiet: no loading bars from transformers either
+        return _main_body(args)
+
+
+def _main_body(args: argparse.Namespace) -> int:
     from . import grpo_command
     from .distributed import setup, teardown
 
@@ -266,6 +290,11 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--env {GRPO_ENV} is the GRPO toy task: use it with --loss grpo")
 
     t0 = time.perf_counter()
+    recipe = _trl_recipe(args)
+    if recipe is not None:  # TRL's names: TRL's own trainer runs it (trl_run.py)
+        from .trl_run import Output, run_recipe
+
+        return run_recipe(recipe, Output(quiet=args.quiet, tensorboard=getattr(args, "tensorboard", True), overwrite=args.overwrite))
     dist = setup(getattr(args, "device", None) or "auto")
     try:
         quiet = getattr(args, "quiet", False) or not dist.is_main
@@ -296,6 +325,7 @@ def _record_all(job: Job) -> int:
     for run in job.plans:
         if run.note:
             job.say(f"note: {run.note}")
+    _say_precision(job)
     results = []
     for run in job.plans:
         if run.action == P.DONE:
@@ -310,6 +340,14 @@ def _record_all(job: Job) -> int:
     if job.dist.is_main:
         _report(job.plans, results, time.perf_counter() - job.t0)
     return 1 if any(r is not None and r.status != "complete" for _, r in results) else 0
+
+
+def _say_precision(job: Job) -> None:
+    from .progress import precision_note
+
+    for note in dict.fromkeys(precision_note(run.cfg.dtype) for run in job.plans if run.action != P.DONE):
+        if note:
+            job.say(note)
 
 
 def _record_one(job: Job, run: P.PlannedRun, env):

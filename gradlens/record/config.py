@@ -2,16 +2,14 @@
 
 Precedence, lowest to highest: dataclass defaults, the environment's defaults
 (fields left ``None``), a ``--config`` file (TOML, JSON or YAML), command-line flags.
-A config file may also use the names of TRL's ``DPOConfig`` where one means the
-same setting (``TRL_ALIASES``), so a TRL recipe's YAML loads as it is; the TRL
-settings that have no meaning here (``TRL_IGNORED``) are listed in a warning.
+A file that uses TRL's names is a TRL recipe and is trained by TRL itself
+(``trl_recipe.py``, ``trl_run.py``).
 The resolved config -- every field concrete -- is what a run directory stores.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -86,40 +84,12 @@ class RecordConfig:
 
 # The fields left None above take the environment's defaults (``envs.registry.EnvDefaults``).
 DEFAULT_ENV = RecordConfig.env
-# `--model`/`--data` without `--env` (e.g. a TRL recipe) mean the environment that trains the user's model.
+# `--model`/`--data` without `--env` mean the environment that trains the user's model.
 OWN_MODEL_ENV = "user"
 
 _FIELD_TYPES = {f.name: f.type for f in fields(RecordConfig)}
 COLUMN_FIELDS = ("prompt_column", "chosen_column", "rejected_column")
 _DEFAULTS = {f.name: f.default for f in fields(RecordConfig)}
-
-# TRL DPOConfig / script-argument names in a config file -> the RecordConfig field they set.
-TRL_ALIASES = {
-    "model_name_or_path": "model",
-    "dataset_name": "data",  # a local file or saved dataset directory here (nothing is downloaded)
-    "learning_rate": "lr",
-    "max_steps": "steps",
-    "gradient_accumulation_steps": "grad_accum",
-    "eval_steps": "eval_every",
-    "save_steps": "checkpoint_every",
-    "output_dir": "out",
-    "optim": "optimizer",
-}
-# per_device_train_batch_size b (pairs per micro-batch) sets batch_size = b x grad_accum.
-TRL_BATCH = "per_device_train_batch_size"
-# TRL optimizer names gradlens has; others are an error that names these.
-TRL_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
-# TRL/Trainer settings with no counterpart in `gradlens record`: accepted in a recipe and named in a warning.
-TRL_IGNORED = frozenset({
-    "attn_implementation", "bf16", "fp16", "dataset_config", "dataset_train_split", "dataset_test_split",
-    "dataset_streaming", "do_eval", "eval_strategy", "gradient_checkpointing", "gradient_checkpointing_kwargs",
-    "hub_model_id", "logging_first_step", "logging_steps", "logging_strategy", "log_level", "lr_scheduler_type",
-    "num_train_epochs", "per_device_eval_batch_size", "push_to_hub", "report_to", "run_name", "save_strategy",
-    "save_total_limit", "torch_dtype", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "warmup_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "loss_type",
-    "max_prompt_length", "precompute_ref_log_probs", "trust_remote_code", "model_revision", "seed_data",
-})  # fmt: skip
-
 
 def _check_type(name: str, value: Any, where: str) -> Any:
     """Coerce/validate one value against the field's declared type."""
@@ -153,59 +123,10 @@ def _normalise_key(key: str) -> str:
     return key.replace("-", "_")
 
 
-# TRL's ModelConfig defaults for its LoRA settings, used when a recipe says use_peft: true.
-TRL_LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": "all-linear"}
-LORA_FIELDS = tuple(TRL_LORA_DEFAULTS)
-
-
-def _trl_peft(data: dict) -> dict:
-    """TRL's LoRA keys as gradlens's: ``use_peft: true`` turns LoRA on with TRL's defaults; ``use_peft: false``
-    turns it off (its lora_* keys are then ignored, as TRL ignores them); without ``use_peft`` the lora_* keys
-    are gradlens's own. A list of target modules becomes a comma-separated string."""
-    data = {_normalise_key(str(k)): v for k, v in data.items()}
-    use_peft = data.pop("use_peft", None)
-    if use_peft is False:
-        return {k: v for k, v in data.items() if k not in LORA_FIELDS} | {"use_peft": False}
-    if use_peft is True:
-        data = {**TRL_LORA_DEFAULTS, **{k: v for k, v in data.items() if v is not None or k not in LORA_FIELDS}}
-    modules = data.get("lora_target_modules")
-    if isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
-        data["lora_target_modules"] = ",".join(modules)
-    return data
-
-
-def _from_trl_names(data: dict, path: Path) -> dict:
-    """Rename TRL recipe keys to RecordConfig fields; warn once about the TRL keys that do not apply."""
-    out, ignored = {}, []
-    data = _trl_peft(data)
-    for key, value in data.items():
-        name = _normalise_key(str(key))
-        if name in TRL_IGNORED and name not in _FIELD_TYPES:
-            ignored.append(str(key))
-            continue
-        target = TRL_ALIASES.get(name, name)
-        if target in out:
-            raise ValueError(f"{path}: {key!r} sets {target!r}, which the file already sets under another name")
-        if name == "optim" and isinstance(value, str):
-            if value not in TRL_OPTIMIZERS:
-                raise ValueError(f"{path}: optim {value!r} is not available here; use one of {sorted(TRL_OPTIMIZERS)} or optimizer: adam")
-            value = TRL_OPTIMIZERS[value]
-        out[target] = value
-    if TRL_BATCH in out:
-        per_device = out.pop(TRL_BATCH)
-        if "batch_size" in out:
-            raise ValueError(f"{path}: set either batch_size (pairs per optimizer step) or {TRL_BATCH}, not both")
-        grad_accum = out.get("grad_accum", 1)
-        if isinstance(per_device, int) and isinstance(grad_accum, int) and not isinstance(per_device, bool):
-            per_device *= grad_accum
-        out["batch_size"] = per_device
-    if ignored:
-        warnings.warn(f"{path}: TRL settings with no counterpart in gradlens record were ignored: {', '.join(ignored)}", UserWarning, stacklevel=3)
-    return out
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, JSON or YAML config; keys are RecordConfig fields (``-`` or ``_``) or TRL's names.
+    """Read a TOML, JSON or YAML config; keys are RecordConfig fields (``-`` or ``_``).
+
+    A file with TRL's names is a TRL recipe, trained by TRL itself (``trl_recipe.py``), not read here.
 
     ``loss`` may be one name, a comma-separated string or a list: one run per loss.
     """
@@ -214,13 +135,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     data = read_settings_file(path)
     out: dict[str, Any] = {}
-    for name, value in _from_trl_names(data, path).items():
+    for key, value in data.items():
+        name = _normalise_key(str(key))
         if name == "loss":
             out["loss"] = parse_losses(value, where=str(path))
             continue
         if name not in _FIELD_TYPES:
             known = ", ".join(sorted(_FIELD_TYPES))
-            raise ValueError(f"{path}: unknown setting {name!r}; known settings: {known} (and TRL's names {', '.join(sorted(TRL_ALIASES))}, {TRL_BATCH})")
+            raise ValueError(f"{path}: unknown setting {name!r}; known settings: {known} (a TRL recipe uses TRL's own names: learning_rate, model_name_or_path, ...)")
         out[name] = _check_type(name, value, str(path))
     return out
 

@@ -340,6 +340,17 @@ def _reader(path: Path):
     return _READERS[suffix], suffix != ".jsonl"
 
 
+def hub_hint(path: Path, *, where: str) -> None:
+    """A Hub data set's name where a local path belongs: say how to save it once (gradlens never downloads)."""
+    if path.exists() or path.suffix or path.is_absolute() or len(path.parts) != 2:
+        return
+    raise ValueError(
+        f"{where} {str(path)!r} is not a local file or directory. It looks like a Hugging Face Hub data set; gradlens "
+        f"never downloads. Save it once with: python -c \"from datasets import load_dataset; "
+        f"load_dataset('{path.as_posix()}', split='train').save_to_disk('prefs')\" and give prefs instead"
+    )
+
+
 # config.json: the SHA-256 of each data file a run read ({"data": hex, "eval_data": hex}), so that
 # --resume can refuse a file edited in place (same path, other pairs).
 FINGERPRINT_KEY = "data_sha256"
@@ -383,6 +394,8 @@ def load_preferences(path: str | Path, columns: Columns = Columns()) -> Preferen
         mode = path.stat().st_mode
     except FileNotFoundError:
         broken = " (a link to a missing file)" if path.is_symlink() else ""
+        if not broken:
+            hub_hint(path, where="--data")
         raise ValueError(f"{path}: preference data file not found{broken}") from None
     except OSError as exc:  # ELOOP: a symbolic link loop; EACCES
         raise ValueError(f"{path}: cannot be opened: {exc.strerror or exc}") from None

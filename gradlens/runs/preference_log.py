@@ -31,7 +31,9 @@ class PreferenceRunLog:
     ``path`` must already be prepared (``prepare_run_dir``). ``resume_at=s``
     continues an existing directory: rows with step >= s are dropped first and
     TensorBoard hides the events it logs again. ``columns`` fixes steps.csv's
-    header; a row's missing columns are written as NaN.
+    header; a row's missing columns are written as NaN. ``tensorboard_step_offset=1``
+    puts step s at TensorBoard step s + 1: the Trainer's global step (updates done), for
+    runs whose TensorBoard curves sit beside a Trainer's own ``report_to`` curves.
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class PreferenceRunLog:
         tensorboard: bool = True,
         evals: bool = False,
         per_row: bool = False,
+        tensorboard_step_offset: int = 0,
     ):
         self.path = Path(path)
+        self.tb_offset = tensorboard_step_offset
         resume = resume_at is not None
         self.columns = tuple(columns)
         if resume:  # before the first write: tables of an older gradlens cannot be continued
@@ -68,7 +72,7 @@ class PreferenceRunLog:
         else:
             layout = split_layout(*groups) + (ADVANTAGE_LAYOUT if groups == schema.ADVANTAGE_GROUPS else [])
         optional = EVAL_LAYOUT if evals else []
-        self.tb = TensorBoardLogger(self.path, layout, purge_step=resume_at, optional_layout=optional) if tensorboard else None
+        self.tb = TensorBoardLogger(self.path, layout, purge_step=None if resume_at is None else resume_at + self.tb_offset, optional_layout=optional) if tensorboard else None
         self.unattributed: set[str] = set()
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
@@ -91,11 +95,11 @@ class PreferenceRunLog:
         row = {c: row.get(c, math.nan) for c in self.columns}
         self.writer.log_step(row)
         if self.tb is not None:
-            self.tb.scalars(step, row)
+            self.tb.scalars(step + self.tb_offset, row)
         if layers is not None:
             self.writer.log_layers(step, layers)
             if self.tb is not None:
-                self.tb.layer_ratios(step, layers)
+                self.tb.layer_ratios(step + self.tb_offset, layers)
         self.unattributed.update(unattributed)
         self.steps_logged += 1
         self.nonfinite_steps += int(row.get(schema.NONFINITE) or 0)
@@ -110,12 +114,12 @@ class PreferenceRunLog:
         if self.tb is not None:
             for side in sorted({r[schema.ROW_SIDE] for r in rows}):
                 norms = np.asarray([r[schema.ROW_GRAD_NORM] for r in rows if r[schema.ROW_SIDE] == side], dtype=np.float64)
-                self.tb.writer.add_histogram(f"per_row/grad_norm_{side}", norms, step)
+                self.tb.writer.add_histogram(f"per_row/grad_norm_{side}", norms, step + self.tb_offset)
 
     def log_eval(self, row: Mapping[str, Any]) -> None:
         self.writer.log_eval(row)
         if self.tb is not None:
-            self.tb.scalars(row[schema.STEP], row)
+            self.tb.scalars(row[schema.STEP] + self.tb_offset, row)
             self.tb.flush()
         self.last_eval = dict(row)
 
