@@ -317,20 +317,24 @@ def test_plot_failure_after_creating_out_removes_it(tmp_path, capsys, monkeypatc
 
 
 def test_warnings_print_no_python_source_lines(tmp_path):
-    """a warning is one line, `gradlens: warning: ...`, without the file and source line that raised it."""
+    """a warning is one line, `gradlens COMMAND: warning: ...`, without the file and source line that raised it
+    (a real process: pytest would record the warning instead of printing it)."""
     import os
     import subprocess
     import sys
 
-    config = tmp_path / "c.yaml"
-    config.write_text(f"env: tabular\nloss: dpo\nsteps: 2\nbf16: true\nout: {tmp_path / 'r'}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "gradlens", "record", "--quiet", "--config", str(config)],
+    run = tmp_path / "run"
+    record(run)
+    steps = run / "steps.csv"
+    header, *rows = steps.read_text().splitlines()
+    steps.write_text("\n".join([header, *reversed(rows)]) + "\n")  # out of step order: plot warns and sorts
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONWARNINGS": "default"}
+    proc = subprocess.run([sys.executable, "-m", "gradlens", "plot", str(run), "--out", str(tmp_path / "plots")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "TRL settings" in line or "file_values" in line]
-    assert lines == [f"gradlens: warning: {config}: TRL settings with no counterpart in gradlens record were ignored: bf16"]
-    assert ".py:" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "step order" in line]
+    assert lines == [f"gradlens plot: warning: {steps}: rows are not in step order (a damaged or edited file); they are used sorted by step"]
+    assert ".py:" not in proc.stderr and "warnings.warn" not in proc.stderr
 
 
 def test_plot_runs_of_two_kinds_each_in_its_own_folder(tmp_path, capsys):

@@ -24,7 +24,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_split.py"
 def torchrun(tmp_path, mode):
     exe = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     out = tmp_path / f"{mode}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
     cmd = exe.split() + ["--nproc_per_node", "2", "--master_port", str(_free_port()), str(SCRIPT), str(out), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,11 +12,13 @@ it is the real gradient minus the other groups.
 By default (one backward per capture) a parameter's norms and dot products are
 taken in ``add_total``, the moment its gradient is complete, and its pieces are
 freed: no gradient-sized buffer outlives its layer (a tied parameter's pieces
-live from its first use to its last). With ``accumulate=True`` (micro-batches),
-``distributed="global"`` or ``keep_pieces=True`` the pieces are kept and the
-norms taken when the capture ends. Norms are float32 (float64 for float64
-parameters) and stay on the device; the capture syncs with the host once, at
-its end.
+live from its first use to its last). With ``accumulate=True`` (micro-batches)
+or ``distributed="global"`` the pieces are kept and the norms taken when the
+capture ends. ``keep_pieces=True`` keeps every group's piece whole after its
+norms. Norms are float32 (float64 for float64 parameters) and stay on the
+device until the capture ends: then one host sync reads the probe check and
+the norms together (two when the pieces were kept: the probe check's verdicts
+decide what is reduced over ranks).
 
 The probe check: a rank-1 random probe of every use is compared with the same
 probe of the real gradient, so a gradient that reached a parameter through a
@@ -28,78 +30,34 @@ that very tensor to the parameter hook, and no probe is needed.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional, Protocol
 
 import pandas as pd
 import torch
 
+from .distributed import average_over_ranks
 from .groups import GroupSpec, RowGroups, make_groups
+from .norms import Layout, fold_dense_use, stats_pass, take_norms
 from .params import ParamIndex
 from .rules import IndexedRows, Rule, Use, probe_dense
-
-if TYPE_CHECKING:
-    from .fsdp import ShardedParams
+from .state import LOW_PRECISION, ParamState, PendingUses, Probe, pair_names, probe_agrees, probe_rtol, read_norms, set_norms
 
 
 class UnattributedGradientWarning(UserWarning):
     """Some parameter gradient arrived through a path no hook saw; it is left out of the split."""
 
 
-# Rounding tolerance of the probe check, relative to the magnitudes summed. When the
-# model itself computed in bf16/fp16 (autocast), its gradient carries that rounding.
-PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
-LOW_PRECISION_RTOL = 3e-2
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-CHUNK = 1 << 20  # elements per step of the finishing pass: bounds its temporaries
+class Sharding(Protocol):
+    """What a capture needs from sharded parameters (FSDP2: ``fsdp.ShardedParams``)."""
 
-
-@dataclass
-class ParamState:
-    param: torch.nn.Parameter
-    name: str
-    modules: list[str]
-    dtype: torch.dtype
-    groups: dict[str, torch.Tensor] = field(default_factory=dict)  # explicitly computed groups' pieces
-    total: Optional[torch.Tensor] = None  # kept totals (accumulate/global), unless p.grad is the total
-    total_is_grad: bool = False  # p.grad was None when the capture began: at the end it *is* the total
-    backwards: int = 0
-    split_outputs: list = field(default_factory=list)  # this backward's split-layer gradients (references)
-    observed_uses: int = 0  # this backward's uses probed by their rule
-    probe: Optional[torch.Tensor] = None  # Σ [hooks value, hooks scale, real value, real scale]
-    rules: set[str] = field(default_factory=set)
-    uses: int = 0
-    low_precision: bool = False  # some use ran in bf16/fp16
-    row_uses: int = 0  # uses in the current per-row segment
-    row_sq: Optional[torch.Tensor] = None  # ghost per-row squared norms (single use)
-    row_parts: Optional[torch.Tensor] = None  # materialised per-row gradients (tied / reused)
-    stats: Optional[torch.Tensor] = None  # [total_sq, sq per group, dot per pair], on the device
-    # results
-    sq: dict[str, float] = field(default_factory=dict)
-    dots: dict[tuple[str, str], float] = field(default_factory=dict)
-    total_sq: float = 0.0
-    unattributed: bool = False
-    pieces: dict[str, torch.Tensor] = field(default_factory=dict)  # kept only with keep_pieces=True
-
-    def add(self, bucket: str, t) -> None:
-        if isinstance(t, IndexedRows):  # sparse rows (embeddings): add in place, no dense temporary
-            if bucket in self.groups:
-                self.groups[bucket].index_add_(0, t.index, t.values)
-            else:
-                self.groups[bucket] = t.dense().to(self.dtype)
-            return
-        if bucket in self.groups:
-            self.groups[bucket] += t.detach()
-        else:  # rules return fresh tensors: keep them, no copy
-            self.groups[bucket] = t.detach().to(self.dtype)
-
-    def add_probe(self, value, scale, real: bool) -> None:
-        zero = torch.zeros((), dtype=value.dtype, device=value.device)
-        v = torch.stack([zero, zero, value.detach(), scale.detach()] if real else [value.detach(), scale.detach(), zero, zero])
-        self.probe = v if self.probe is None else self.probe + v.to(self.probe.device)
+    def own_params(self, module: torch.nn.Module) -> dict[str, torch.nn.Parameter]: ...
+    def params(self) -> list[torch.nn.Parameter]: ...
+    def scatter(self, p: torch.nn.Parameter, piece) -> torch.Tensor: ...
+    def set_totals(self, states: list[ParamState]) -> None: ...
+    def local_vectors(self, p: torch.nn.Parameter, index: ParamIndex) -> tuple[torch.Tensor, ...]: ...
+    def reduce(self, states: list[ParamState], probes: list[Probe], names: tuple[str, ...]) -> None: ...
 
 
 class Capture:
@@ -115,19 +73,23 @@ class Capture:
         accumulate: bool = False,
         distributed: str = "local",
         keep_pieces: bool = False,
-        sharded: Optional["ShardedParams"] = None,
+        sharded: Optional[Sharding] = None,
+        pending: Optional[dict[int, PendingUses]] = None,
     ):
         if distributed not in ("local", "global"):
             raise ValueError(f"distributed must be 'local' or 'global', got {distributed!r}")
         self.distributed = distributed
         self.index = index  # the recorder's knowledge of the model's parameters (names, probes)
-        self.sharded = sharded  # FSDP2: pieces are keyed and kept sharded (gradients/fsdp.py)
+        self.sharded = sharded  # FSDP2: pieces are kept sharded (gradients/fsdp.py)
+        self.pending = pending if pending is not None else {}  # tied parameters' uses still to come (recorder)
         self.groups = groups
         self.per_row = per_row
         self.verify = verify
         self.accumulate = accumulate
         self.keep_pieces = keep_pieces
+        # With groups covering every row, the last group is the total minus the others (never stored).
         self.complement = groups.partition and not verify
+        self.layout = Layout(groups.names, self.complement, keep_pieces)
         # Norms in add_total, unless the pieces must outlive this backward.
         self.streaming = not accumulate and distributed == "local"
         self._params: dict[int, ParamState] = {}
@@ -175,38 +137,87 @@ class Capture:
         low = bool(use.autocast) or any(
             isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION for t in (use.grad_outputs[0], use.args[0] if use.args else None)
         )  # the forward ran under autocast, or on bf16/fp16 tensors
-        names = self.groups.names
-        stored = names[:-1] if self.complement else names
-        select = {g: (lambda x, g=g: self.groups.select(g, x)) for g in names}
-        fused = totals and self.complement and rule.add_contribution is not None
-        computed = stored if fused or not (rule.recompute or totals or not self.complement) else names
-        parts = {g: rule.contribution(use, select[g]) for g in computed}
-        full = None
-        if fused:  # full = (stored groups) + last group, one fused product: no temporary for the last group
-            base = parts[stored[0]] if len(stored) == 1 else _sum_parts(parts, stored)
-            full = rule.add_contribution(use, select[names[-1]], base)
-        elif totals:
-            full = _sum_parts(parts, names) if self.groups.partition else rule.contribution(use, lambda x: x)
-        elif rule.recompute and self.groups.partition:
-            full = _sum_parts(parts, names)  # groups add up to all rows: the probe needs no extra pass
+        explicit, full = self._pieces_of(use, rule, totals)
+        if full is not None:  # in each parameter's own dtype: what autograd hands to its hook
+            full = {local: t.to(params[local].dtype) if isinstance(t, torch.Tensor) else t for local, t in full.items()}
         probes = None if full is not None else rule.probe(use, {n: self.index.probe_vectors(params[n]) for n in use.wanted})
         for local in use.wanted:
             st = self._state(params[local])
             st.rules.add(rule.name)
             st.uses += 1
             st.low_precision |= low
-            for g in stored:
-                st.add(g, sharded.scatter(params[local], parts[g][local]) if sharded else parts[g][local])
+            rows = self._rows_still_to_come(params[local], rule)
+            if rows is not None and full is not None and self._can_fold(st):
+                # a head tied to an embedding: stats outside the embedding's rows now, no buffer kept
+                pieces = {g: explicit[g][local] for g in self.layout.stored}
+                vectors = self.index.probe_vectors(params[local])
+                st.add_probe(fold_dense_use(st, pieces, full[local], rows, self.layout, vectors), real=False)
+                continue
+            for g in self.layout.stored:
+                piece = explicit[g][local]
+                st.add(g, sharded.scatter(params[local], _widen(piece, st.dtype)) if sharded else piece)
             if full is not None and sharded:  # no parameter hook fires under FSDP2: probe now
-                st.add_probe(*probe_dense(full[local], self.index.probe_vectors(params[local])), real=False)
+                st.add_probe(Probe(*probe_dense(full[local], self.index.probe_vectors(params[local]))), real=False)
             elif full is not None:
                 st.split_outputs.append(full[local])  # probed in add_total only if needed
             else:
                 st.observed_uses += 1
-                st.add_probe(*probes[local], real=False)  # stays on device: no sync per use
+                st.add_probe(Probe(*probes[local]), real=False)  # stays on device: no sync per use
         if self.per_row:
             self._add_per_row(use, rule, params)
         return full if totals else None
+
+    def _rows_still_to_come(self, p: torch.nn.Parameter, rule: Rule) -> Optional[torch.Tensor]:
+        """Count this use off the parameter's pending forward uses; for a dense use after which
+        only sparse uses remain, the rows those will touch (else None)."""
+        pending = self.pending.get(id(p))
+        if pending is None:
+            return None
+        if rule.sparse_rows is not None:
+            if pending.rows:
+                pending.rows.pop(0)
+            return None
+        pending.dense = max(0, pending.dense - 1)
+        if pending.dense or not pending.rows:
+            return None
+        return torch.cat([r.reshape(-1) for r in pending.rows])
+
+    def _can_fold(self, st: ParamState) -> bool:
+        """One backward whose norms are streamed, no piece kept whole, nothing added yet."""
+        return (
+            self.streaming and self.sharded is None and not self.keep_pieces and not self.per_row
+            and st.param.dim() == 2 and not st.groups and not st.sparse and st.folded_rows is None and st.backwards == 0
+        )
+
+    def _pieces_of(self, use: Use, rule: Rule, totals: bool) -> tuple[dict, Optional[dict]]:
+        """The pieces of the groups this use computes explicitly, and the use's full gradient
+        when it comes for free or is needed (``totals``, a split layer); else None (probed).
+
+        - a split layer whose last group is the remainder: the stored groups, then the full
+          gradient as their sum plus the last group in one fused product (no temporary);
+        - a split layer otherwise: every group, the full gradient as their sum (or, when
+          the groups leave rows out, one more product over all rows);
+        - a rule that re-runs the module's forward costs per group, not per row: every
+          group, and the full gradient as their sum when they cover every row;
+        - any other observed layer: only the stored groups; its probe comes from the rule.
+        """
+        names, stored = self.groups.names, self.layout.stored
+        every_row = self.groups.partition
+        pieces = lambda which: {g: rule.contribution(use, self._rows(g)) for g in which}  # noqa: E731
+        if totals and self.complement and rule.add_contribution is not None:
+            explicit = pieces(stored)
+            base = explicit[stored[0]] if len(stored) == 1 else _sum_parts(explicit, stored)
+            return explicit, rule.add_contribution(use, self._rows(names[-1]), base)
+        if totals:
+            explicit = pieces(names)
+            return explicit, _sum_parts(explicit, names) if every_row else rule.contribution(use, lambda x: x)
+        if rule.reruns_forward:
+            explicit = pieces(names)
+            return explicit, _sum_parts(explicit, names) if every_row else None
+        return pieces(stored), None
+
+    def _rows(self, group: str):
+        return lambda x: self.groups.select(group, x)
 
     def add_total(self, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
         """``p``'s real gradient of one backward, after all of that backward's uses of ``p``."""
@@ -215,12 +226,13 @@ class Capture:
         st.backwards += 1
         if self.streaming and st.backwards > 1:
             raise RuntimeError(f"parameter {st.name!r}: {_ACCUMULATE_MESSAGE}")
-        probe = self._to_probe(st, grad)
+        probed = self._to_probe(st, grad)
+        vectors = self.index.probe_vectors(p) if probed else None
         if self.streaming:  # norms and probes in one pass over the gradient
-            self._add_probes(st, probe, self._take_norms(st, grad.detach(), probe))
+            self._add_probes(st, take_norms(st, grad.detach(), self.layout, probed, vectors))
             return
-        if probe:
-            self._add_probes(st, probe, _stats_pass(grad.detach(), [], False, probe, self.index.probe_vectors(p))[1])
+        if probed:
+            self._add_probes(st, stats_pass(grad.detach(), [], complement=False, probed=probed, vectors=vectors).probes)
         if id(p) not in self._grad_was_none:
             st.total = grad.detach().to(st.dtype, copy=True) if st.total is None else st.total.add_(grad.detach())
         else:
@@ -229,16 +241,16 @@ class Capture:
     def _to_probe(self, st: ParamState, grad: torch.Tensor) -> list[torch.Tensor]:
         """Tensors whose probes this backward still needs: none when the real gradient is, by
         identity, the one gradient a split layer returned (autograd hands that very tensor on);
-        else the split layers' gradients, then the real gradient."""
+        else the split layers' gradients, then the real gradient (last)."""
         outputs, st.split_outputs = st.split_outputs, []
         observed, st.observed_uses = st.observed_uses, 0
         if not observed and len(outputs) == 1 and _same_tensor(outputs[0], grad):
             return []
         return outputs + [grad.detach()]
 
-    def _add_probes(self, st: ParamState, tensors: list[torch.Tensor], results: list) -> None:
-        for i, (value, scale) in enumerate(results):
-            st.add_probe(value, scale, real=i == len(tensors) - 1)
+    def _add_probes(self, st: ParamState, probes: list[Probe]) -> None:
+        for i, probe in enumerate(probes):
+            st.add_probe(probe, real=i == len(probes) - 1)
 
     # ---- per-row norms -----------------------------------------------------------------------
 
@@ -276,39 +288,23 @@ class Capture:
         if total is not None:
             self._row_norms_sq.append(total)
 
-    # ---- norms -------------------------------------------------------------------------------
-
-    def _take_norms(self, st: ParamState, total: torch.Tensor, probe: list[torch.Tensor] = ()) -> list:
-        """Squared norms and dots of every group (and the total) of one parameter, on the device,
-        and the probes of ``probe``; frees its pieces (or keeps them, with ``keep_pieces``)."""
-        names = self.groups.names
-        explicit = [st.groups.pop(g, None) for g in (names[:-1] if self.complement else names)]
-        st.groups.clear()
-        vectors = self.index.probe_vectors(st.param) if probe else None
-        st.stats, probes = _stats_pass(total, explicit, self.complement, list(probe), vectors)
-        if self.keep_pieces:
-            zero = lambda: torch.zeros(st.param.shape, dtype=st.dtype, device=total.device)  # noqa: E731
-            pieces = [zero() if t is None else t for t in explicit]
-            if self.complement:
-                last = total.to(st.dtype, copy=True)
-                for t in pieces:
-                    last -= t
-                pieces.append(last)
-            st.pieces = dict(zip(names, (t.view(st.param.shape) for t in pieces)))
-        return probes
-
     # ---- after backward ----------------------------------------------------------------------
 
     def finish(self) -> None:
+        """End the capture: totals, the probe check and the norms of every parameter.
+
+        Two host syncs in all, whatever the model's size: one for the probe check's
+        verdicts (which decide what is attributed) and one for the norms. Under FSDP2
+        and DDP the collectives come in between, on the device.
+        """
         if self._finished:
             return
         self._finished = True
         self._close_row_segment()
-        states = list(self._params.values())
-        if self.sharded is not None:  # FSDP2: totals, probe check and norms over shards
-            states = self.sharded.finish(self, states)
+        if self.sharded is not None:
+            states = self._finish_sharded()
         else:
-            states = self._finish_unsharded(states)
+            states = self._finish_unsharded()
         unattributed = [st.name for st in states if st.unattributed]
         if unattributed:
             warnings.warn(
@@ -319,19 +315,48 @@ class Capture:
                 stacklevel=3,
             )
 
-    def _finish_unsharded(self, states: list[ParamState]) -> list[ParamState]:
+    def _finish_unsharded(self) -> list[ParamState]:
+        states = list(self._params.values())
+        if self.streaming:  # norms were taken in add_total: one sync reads probes and norms
+            self._read_streamed(states)
+            return states
         self._decide_attribution(states)
-        if not self.streaming:
-            if self.distributed == "global":
-                from .distributed import all_reduce_states
+        if self.distributed == "global":  # every parameter, the same order on every rank
+            states = [self._state(p) for p in self.index.trainable()]
+            average_over_ranks(states, self.layout)
+        for st in states:
+            total = st.param.grad.detach() if st.total_is_grad and st.param.grad is not None else st.total
+            st.total = None
+            if total is not None:
+                take_norms(st, total, self.layout)
+        read_norms(states, self.groups.names)
+        return states
 
-                states = all_reduce_states(self, states)
-            for st in states:
-                total = st.param.grad.detach() if st.total_is_grad and st.param.grad is not None else st.total
-                st.total = None
-                if total is not None:
-                    self._take_norms(st, total)
-        self._read_norms(states)
+    def _read_streamed(self, states: list[ParamState]) -> None:
+        """The probe sums and the norms of every parameter, moved to the host in one sync."""
+        probed = [st for st in states if st.probe is not None]
+        normed = [st for st in states if st.stats is not None]
+        parts = [st.probe for st in probed] + [st.stats for st in normed]
+        if parts:
+            device = parts[0].device
+            values = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts]).tolist()
+            for st in probed:
+                st.probe, values = torch.tensor(values[:4], dtype=torch.float64), values[4:]
+            width = 1 + len(self.groups.names) + len(pair_names(self.groups.names))
+            for st in normed:
+                set_norms(st, values[:width], self.groups.names)
+                st.stats, values = None, values[width:]
+        self._decide_attribution(states)
+
+    def _finish_sharded(self) -> list[ParamState]:
+        sharded = self.sharded
+        states = [self._state(p) for p in sharded.params()]  # every parameter, the same order on every rank
+        sharded.set_totals(states)
+        probes = []
+        for st in states:  # norms and the total's probe, on this rank's shard, in one pass
+            total, st.total = st.total, None
+            probes += take_norms(st, total, self.layout, [total], sharded.local_vectors(st.param, self.index))
+        sharded.reduce(states, probes, self.groups.names)  # one all-reduce; then the probe check
         return states
 
     def _decide_attribution(self, states: list[ParamState]) -> None:
@@ -341,26 +366,12 @@ class Capture:
             device = probed[0].probe.device
             values = torch.stack([st.probe.to(device, torch.float64) for st in probed]).tolist()
             for st, (hooks, hooks_scale, real, real_scale) in zip(probed, values):
-                st.unattributed = not _probe_agrees(st, hooks, hooks_scale, real, real_scale)
+                st.unattributed = not probe_agrees(probe_rtol(st), Probe(hooks, hooks_scale), Probe(real, real_scale))
         for st in states:
             if st.uses == 0 and st.backwards:  # a gradient but no hooked use at all
                 st.unattributed = True
             elif st.uses and not st.backwards and not st.total_is_grad:
                 st.unattributed = True  # hooked uses, yet no gradient reached the parameter: never report a silent 0
-
-    def _read_norms(self, states: list[ParamState]) -> None:
-        """Move every parameter's norms to the host at once."""
-        done = [st for st in states if st.stats is not None]
-        if not done:
-            return
-        device = done[0].stats.device
-        names = self.groups.names
-        pairs = list(itertools.combinations(names, 2))
-        for st, row in zip(done, torch.stack([st.stats.to(device, torch.float64) for st in done]).tolist()):
-            st.total_sq = row[0]
-            st.sq = dict(zip(names, row[1 : 1 + len(names)]))
-            st.dots = dict(zip(pairs, row[1 + len(names) :]))
-            st.stats = None
 
     # ---- queries -----------------------------------------------------------------------------
 
@@ -423,7 +434,7 @@ class Capture:
             row = {"name": st.name, "module": ",".join(st.modules), "path": "unattributed" if st.unattributed else "+".join(sorted(st.rules)) or "none"}
             for g in self.groups.names:
                 row[f"sq_norm/{g}"] = float("nan") if st.unattributed else st.sq.get(g, 0.0)
-            for a, b in itertools.combinations(self.groups.names, 2):
+            for a, b in pair_names(self.groups.names):
                 row[f"dot/{a}/{b}"] = float("nan") if st.unattributed else st.dots.get((a, b), 0.0)
             row["sq_norm/total"] = st.total_sq
             row["uses"] = st.uses
@@ -477,14 +488,15 @@ _ACCUMULATE_MESSAGE = (
 
 
 def _sum_parts(parts: dict[str, dict[str, torch.Tensor]], names) -> dict[str, torch.Tensor]:
-    """The groups' pieces added in group order: the full gradient of a use."""
+    """The groups' pieces added in group order, in float32 at least: the full gradient of a use."""
     out = {}
     for local in parts[names[0]]:
-        total = _dense(parts[names[0]][local]).clone()
+        first = _dense(parts[names[0]][local])
+        total = first.to(torch.promote_types(first.dtype, torch.float32), copy=True)
         for g in names[1:]:
             piece = parts[g][local]
             if isinstance(piece, IndexedRows):
-                total.index_add_(0, piece.index, piece.values)
+                total.index_add_(0, piece.index, piece.values.to(total.dtype))
             else:
                 total += piece
         out[local] = total
@@ -495,59 +507,11 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-def _stats_pass(total: torch.Tensor, explicit: list, complement: bool, probe: list, vectors: tuple) -> tuple:
-    """One pass over a parameter's gradient, in row blocks that stay in cache:
-
-    - stats: [‖total‖², the groups' squared norms, their dots (pairs i < j)], where the
-      groups are the ``explicit`` pieces (None: zero) and, with ``complement``, the total
-      minus them;
-    - the rank-1 probe (value, scale) of every tensor in ``probe``. The scale is
-      ‖t‖·‖v‖·‖z‖/√(numel): for random Gaussian v, z, rounding errors E in t move the probe
-      by about ‖E‖, so it bounds them with a wide margin, and a missing gradient M is
-      caught once ‖M‖ exceeds the rounding tolerance times ‖t‖.
-
-    No gradient-sized temporary is made. Accumulates in the dtype of the pieces.
-    """
-    dtype = next((e.dtype for e in explicit if e is not None), torch.float64 if total.dtype == torch.float64 else torch.float32)
-    rows = total.shape[0] if total.dim() >= 1 else 1
-    cols = total.numel() // max(rows, 1)
-    view = lambda t: _dense(t).reshape(rows, cols)  # noqa: E731
-    t2 = view(total)
-    flats = [None if e is None else view(e) for e in explicit]
-    probed = [view(p) for p in probe]
-    v, z = (None, None) if not probe else (vectors[0], vectors[1]) if len(vectors) == 2 else (None, vectors[0])
-    k = len(flats) + complement
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    acc = torch.zeros(1 + k + len(pairs), dtype=dtype, device=total.device)
-    found = torch.zeros(len(probed), 2, dtype=dtype, device=total.device)  # (value, ‖t‖²)
-    step = max(1, CHUNK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        tc = t2[r0 : r0 + step].to(dtype)
-        blocks = [torch.zeros_like(tc) if f is None else f[r0 : r0 + step] for f in flats]
-        if complement:
-            rest = tc - blocks[0] if blocks else tc.clone()
-            for b in blocks[1:]:
-                rest -= b
-            blocks.append(rest)
-        flat = [b.reshape(-1) for b in blocks]
-        values = [tc.reshape(-1) @ tc.reshape(-1)] + [b @ b for b in flat] + [flat[i] @ flat[j] for i, j in pairs]
-        acc += torch.stack(values)
-        for n, p in enumerate(probed):
-            block = p[r0 : r0 + step].to(dtype)
-            value = block.reshape(-1) @ z[r0 : r0 + step] if v is None else v[r0 : r0 + step] @ block @ z
-            flat = block.reshape(-1)
-            found[n] += torch.stack([value, flat @ flat])
-    if not probe:
-        return acc, []
-    size = (v.norm() if v is not None else 1.0) * z.norm() / max(total.numel(), 1) ** 0.5
-    return acc, [(found[n, 0], found[n, 1].sqrt() * size) for n in range(len(probed))]
-
-
-def _probe_agrees(st: ParamState, hooks: float, hooks_scale: float, real: float, real_scale: float) -> bool:
-    if not (math.isfinite(real) and math.isfinite(hooks)):
-        return True  # non-finite gradients are reported as such, not as unattributed
-    rtol = LOW_PRECISION_RTOL if st.low_precision else PROBE_RTOL[st.dtype]
-    return abs(real - hooks) <= rtol * (real_scale + hooks_scale) + 1e-30
+def _widen(piece, dtype: torch.dtype):
+    """A piece in the accumulation dtype (pieces of bf16 products are bf16), sparse or dense."""
+    if isinstance(piece, IndexedRows):
+        return piece if piece.values.dtype == dtype else IndexedRows(piece.index, piece.values.to(dtype), piece.shape)
+    return piece.to(dtype)
 
 
 def _dense(t) -> torch.Tensor:

@@ -14,22 +14,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .norms import Layout
+from .state import ParamState
 
-def all_reduce_states(capture, states: list) -> list:
-    """Average every bucket of every parameter over ranks; returns states in a rank-independent order."""
-    params = capture.index.trainable()
-    by_id = {id(st.param): st for st in states}
-    ordered = [by_id.get(id(p)) or capture._state(p) for p in params]  # same order and set on every rank
-    names = capture.groups.names
-    buckets = [None] + [g for g in names if not (capture.complement and g == names[-1])]  # None: the total
+
+def average_over_ranks(states: list[ParamState], layout: Layout) -> None:
+    """Average every bucket (the total and each stored group) of every parameter over ranks,
+    in place. ``states`` must list the same parameters in the same order on every rank."""
+    buckets = [None, *layout.stored]  # None: the total
+    for st in states:
+        st.densify()  # the all-reduce needs every piece whole
     world = dist.get_world_size()
-    device = params[0].device if params else torch.device("cpu")
+    device = states[0].param.device if states else torch.device("cpu")
     for bucket in buckets:
-        flat = torch.cat([_buffer(st, bucket, device).reshape(-1) for st in ordered])
+        flat = torch.cat([_buffer(st, bucket, device).reshape(-1) for st in states])
         dist.all_reduce(flat)
         flat /= world
         offset = 0
-        for st in ordered:
+        for st in states:
             n = st.param.numel()
             piece = flat[offset : offset + n].view(st.param.shape)
             if bucket is None:
@@ -37,13 +39,12 @@ def all_reduce_states(capture, states: list) -> list:
             else:
                 st.groups[bucket] = piece
             offset += n
-    flags = torch.tensor([float(st.unattributed) for st in ordered], device=device)
+    flags = torch.tensor([float(st.unattributed) for st in states], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    for st, flag in zip(ordered, flags.tolist()):
+    for st, flag in zip(states, flags.tolist()):
         st.unattributed = bool(flag)
-    return ordered
 
 
-def _buffer(st, bucket, device) -> torch.Tensor:
+def _buffer(st: ParamState, bucket, device) -> torch.Tensor:
     t = st.total if bucket is None else st.groups.get(bucket)
     return t if t is not None else torch.zeros(st.param.shape, dtype=st.dtype, device=device)

@@ -16,9 +16,9 @@ What happens here instead:
   take about 1/world_size of the unsharded memory (plus one full-size
   temporary for the use being split) and no full-size gradient is all-reduced;
 - the total is FSDP's own sharded ``.grad`` (minus its value when the capture
-  began), the probe check runs on shards with its partial sums added over
-  ranks, and the squared norms and dots are partial sums over rows, added
-  over ranks: a few scalars per parameter.
+  began); the norms and the probe of each parameter are taken on this rank's
+  shard in one pass, and their partial sums over rows are added over ranks in
+  one all-reduce per capture: a few scalars per parameter.
 
 Collectives run inside backward, in the order autograd reaches the modules,
 which is the same on every rank; they use a process group of their own so they
@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .rules import IndexedRows, probe_dense
+from .rules import IndexedRows
+from .state import LOW_PRECISION_RTOL, PROBE_RTOL, ParamState, Probe, pair_names, probe_agrees, set_norms
 
 
 class UnsupportedShardingError(ValueError):
@@ -138,7 +139,7 @@ class ShardedParams:
             raise ValueError("per-row norms are not recorded for FSDP2-sharded models (each rank only sees its own rows)")
         if keep_pieces:
             raise ValueError("keep_pieces is not available for FSDP2-sharded models: each rank holds only its rows of every piece")
-        self._start = {id(p): p.grad.to_local().detach().clone() for p in self._params() if p.grad is not None}
+        self._start = {id(p): p.grad.to_local().detach().clone() for p in self.params() if p.grad is not None}
         self.temporary_bytes = 0
 
     def scatter(self, p: nn.Parameter, piece) -> torch.Tensor:
@@ -159,30 +160,52 @@ class ShardedParams:
         start, stop = self._rows(p)
         return out[: stop - start].div_(self.world)
 
-    def finish(self, capture, states: list) -> list:
-        """Totals from FSDP's sharded ``.grad``, the probe check and the norms, summed over ranks."""
-        ordered = [capture._state(p) for p in self._params()]  # every parameter, same order on every rank
-        for st in ordered:
+    def params(self) -> list[nn.Parameter]:
+        """Every sharded parameter that needs a gradient, in the same order on every rank."""
+        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
+
+    def set_totals(self, states: list[ParamState]) -> None:
+        """Each parameter's total: FSDP's sharded ``.grad`` (this rank's rows), minus its value at the start."""
+        for st in states:
             local = st.param.grad.to_local().detach() if st.param.grad is not None else None
             start = self._start.get(id(st.param))
             if local is not None and start is not None:
                 local = local - start
-            total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
-            st.total = total
-        self.piece_bytes = sum(t.numel() * t.element_size() for st in ordered for t in st.groups.values())
-        self._probe_check(capture, ordered)
-        for st in ordered:
-            total, st.total = st.total, None
-            capture._take_norms(st, total)
-        capture._read_norms(ordered)
-        self._sum_over_ranks(capture, ordered)
+            st.total = local.to(st.dtype) if local is not None else torch.zeros(self._local_shape(st.param), dtype=st.dtype, device=self.device)
+        self.piece_bytes = sum(t.numel() * t.element_size() for st in states for t in st.groups.values())
         self._start = {}
-        return ordered
+
+    def local_vectors(self, p: nn.Parameter, index) -> tuple[torch.Tensor, ...]:
+        """``p``'s probe vectors restricted to this rank's rows (the row vector is the one sliced)."""
+        vectors = index.probe_vectors(p)
+        start, stop = self._rows(p)
+        return (vectors[0][start:stop],) + tuple(vectors[1:])
+
+    def reduce(self, states: list[ParamState], probes: list[Probe], names: tuple[str, ...]) -> None:
+        """One all-reduce for the whole capture: every parameter's probe sums (of its total, partial
+        over rows, and of the hooks' uses) and its squared norms and dots (partial over rows).
+        Then the probe check (the total's probe against the mean of every rank's hooked probes)."""
+        width = 6 + 1 + len(names) + len(pair_names(names))
+        rows = []
+        for st, probe in zip(states, probes):
+            hooks = st.probe[:2] if st.probe is not None else torch.zeros(2)
+            flags = torch.tensor([float(st.uses), float(st.low_precision)])
+            parts = [torch.stack([probe.value, probe.scale]), hooks, flags, st.stats]
+            rows.append(torch.cat([t.to(self.device, torch.float64).reshape(-1) for t in parts]))
+            st.stats = None
+        table = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.float64, device=self.device)
+        dist.all_reduce(table, group=self.group)
+        for st, row in zip(states, table.tolist()):
+            value, scale, hooks, hook_scale, uses, low = row[:6]
+            hooks, hook_scale = hooks / self.world, hook_scale / self.world
+            if uses == 0 and math.isfinite(value):
+                st.unattributed = value != 0.0 or scale != 0.0
+            else:
+                rtol = LOW_PRECISION_RTOL if low else PROBE_RTOL[st.dtype]
+                st.unattributed = not probe_agrees(rtol, Probe(hooks, hook_scale), Probe(value, scale))
+            set_norms(st, row[6:], names)
 
     # ---- helpers -------------------------------------------------------------------------------
-
-    def _params(self) -> list[nn.Parameter]:
-        return list({id(p): p for p in self.model.parameters() if p.requires_grad}.values())
 
     def _rows(self, p: nn.Parameter) -> tuple[int, int]:
         chunk = math.ceil(p.shape[0] / self.world)
@@ -192,41 +215,3 @@ class ShardedParams:
     def _local_shape(self, p: nn.Parameter) -> tuple[int, ...]:
         start, stop = self._rows(p)
         return (stop - start, *p.shape[1:])
-
-    def _probe_check(self, capture, ordered: list) -> None:
-        """The probe of the global total (partial over rows, summed) against the mean of every rank's hooked probes."""
-        from .capture import LOW_PRECISION_RTOL, PROBE_RTOL
-
-        rows = []
-        for st in ordered:
-            vectors = capture.index.probe_vectors(st.param)
-            start, stop = self._rows(st.param)
-            local = (vectors[0][start:stop],) + tuple(vectors[1:])
-            total = st.total
-            value, scale = probe_dense(total, local) if total.numel() else (torch.zeros(()), torch.zeros(()))
-            hooks, hook_scale = (st.probe[0], st.probe[1]) if st.probe is not None else (0.0, 0.0)
-            rows.append(torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in
-                                     (value, scale, hooks, hook_scale, float(st.uses), float(st.low_precision))]))
-        table = (torch.stack(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)).to(self.device)
-        dist.all_reduce(table, group=self.group)
-        for st, (value, scale, hooks, hook_scale, uses, low) in zip(ordered, table.tolist()):
-            hooks, hook_scale = hooks / self.world, hook_scale / self.world
-            if not (math.isfinite(value) and math.isfinite(hooks)):
-                st.unattributed = False  # non-finite gradients are reported as such, not as unattributed
-            elif uses == 0:
-                st.unattributed = value != 0.0 or scale != 0.0
-            else:
-                rtol = LOW_PRECISION_RTOL if low else PROBE_RTOL[st.dtype]
-                st.unattributed = abs(value - hooks) > rtol * (scale + hook_scale) + 1e-30
-
-    def _sum_over_ranks(self, capture, ordered: list) -> None:
-        """Squared norms and dots were sums over this rank's rows: add them over ranks."""
-        names = capture.groups.names
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-        values = [[st.total_sq] + [st.sq.get(g, 0.0) for g in names] + [st.dots.get(k, 0.0) for k in pairs] for st in ordered]
-        table = torch.tensor(values, dtype=torch.float64, device=self.device).reshape(len(ordered), 1 + len(names) + len(pairs))
-        dist.all_reduce(table, group=self.group)
-        for st, row in zip(ordered, table.tolist()):
-            st.total_sq = row[0]
-            st.sq = dict(zip(names, row[1 : 1 + len(names)]))
-            st.dots = dict(zip(pairs, row[1 + len(names) :]))

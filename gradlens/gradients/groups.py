@@ -57,8 +57,22 @@ def _indices(name: str, spec: GroupSpec) -> torch.Tensor:
     return idx.to(torch.int64).cpu()
 
 
+_SLICE_GROUPS: dict[tuple, RowGroups] = {}  # groups given as slices, validated once (a training loop repeats them)
+
+
 def make_groups(groups: Mapping[str, GroupSpec], num_rows: int | None = None) -> RowGroups:
     """Validate ``groups``; ``num_rows`` defaults to one past the largest index."""
+    if groups and all(isinstance(spec, slice) for spec in groups.values()):
+        key = (tuple((str(name), spec.start, spec.stop, spec.step) for name, spec in groups.items()), num_rows)
+        if key not in _SLICE_GROUPS:
+            if len(_SLICE_GROUPS) > 256:
+                _SLICE_GROUPS.clear()
+            _SLICE_GROUPS[key] = _validate(groups, num_rows)
+        return _SLICE_GROUPS[key]
+    return _validate(groups, num_rows)
+
+
+def _validate(groups: Mapping[str, GroupSpec], num_rows: int | None) -> RowGroups:
     if not groups:
         raise ValueError("capture needs at least one row group, e.g. {'chosen': slice(0, B), 'rejected': slice(B, 2 * B)}")
     indices = {str(name): _indices(str(name), spec) for name, spec in groups.items()}

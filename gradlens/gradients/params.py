@@ -24,6 +24,7 @@ class ParamIndex:
         self._probes: dict[int, tuple[torch.Tensor, ...]] = {}
         self._names: dict[int, str] = {}
         self._owners: dict[int, list[str]] = {}
+        self._described: dict[int, tuple[str, list[str]]] = {}
         for name, p in model.named_parameters():
             self._names.setdefault(id(p), name)
         for path, module in model.named_modules():
@@ -36,9 +37,12 @@ class ParamIndex:
 
     def describe(self, p: nn.Parameter) -> tuple[str, list[str]]:
         """(name, owning module paths); a tied parameter has several owners."""
-        owners = self._owners.get(id(p), [])
-        modules = [o.rsplit(".", 1)[0] if "." in o else "" for o in owners]
-        return self._names.get(id(p), owners[0] if owners else "?"), modules
+        known = self._described.get(id(p))
+        if known is None:
+            owners = self._owners.get(id(p), [])
+            modules = [o.rsplit(".", 1)[0] if "." in o else "" for o in owners]
+            known = self._described[id(p)] = (self._names.get(id(p), owners[0] if owners else "?"), modules)
+        return known[0], list(known[1])
 
     def knows(self, p: nn.Parameter) -> bool:
         """Whether ``p`` is a parameter the model had when the recorder attached."""

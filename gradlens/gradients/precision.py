@@ -35,5 +35,11 @@ def autocast_as(state: AutocastState) -> contextlib.ExitStack:
     return stack
 
 
-def no_autocast() -> contextlib.ExitStack:
+_NOTHING = contextlib.nullcontext()
+
+
+def no_autocast() -> contextlib.AbstractContextManager:
+    """Autocast off on every device; free when it is off already (the common case, called per hook)."""
+    if not any(torch.is_autocast_enabled(d) for d in _DEVICES):
+        return _NOTHING
     return autocast_as(())

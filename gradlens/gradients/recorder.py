@@ -29,6 +29,7 @@ groups' pieces), or bit for bit with ``split_backward=False``.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -42,12 +43,45 @@ from .groups import GroupSpec, make_groups
 from .params import ParamIndex, world_size
 from .precision import autocast_state, no_autocast
 from .rules import Rule, Use, rule_for, tensor_leaves, validate
+from .state import PendingUses
 
 
 def _expand_rows(x, n: int):
     if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
         return x.expand(n, *x.shape[1:])
     return x
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module the recorder attaches to: ``model`` itself, or, for ``torch.compile(model)``
+    (an ``OptimizedModule``), the module it compiled, so parameter names have no ``_orig_mod.``.
+
+    A compiled forward is recorded exactly, whether the model was compiled before or after
+    the recorder attached: every recorder hook runs outside compilation (``compile_safe``),
+    so the compiler splits its graph at each parameter-owning module, and the hooks see
+    real tensors, as in eager mode. The price is those graph breaks: such a forward runs
+    module by module, close to eager speed.
+    """
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
+
+
+def compile_safe(fn):
+    """``fn``, run eagerly even when called from a ``torch.compile``'d forward: there it goes
+    through ``torch.compiler.disable``, so the compiler breaks its graph around it. Outside
+    compilation it is called directly (no compiler import, no wrapper cost)."""
+    eager = []
+
+    def hook(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not eager:
+                eager.append(torch.compiler.disable(fn))
+            return eager[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
 
 
 def _accumulation_dtype(module: nn.Module) -> torch.dtype:
@@ -73,6 +107,7 @@ class GradientRecorder:
     """
 
     def __init__(self, model: nn.Module, *, probe_seed: int = 0, split_backward: bool = True):
+        model = uncompiled(model)
         validate(model)
         self.model = model
         self.index = ParamIndex(model, probe_seed=probe_seed)  # names, owners, probe vectors
@@ -85,6 +120,7 @@ class GradientRecorder:
         self._closed = False
         self._handles: list = []
         self._rng_before: dict[int, tuple] = {}
+        self._pending: dict[int, PendingUses] = {}  # tied parameters' forward uses not yet seen in backward
         self._batch_rows: Optional[int] = None
         self.rules: dict[str, Rule] = {}
         self._attach()
@@ -92,18 +128,37 @@ class GradientRecorder:
     # ---- hooks -------------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._note_batch_rows, with_kwargs=True))
+        eager = compile_safe  # hooks run eagerly, also inside a torch.compile'd forward (see uncompiled)
+        self._handles.append(self.model.register_forward_pre_hook(eager(self._note_batch_rows), with_kwargs=True))
         for path, module in self.model.named_modules():
             wanted = tuple(n for n, p in module.named_parameters(recurse=False) if p.requires_grad)
             if not wanted:
                 continue
             rule = rule_for(module)
             self.rules[path] = rule
-            if rule.recompute:
-                self._handles.append(module.register_forward_pre_hook(self._save_rng))
-            self._handles.append(module.register_forward_hook(self._forward_hook(path, rule, wanted), with_kwargs=True))
+            shared = [n for n in wanted if self.index.is_shared(getattr(module, n))]
+            if shared and self.sharded is None:  # tied: note each forward use, dense or sparse rows
+                self._handles.append(module.register_forward_hook(eager(self._note_use(rule, shared))))
+            if rule.reruns_forward:
+                self._handles.append(module.register_forward_pre_hook(eager(self._save_rng)))
+            self._handles.append(module.register_forward_hook(eager(self._forward_hook(path, rule, wanted)), with_kwargs=True))
         for p in self.index.trainable():
             self._handles.append(p.register_hook(self._param_hook(p)))
+
+    def _note_use(self, rule: Rule, names: list[str]):
+        """Forward hook: a use of tied parameters, so a capture knows which uses are still to come."""
+
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if self._paused or self._closed or not torch.is_grad_enabled():
+                return
+            for name in names:
+                pending = self._pending.setdefault(id(getattr(module, name)), PendingUses())
+                if rule.sparse_rows is not None:
+                    pending.rows.append(rule.sparse_rows(Use(module, args, {}, (), (name,), torch.float32)))
+                else:
+                    pending.dense += 1
+
+        return hook
 
     def _note_batch_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The batch size N of the model's input: rows are counted along its dim 0."""
@@ -133,7 +188,7 @@ class GradientRecorder:
                 # parameter gradient is unchanged.
                 output = result = output.expand(n, *output.shape[1:])
                 args, kwargs = tree_map(lambda x: _expand_rows(x, n), (args, kwargs))
-            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast=autocast_state())
+            use = Use(module, args, kwargs, (), wanted, _accumulation_dtype(module), rng, autocast_state(), self._paused_call)
             if self.split_backward and route.can_route(rule, module, args, kwargs, output):
                 return route.route(output, args[0], module, use, rule, lambda u: self._weight_grads(u, rule, path))
             self._observe(output, use, rule, path)
@@ -154,12 +209,10 @@ class GradientRecorder:
             full = [None] * num_leaves
             for i, g in zip(needs, grads):
                 full[i] = g
-            use.grad_outputs = tuple(full)
             cap = self._capture
             if cap is not None and not self._closed:
-                use.recompute = self._paused_call
                 with no_autocast():  # a backward inside an autocast block must not make the recorder's products bf16
-                    cap.add_use(use, rule, path)
+                    cap.add_use(replace(use, grad_outputs=tuple(full)), rule, path)
 
         if len(needs) == 1:
             leaves[needs[0]].register_hook(lambda g: on_grads((g,)))
@@ -167,11 +220,13 @@ class GradientRecorder:
             torch.autograd.graph.register_multi_grad_hook([leaves[i] for i in needs], on_grads)
 
     def _weight_grads(self, use: Use, rule: Rule, path: str) -> dict[str, torch.Tensor]:
-        """A split layer's full parameter gradients: the capture's sum of group pieces, if one is open."""
+        """A split layer's full parameter gradients, in each parameter's dtype: the open capture's
+        sum of group pieces, else the rule's product over all rows."""
         cap = self._capture
-        with no_autocast():  # split layers only run where no autocast was on at forward
+        with no_autocast():  # the rule replays the forward's casts itself (route.can_route)
             if cap is None or self._closed:
-                return rule.contribution(use, lambda x: x)
+                grads = rule.contribution(use, lambda x: x)
+                return {name: g.to(getattr(use.module, name).dtype) for name, g in grads.items()}
             return cap.add_use(use, rule, path, totals=True)
 
     def _param_hook(self, p: torch.nn.Parameter):
@@ -239,13 +294,14 @@ class GradientRecorder:
             self.sharded.begin(distributed=distributed, per_row=per_row, keep_pieces=keep_pieces)
         cap = Capture(
             self.index, make_groups(groups, num_rows), per_row=per_row, verify=verify, accumulate=accumulate,
-            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded,
+            distributed=distributed, keep_pieces=keep_pieces, sharded=self.sharded, pending=self._pending,
         )
         self._capture = cap
         try:
             yield cap
         finally:
             self._capture = None
+        self._pending.clear()  # a later forward starts afresh
         with no_autocast():
             cap.finish()
 

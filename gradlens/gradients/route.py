@@ -18,6 +18,7 @@ keeps the plain backward and bit-identical gradients).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -28,12 +29,13 @@ from .rules import Rule, Use
 # (use) -> {param name: full gradient}; given by the recorder, asks the open capture
 WeightGrads = Callable[[Use], dict[str, torch.Tensor]]
 
-ROUTABLE_DTYPES = (torch.float32, torch.float64)
+FLOATING = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def can_route(rule: Rule, module: nn.Module, args: tuple, kwargs: dict, output) -> bool:
-    """Only where our backward gives the same numbers as autograd's: one plain floating input,
-    no autocast (whose casts we would not replay), and full-precision parameters."""
+    """Only where our backward gives autograd's numbers: one plain floating input, and operands
+    whose dtypes the backward can replay: all of the layer's own dtype, or, under autocast, a
+    product autocast ran in its low-precision dtype (the backward re-casts W and A the same way)."""
     if rule.grad_input is None or rule.splits is None or not rule.splits(module):
         return False  # a subclass with its own forward: its backward is not ours to write
     if kwargs or len(args) != 1 or not isinstance(output, torch.Tensor):
@@ -41,10 +43,12 @@ def can_route(rule: Rule, module: nn.Module, args: tuple, kwargs: dict, output) 
     x = args[0]
     if not isinstance(x, torch.Tensor) or not output.requires_grad:
         return False
-    if torch.is_autocast_enabled(output.device.type):
-        return False
-    dtypes = {x.dtype, output.dtype} | {p.dtype for p in module.parameters(recurse=False)}
-    return len(dtypes) == 1 and x.dtype in ROUTABLE_DTYPES
+    dtypes = {x.dtype} | {p.dtype for p in module.parameters(recurse=False)}
+    device = output.device.type
+    if torch.is_autocast_enabled(device):  # the product ran in autocast's dtype, from float32 (or own-dtype) operands
+        low = torch.get_autocast_dtype(device)
+        return output.dtype == low and dtypes <= {torch.float32, low}
+    return dtypes == {output.dtype} and output.dtype in FLOATING
 
 
 class SplitBackward(torch.autograd.Function):
@@ -59,11 +63,9 @@ class SplitBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        use: Use = ctx.use
-        use.args, use.grad_outputs = (x,), (g,)
-        gx = ctx.rule.grad_input(use.module, g) if ctx.needs_input_grad[1] else None
-        grads = ctx.weight_grads(use)
-        use.args, use.grad_outputs = (), ()  # the use is done: hold no activations
+        use = replace(ctx.use, args=(x,), grad_outputs=(g,))  # this backward's use: dropped when it returns
+        gx = ctx.rule.grad_input(use.module, g).to(x.dtype) if ctx.needs_input_grad[1] else None  # autocast: cast back
+        grads = ctx.weight_grads(use)  # in each parameter's own dtype
         return None, gx, grads.get("weight"), grads.get("bias"), None, None, None
 
 
@@ -71,5 +73,5 @@ def route(output: torch.Tensor, x: torch.Tensor, module: nn.Module, use: Use, ru
     """``output`` re-parented onto ``SplitBackward`` (a view of the same storage)."""
     weight = module.weight if "weight" in use.wanted else None
     bias: Optional[torch.Tensor] = module.bias if "bias" in use.wanted else None
-    use.args, use.kwargs = (), {}  # x lives in the autograd context only (checkpointing can free it)
+    use = replace(use, args=(), kwargs={})  # x lives in the autograd context only (checkpointing can free it)
     return SplitBackward.apply(output.detach(), x, weight, bias, use, rule, weight_grads)
