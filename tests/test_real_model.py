@@ -222,6 +222,18 @@ def test_record_smollm2_three_steps(tmp_path):
     assert end["eval/logps_change/chosen"] != 0
     assert set(run.layers.layer) and all("lora_" in layer for layer in set(run.layers.layer))  # LoRA by default
     assert run.config["lora_r"] == 8
+    # 420 adapter matrices in layers.csv; the heatmap reads as one row per block and kind.
+    from gradlens.plot import preference
+    from gradlens.plot.registry import PlotOptions
+    from gradlens.plot.style import plt
+
+    assert run.layers.layer.nunique() == 30 * 7 * 2
+    fig = preference.fig_layer_heatmap({"dpo": [run]}, PlotOptions(out=tmp_path))
+    try:
+        rows = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        assert rows == [f"block {i} · {kind}" for i in range(30) for kind in ("attention", "mlp")]
+    finally:
+        plt.close(fig)
 
 
 def test_trl_trainer_with_peft_records_three_steps(smollm2, tmp_path):
