@@ -28,7 +28,7 @@ What it does, all through gradlens's API (``gradlens.langevin``):
      makes KL_0 = d/2 = dL/(2m), the largest start KL Theorem 1's proof allows;
    * the weakly convex product: Theorem 2's (h, k) (``theorem2_for``), the exact k at
      Theorem 2's h where that is computable (k_theory <= 5e5; the KL after k_theory
-     steps where k_theory <= 5e4), and at the best h.
+     steps where k_theory <= 5e4), and at the oracle best h.
    Log-log slopes of k against d (per eps) and 1/eps (per d) are fitted where a
    series has at least 3 computable cells, then averaged.
    The cells are kept in OUT/sweep_cells.csv and reused by a re-run (``--recompute-sweep``
@@ -193,7 +193,7 @@ def compute_sweeps(args, grid) -> pd.DataFrame:
 
 
 def shifted_gaussian_cells(grid) -> list[dict]:
-    """N(1, I) from N(0, I): Theorem 1's (h, k), exact KL at k, exact k at Theorem 1's h and at the best h."""
+    """N(1, I) from N(0, I): Theorem 1's (h, k), exact KL at k, exact k at Theorem 1's h and at the oracle best h."""
     from gradlens.langevin import GaussianTarget, GaussianTrack, best_h_for_eps, theorem1
     from gradlens.runs import langevin_schema as C
 
@@ -213,7 +213,7 @@ def shifted_gaussian_cells(grid) -> list[dict]:
 
 
 def weakly_convex_cells(grid) -> list[dict]:
-    """log cosh x in d dims: Theorem 2's (h, k); exact k at that h when k_theory is small enough; the best h."""
+    """log cosh x in d dims: Theorem 2's (h, k); exact k at that h when k_theory is small enough; the oracle best h."""
     from gradlens.langevin import ProductTarget, best_h_for_eps, smallest_k_to_eps, theorem2_for, track_for
     from gradlens.runs import langevin_schema as C
 
@@ -233,7 +233,7 @@ def weakly_convex_cells(grid) -> list[dict]:
             rows.append({C.DIM: d, C.EPS: eps, C.KL0: kl0, C.H_THEORY: th.h, C.K_THEORY: th.k, C.KL_AT_K_THEORY: kl_k,
                          C.BOUND_HOLDS: holds, C.K_MEASURED: measured,
                          C.LOOSENESS: (th.k / measured) if measured else None, C.H_BEST: h_best, C.K_BEST: k_best})
-            print(f"  weakly convex d={d} eps={eps:g}: Theorem 2 k={th.k:.3g}, measured {measured}, best-h k={k_best}", flush=True)
+            print(f"  weakly convex d={d} eps={eps:g}: Theorem 2 k={th.k:.3g}, measured {measured}, oracle best-h k={k_best}", flush=True)
     return rows
 
 

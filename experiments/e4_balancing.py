@@ -75,7 +75,7 @@ FIGURES = [
     "figures/e4_tabular_runtime.json",
     "figures/e4_gpt2_runtime.json",
 ]
-# name -> (label, RecordConfig fields). One colour per method, in this order, in every E4 figure.
+# name -> (label, RecordConfig fields). Each name has its colour in gradlens.plot.style.METHOD_COLORS.
 METHODS = {
     "dpo": ("DPO (τ=0)", dict(loss="dpo")),
     "tau0.25": ("τ=0.25", dict(loss="power", loss_options={"tau": 0.25})),
@@ -415,16 +415,11 @@ def step_time(grid: dict, figures: Path) -> pd.DataFrame:
 # ---- figures -------------------------------------------------------------------------------------
 
 
-# One colour per method in every E4 figure. DPO and Balanced-DPO keep the colours gradlens's
-# figures give them everywhere (Okabe-Ito blue and vermillion); AdaDPO's green is left unused.
-COLOURS = {
-    "dpo": "#0072B2", "tau0.25": "#CC79A7", "tau0.5": "#E69F00", "balanced": "#D55E00", "balanced-tm": "#56B4E9",
-    "norm": "#000000", "norm-layer": "#888888",
-}  # fmt: skip
-
-
 def _colour(method: str) -> str:
-    return COLOURS[method]
+    # gradlens.plot.style fixes each method's colour for every experiment (E1, E2 and E4 agree)
+    from gradlens.plot.style import line_style
+
+    return line_style(method, list(METHODS))["color"]
 
 
 def fig_tabular(per_run: pd.DataFrame, index: list[dict], figures: Path) -> Path:

@@ -31,6 +31,17 @@ def declared_outputs(script: str) -> list[str]:
     raise AssertionError(f"experiments/{script}: no module-level FIGURES list")
 
 
+def compared_methods(script: str) -> list[str]:
+    """The method names a script compares: the keys of its ``METHODS`` dict or its ``LOSSES`` tuple."""
+    tree = ast.parse((EXPERIMENTS / script).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in ("METHODS", "LOSSES") for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                return [ast.literal_eval(k) for k in node.value.keys]
+            return list(ast.literal_eval(node.value))
+    return []
+
+
 def test_every_experiment_is_found():
     assert SCRIPTS == ["e1_tabular.py", "e2_tiny_gpt2.py", "e3_langevin.py", "e4_balancing.py", "e6_grpo.py"]
 
@@ -69,3 +80,18 @@ def test_every_declared_output_is_committed():
     declared = sorted({p for s in SCRIPTS for p in declared_outputs(s)})
     missing = [p for p in declared if not (REPO / p).is_file()]
     assert not missing, f"declared by the experiment scripts but not in figures/: {missing}"
+
+
+def test_one_method_has_one_colour_in_every_experiment():
+    # A method's colour must not depend on which other methods share the figure: E2 and E4
+    # both draw Balanced-DPO on token-mean log-probs, next to different companions.
+    from gradlens.plot.style import METHOD_COLORS, line_style
+
+    compared = {s: compared_methods(s) for s in ("e1_tabular.py", "e2_tiny_gpt2.py", "e4_balancing.py")}
+    assert all(compared.values()), compared
+    names = sorted({m for methods in compared.values() for m in methods})
+    assert not [m for m in names if m not in METHOD_COLORS], "a compared method has no fixed colour"
+    assert len({METHOD_COLORS[m] for m in names}) == len(names), "two methods share a colour"
+    for script, methods in compared.items():
+        for method in methods:
+            assert line_style(method, methods)["color"] == METHOD_COLORS[method], (script, method)

@@ -476,13 +476,13 @@ def _log_cell(writer, tb, row: dict, echo: Callable[[str], None]) -> None:
         values = {key: row.get(key) for key in (C.K_THEORY, C.K_MEASURED, C.K_BEST, C.LOOSENESS)}
         tb.scalars(row[C.DIM], {f"sweep/{key}/eps={row[C.EPS]:g}": v for key, v in values.items() if v is not None and math.isfinite(v)})
     echo(f"  d={row[C.DIM]:<5} eps={row[C.EPS]:<6g} theory k={row[C.K_THEORY]:<12} measured k={row[C.K_MEASURED]} "
-         f"(looseness {_fmt(row[C.LOOSENESS])})  best h={_fmt(row.get(C.H_BEST))} -> "
+         f"(looseness {_fmt(row[C.LOOSENESS])})  oracle best h={_fmt(row.get(C.H_BEST))} -> "
          f"k={row.get(C.K_BEST)}  KL(k_theory)={_fmt(row[C.KL_AT_K_THEORY])}")
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, overwrite: bool = False, tensorboard: bool = True,
               echo: Callable[[str], None] = print) -> dict:
-    """Iterations to reach each eps in each d: Theorem 1's k, the exact k at Theorem 1's h, and at the best h."""
+    """Iterations to reach each eps in each d: Theorem 1's k, the exact k at Theorem 1's h, and at the oracle best h."""
     started = time.perf_counter()
     m, L = _sweep_constants(spec)
     default = f"sweep gaussian cond={spec.cond:g}" if spec.target == "gaussian" else f"sweep product {spec.phi}"

@@ -264,7 +264,7 @@ def _fig_sweep(groups: RunGroups, options: PlotOptions, *, along: str) -> list[P
             x = x_of(part)
             name = f"eps={value:g}" if series_key == C.EPS else f"d={int(value)}"
             for key, marker, ls, what in ((C.K_MEASURED, "o", "-", "measured at Theorem 1's h"),
-                                          (C.K_BEST, "s", "--", "measured at the best h")):
+                                          (C.K_BEST, "s", "--", "measured at the oracle best h")):
                 if key not in part:
                     continue
                 y = part[key].to_numpy(float)

@@ -13,9 +13,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # Okabe & Ito (2008) colour-blind-safe palette.
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-# A colour means one group in every figure: the methods gradlens ships keep theirs
-# in every report and experiment; other groups take the remaining colours in order.
-METHOD_COLORS = {"dpo": "#0072B2", "balanced": "#D55E00", "adadpo": "#009E73"}
+# A colour means one group in every figure: the methods gradlens ships, and the variants
+# the experiment scripts compare (named as the scripts name them), keep theirs in every
+# report and experiment; other groups take the remaining colours in order. Defined here
+# once, so that a method cannot get one colour in one experiment and another in the next.
+METHOD_COLORS = {
+    "dpo": "#0072B2",
+    "balanced": "#D55E00",
+    "adadpo": "#009E73",
+    "balanced-tm": "#56B4E9",  # Balanced-DPO on per-token-mean log-probs
+    "tau0.25": "#CC79A7",  # a ∝ p^τ weightings between DPO (τ=0) and Balanced-DPO (τ=1)
+    "tau0.5": "#E69F00",
+    "norm": "#000000",  # parameter-space norm-balancing, whole model
+    "norm-layer": "#888888",  # ... per parameter tensor (a grey outside the palette)
+}
 # Chosen and rejected are told apart by line style, never by colour.
 SIDE_LINESTYLES = {"chosen": "-", "rejected": "--"}
 
