@@ -17,8 +17,9 @@ ratios:
   naive        chosen and rejected gradients from two separate
                ``torch.autograd.grad`` passes (then summed into .grad)
 
-Peak memory is measured in separate processes, one per variant: ``ru_maxrss``
-on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+Peak memory is measured in separate processes, one per variant: on CPU the peak
+resident set (``VmHWM``, reset when the child starts, since a child inherits its
+parent's high-water mark over exec), ``torch.cuda.max_memory_allocated`` on CUDA.
 
 Precision: each configuration runs in float32, under ``torch.autocast`` (bf16) or with
 bf16 weights (no autocast), as its name says; ``--autocast`` applies autocast to the
@@ -385,7 +386,34 @@ def time_variants(bench, steps: int, warmup: int, device: str, only: str | None 
 # ---- peak memory, one process per variant --------------------------------------------------
 
 
+def reset_peak_rss() -> None:
+    """Linux: forget the resident-set high-water mark this process started with.
+
+    A child started by fork and exec keeps its parent's high-water mark (the kernel
+    carries it over exec into ``ru_maxrss``), so without this every memory child would
+    report at least the size of the benchmark's parent process, which holds the timed
+    models. Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set since ``reset_peak_rss`` (``VmHWM``); ``ru_maxrss`` where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def peak_memory_child(config_key: str, variant: str, steps: int, device: str, autocast: str | None, smoke: bool) -> None:
+    reset_peak_rss()
     import gradlens.gradients  # noqa: F401  (every variant pays the library's import, so the ratio is the steps')
 
     cfg = (SMOKE if smoke else CONFIGS)[config_key]
@@ -399,7 +427,7 @@ def peak_memory_child(config_key: str, variant: str, steps: int, device: str, au
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss_bytes()
     print(json.dumps({"peak_bytes": peak}))
 
 
@@ -422,6 +450,7 @@ def fsdp_child(config_key: str, out: str, variants: str, args) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    reset_peak_rss()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     cfg = (SMOKE if args.smoke else CONFIGS)[config_key]
@@ -464,7 +493,7 @@ def fsdp_child(config_key: str, out: str, variants: str, args) -> None:
             dist.barrier()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
     if rank == 0:
