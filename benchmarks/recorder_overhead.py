@@ -605,7 +605,7 @@ def main() -> None:
         ap.error(f"unknown configuration(s) {unknown}; choose from {', '.join(table)}")
     print(f"machine: {machine(args)}")
     print(f"median {args.clock} time of {args.steps} interleaved steps per variant (after {args.warmup} warm-up); "
-          f"peak memory: {'max_memory_allocated' if args.device.startswith('cuda') else 'ru_maxrss'}, one process per variant")
+          f"peak memory: {'max_memory_allocated' if args.device.startswith('cuda') else 'VmHWM'}, one process per variant")
     print(f"targets: time <= {TARGETS['time']}x, memory <= {TARGETS['memory']}x, per-row <= {TARGETS['per-row']}x")
     print("| configuration | time ratio | peak memory ratio | other variants (time / plain) |")
     print("|---|---|---|---|")
