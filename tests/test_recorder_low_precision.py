@@ -10,7 +10,10 @@ products accumulate in float32 inside the kernel, rounded once), so, per paramet
   after every use of a tied or reused parameter); bound 8e-3;
 - each piece equals torch's own bf16 group gradient (separate ``autograd.grad`` passes
   over the group's rows, same autocast): relative to the parameter's whole gradient,
-  measured <= 2.4e-3 under autocast, <= 9.2e-3 with bf16 weights; bound 1.2e-2;
+  measured <= 2.4e-3 under autocast, 9.2e-3 to 1.6e-2 with bf16 weights (depending on
+  the thread count: the reduction order changes the bf16 roundings, and the reference's own tied
+  gradient is rounded after each of its two uses, as the piece's is); bound 3e-2, about 8
+  bf16 units, while a mis-assigned row or a missed use errs by order 1;
 - the recorded ``p.grad`` equals the plain one to the same bound.
 
 Each is checked per parameter, on GPT-2 (Conv1D, LayerNorm, tied embedding) and Llama
@@ -30,7 +33,7 @@ from models import MODELS, VOCAB, reference_pieces, sequence_logps
 B, T, PROMPT = 3, 8, 3
 GROUPS = {"chosen": slice(0, B), "rejected": slice(B, 2 * B)}
 SUM_TOL = 8e-3
-PIECE_TOL = 1.2e-2
+PIECE_TOL = 3e-2
 
 
 def _context(mode: str):

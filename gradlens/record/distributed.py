@@ -196,4 +196,7 @@ def setup(device: str) -> DistContext:
 
 def teardown(ctx: DistContext) -> None:
     if ctx.world > 1 and dist.is_initialized():
+        # No rank tears its group down while another may still be talking to it: under load a rank
+        # that left early made gloo's connection threads in the other abort at exit.
+        dist.barrier()
         dist.destroy_process_group()

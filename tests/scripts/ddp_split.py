@@ -49,6 +49,7 @@ def main():
     if rank == 0:
         Path(out).write_text(json.dumps({"chosen": cap.norm("chosen"), "rejected": cap.norm("rejected"),
                                          "dot": cap.dot("chosen", "rejected"), "total": cap.norm(), "grad_norm": grad_norm}))
+    dist.barrier()  # neither rank tears its group down while the other may still use it
     dist.destroy_process_group()
 
 
