@@ -21,7 +21,7 @@ from pathlib import Path
 from ..runs import (
     RunLock, check_name_lengths, check_not_inside_a_run, check_overwritable, restore_replaced, run_contents, schema,
 )
-from ..runs.run_dir import clear_run_files
+from ..runs.run_dir import clear_run_files, missing_folders, remove_empty_folders
 from .targets import POTENTIALS_1D
 
 ACTIONS = ("run", "sweep")
@@ -229,7 +229,7 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         raise ValueError(f"{out}: run directory already exists and is not empty; pass --overwrite to replace it (it was left unchanged)")
     if started:
         check_overwritable(out)
-    made = _missing_folders(out)
+    made = missing_folders(out)
     lock = RunLock(out)
     try:
         lock.acquire()
@@ -249,18 +249,7 @@ def _write_guarded(out: Path, overwrite: bool, write) -> None:
         raise
     finally:
         lock.release()
-        for folder in made:  # deepest first; only folders this call created, and only when empty
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-
-
-def _missing_folders(out: Path) -> list[Path]:
-    """``out`` and its ancestors that do not exist yet, deepest first (e.g. runs/langevin/NAME)."""
-    missing, folder = [], Path(os.path.abspath(out))
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
+        remove_empty_folders(made)  # only folders this call created, and only when empty
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..analysis.compare import CI_METHODS
 from ..runs import Run, RunFormatError, find_runs, is_run_dir, load_run, run_status, schema
+from ..runs.run_dir import missing_folders, remove_empty_folders
 from .registry import PlotOptions, get_plotter
 
 FORMATS = ("png", "svg", "pdf")
@@ -323,7 +324,7 @@ def _plot_kind(kind: str, readable: list[Run], formats: list[str], out: Path, ar
         return EXIT_NOTHING_PLOTTED
     smooth = default_smooth(readable) if args.smooth is None else max(args.smooth, 1)
     options = PlotOptions(out=out, formats=formats, smooth=smooth, group_by=group_by, ci=args.ci)
-    made = _missing_folders(out)
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -335,18 +336,7 @@ def _plot_kind(kind: str, readable: list[Run], formats: list[str], out: Path, ar
         return code
     finally:
         if code != 0:  # nothing plotted: the folders this call created go again, if still empty
-            for folder in made:
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-
-
-def _missing_folders(out: Path) -> list[Path]:
-    """``out`` and its ancestors that do not exist yet, deepest first."""
-    missing, folder = [], Path(os.path.abspath(out))
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
+            remove_empty_folders(made)
 
 
 def _write_outputs(kind: str, plotter, grouping, options: PlotOptions) -> int:

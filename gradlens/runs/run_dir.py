@@ -197,6 +197,23 @@ def _is_gradlens_config(path: Path) -> bool:
     return isinstance(header, dict) and header.get("kind") in (schema.KIND_PREFERENCE, schema.KIND_LANGEVIN) and isinstance(header.get("config"), dict)
 
 
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: the folders creating ``path``
+    will make, and so the only ones a command that fails may remove again."""
+    missing, folder = [], Path(os.path.abspath(path))
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first, as ``missing_folders`` gives them) that is still empty."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def clear_run_files(path: str | os.PathLike, contents: RunContents | None = None) -> None:
     """Delete the run-format files of ``path`` (not the lock, not the directory)."""
     path = Path(path)
